@@ -1,0 +1,3 @@
+"""MLAS-LoRA: language-aware parameter detection and LoRA-based knowledge transfer for multilingual MT."""
+
+__version__ = "0.1.0"

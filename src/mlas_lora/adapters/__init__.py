@@ -1,0 +1,1 @@
+"""adapters stage of MLAS-LoRA."""

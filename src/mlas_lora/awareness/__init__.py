@@ -1,0 +1,1 @@
+"""awareness stage of MLAS-LoRA."""

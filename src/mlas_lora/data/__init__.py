@@ -1,0 +1,1 @@
+"""Parallel data: the example record, file readers and the embedded corpus."""
