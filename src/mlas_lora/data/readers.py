@@ -1,0 +1,184 @@
+"""Readers that turn parallel-data files into `Example` lists for one translation direction.
+
+Formats: TSV (`source<TAB>reference`), JSONL in the Hugging Face translation layout
+(`{"translation": {"en": ..., "de": ...}}`), aligned plain text (`name.en` + `name.de`, one
+segment per line), Hugging Face `datasets` (optional extra), and the embedded corpus. Every
+problem a user can fix is a `MlasLoraError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlas_lora.data.records import Example
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.languages import Direction
+
+# FLORES-200 column suffixes (`sentence_deu_Latn`) of the project's languages.
+FLORES_CODES = {
+    "cs": "ces_Latn",
+    "de": "deu_Latn",
+    "en": "eng_Latn",
+    "et": "est_Latn",
+    "fi": "fin_Latn",
+    "ru": "rus_Cyrl",
+    "tr": "tur_Latn",
+    "zh": "zho_Hans",
+}
+
+
+def _direction(direction: str | Direction) -> Direction:
+    return direction if isinstance(direction, Direction) else Direction.parse(direction)
+
+
+def _lines(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise MlasLoraError(f"parallel data file {path} does not exist")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _nonempty(examples: list[Example], where: str) -> list[Example]:
+    if not examples:
+        raise MlasLoraError(f"{where} holds no examples")
+    return examples
+
+
+def read_tsv(path: str | Path, direction: str | Direction) -> list[Example]:
+    """One `source<TAB>reference` pair per line; blank lines are skipped."""
+    d = _direction(direction)
+    examples = []
+    for lineno, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+            raise MlasLoraError(
+                f"{path}, line {lineno}: expected 'source<TAB>reference' (2 non-empty tab-separated "
+                f"fields), found {len(fields)} field(s): {line[:60]!r}"
+            )
+        examples.append(Example(d.src, d.tgt, fields[0].strip(), fields[1].strip()))
+    return _nonempty(examples, str(path))
+
+
+def read_jsonl(path: str | Path, direction: str | Direction) -> list[Example]:
+    """One `{"translation": {src: ..., tgt: ...}}` object per line; blank lines are skipped."""
+    d = _direction(direction)
+    examples = []
+    for lineno, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MlasLoraError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
+        pair = row.get("translation") if isinstance(row, dict) else None
+        missing = [x for x in (d.src, d.tgt) if not isinstance(pair, dict) or not pair.get(x)]
+        if missing:
+            raise MlasLoraError(
+                f'{path}, line {lineno}: expected {{"translation": {{"{d.src}": ..., "{d.tgt}": ...}}}}, '
+                f"missing or empty language key(s) {missing}"
+            )
+        examples.append(Example(d.src, d.tgt, pair[d.src].strip(), pair[d.tgt].strip()))
+    return _nonempty(examples, str(path))
+
+
+def aligned_paths(prefix_or_src_path: str | Path, direction: str | Direction) -> tuple[Path, Path]:
+    """`(prefix.src, prefix.tgt)` from a prefix (`data/test`) or the source file (`data/test.de`)."""
+    d = _direction(direction)
+    path = Path(prefix_or_src_path)
+    prefix = path.with_suffix("") if path.suffix == f".{d.src}" else path
+    return Path(f"{prefix}.{d.src}"), Path(f"{prefix}.{d.tgt}")
+
+
+def read_aligned(prefix_or_src_path: str | Path, direction: str | Direction) -> list[Example]:
+    """Line i of `prefix.src` is translated by line i of `prefix.tgt`."""
+    d = _direction(direction)
+    src_path, tgt_path = aligned_paths(prefix_or_src_path, d)
+    sources, references = _lines(src_path), _lines(tgt_path)
+    if len(sources) != len(references):
+        raise MlasLoraError(
+            f"aligned files differ in length: {src_path} has {len(sources)} lines, "
+            f"{tgt_path} has {len(references)} lines"
+        )
+    examples = []
+    for lineno, (s, r) in enumerate(zip(sources, references, strict=True), start=1):
+        if bool(s.strip()) != bool(r.strip()):
+            raise MlasLoraError(
+                f"{src_path} / {tgt_path}, line {lineno}: one side is empty, the other is not"
+            )
+        if s.strip():
+            examples.append(Example(d.src, d.tgt, s.strip(), r.strip()))
+    return _nonempty(examples, f"{src_path} / {tgt_path}")
+
+
+def read_hf(name: str, config: str | None, split: str, direction: str | Direction) -> list[Example]:
+    """Rows of a Hugging Face dataset: the `translation` layout (WMT) or FLORES `sentence_<code>` columns.
+
+    `datasets` is an optional extra; without it, or when the dataset cannot be reached (offline,
+    wrong name/config/split), the error says so and how to proceed instead of a stack trace.
+    """
+    d = _direction(direction)
+    where = f"Hugging Face dataset {name!r} (config {config!r}, split {split!r})"
+    try:
+        import datasets
+    except ImportError:
+        raise MlasLoraError(
+            f"reading {where} needs the optional `datasets` package: pip install 'mlas-lora[hf]', "
+            "or export the data to a .tsv / .jsonl file"
+        ) from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # network, auth, unknown name/config/split: all fixable by the user
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise MlasLoraError(
+            f"cannot load {where}: {type(err).__name__}: {reason}. Offline? Use a cached copy "
+            "(HF_DATASETS_OFFLINE=1) or export the data to a .tsv / .jsonl file"
+        ) from None
+    return _nonempty([_hf_example(row, i, d, where) for i, row in enumerate(rows)], where)
+
+
+def _hf_example(row: dict, index: int, d: Direction, where: str) -> Example:
+    pair = row.get("translation") or {
+        x: row.get(f"sentence_{FLORES_CODES.get(x, x)}") for x in (d.src, d.tgt)
+    }
+    missing = [x for x in (d.src, d.tgt) if not pair.get(x)]
+    if missing:
+        raise MlasLoraError(f"{where}, row {index}: no text for {missing} (columns: {sorted(row)})")
+    return Example(d.src, d.tgt, pair[d.src].strip(), pair[d.tgt].strip())
+
+
+def read_examples(spec: str | Path, direction: str | Direction) -> list[Example]:
+    """Examples from a config's data spec, chosen by its form.
+
+    - `path.tsv` or `path.jsonl`: by suffix;
+    - `prefix` or `prefix.<src>` with `prefix.<src>` and `prefix.<tgt>` beside it: aligned text;
+    - `hf:NAME:CONFIG:SPLIT` (CONFIG may be empty): Hugging Face datasets;
+    - `embedded:SPLIT` (train, dev, test, ood): the embedded corpus.
+    """
+    d = _direction(direction)
+    text = str(spec)
+    if text.startswith("hf:"):
+        parts = text.split(":")
+        if len(parts) != 4:
+            raise MlasLoraError(
+                f"bad data spec {text!r}: expected hf:NAME:CONFIG:SPLIT, e.g. hf:wmt18:de-en:test"
+            )
+        return read_hf(parts[1], parts[2] or None, parts[3], d)
+    if text.startswith("embedded:"):
+        from mlas_lora.data.embedded import load_embedded  # the corpus module is heavier; load on use
+
+        return _nonempty(load_embedded(d, text.split(":", 1)[1]), text)
+    path = Path(text)
+    if path.suffix == ".tsv":
+        return read_tsv(path, d)
+    if path.suffix == ".jsonl":
+        return read_jsonl(path, d)
+    src_path, tgt_path = aligned_paths(path, d)
+    if src_path.is_file() or tgt_path.is_file():
+        return read_aligned(path, d)
+    raise MlasLoraError(
+        f"cannot read data spec {text!r}: expected a .tsv or .jsonl file, an aligned prefix with "
+        f"{src_path.name} and {tgt_path.name}, hf:NAME:CONFIG:SPLIT, or embedded:SPLIT"
+    )

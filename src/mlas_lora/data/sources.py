@@ -1,0 +1,120 @@
+"""Input files of the embedded corpus: which they are, where they come from, what they hold.
+
+In-domain pairs come from LibreOffice's UI catalogs (`libreoffice-l10n-*` .deb, or loose `.mo`
+files); out-of-domain pairs come from the `.po` catalogs in the Django and Wagtail wheels (or loose
+`.po` files). The language of a catalog is read from its path: the folder above `LC_MESSAGES`,
+else the parent folder, else the file stem (`de.po`).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+from mlas_lora.data.catalogs import Message, parse_mo, parse_po
+from mlas_lora.data.debian import apt_download, deb_control, deb_files, file_sha256
+from mlas_lora.errors import MlasLoraError
+
+SUFFIXES = (".deb", ".whl", ".mo", ".po")
+OOD_WHEELS = ("django", "wagtail")
+# Debian's locale names per project code; only Simplified Chinese stands for `zh`.
+DEBIAN_LOCALES = {"zh": "zh-cn"}
+ZH_LOCALES = {"zh", "zh_cn", "zh_hans", "zh_sg"}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file; `domain` is `ui` (LibreOffice, train/dev/test) or `ood`."""
+
+    path: Path
+    kind: str
+    domain: str
+    package: str
+    version: str
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "path": self.path.name}
+
+
+def locale_code(locale: str) -> str | None:
+    """Project language code of a gettext/Debian locale name (`zh_Hans` -> `zh`, `tr_TR` -> `tr`)."""
+    loc = locale.lower().replace("-", "_").split("@")[0].split(".")[0]
+    if loc.startswith("zh"):
+        return "zh" if loc in ZH_LOCALES else None  # Traditional Chinese is not `zh` here
+    base = loc.split("_")[0]
+    return base if re.fullmatch(r"[a-z]{2,3}", base) else None
+
+
+def catalog_locale(path: str) -> str:
+    parts = PurePosixPath(path.replace("\\", "/")).parts
+    if "LC_MESSAGES" in parts[:-1]:
+        return parts[parts.index("LC_MESSAGES") - 1]
+    return parts[-2] if len(parts) > 1 else PurePosixPath(path).stem
+
+
+def describe(path: Path) -> SourceFile:
+    """Kind, domain, package name and version of an input file."""
+    kind = path.suffix.lstrip(".")
+    if kind == "deb":
+        control = deb_control(path)
+        package, version = control.get("Package", path.stem), control.get("Version", "?")
+    elif kind == "whl":
+        package, version = (path.name.split("-") + ["?"])[:2]
+    else:
+        package, version = path.name, "-"
+    domain = "ui" if kind in ("deb", "mo") else "ood"
+    return SourceFile(path, kind, domain, package, version, file_sha256(path))
+
+
+def find_sources(from_dir: Path) -> list[SourceFile]:
+    """Every `.deb`, `.whl`, `.mo` and `.po` file under `from_dir`, sorted by path."""
+    if not from_dir.is_dir():
+        raise MlasLoraError(f"from_dir {from_dir} is not a folder")
+    paths = sorted(p for p in from_dir.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    if not paths:
+        raise MlasLoraError(f"{from_dir} holds no .deb, .whl, .mo or .po files")
+    return [describe(p) for p in paths]
+
+
+def read_messages(source: SourceFile, langs: tuple[str, ...]) -> dict[str, list[Message]]:
+    """The catalog entries of `source` for each language in `langs`."""
+    found: dict[str, list[Message]] = {}
+    for inner, data in _catalog_files(source):
+        lang = locale_code(catalog_locale(inner))
+        if lang in langs:
+            parse = parse_mo if inner.endswith(".mo") else parse_po
+            text = data if inner.endswith(".mo") else data.decode("utf-8")
+            found.setdefault(lang, []).extend(parse(text, f"{source.path.name}:{inner}"))
+    return found
+
+
+def _catalog_files(source: SourceFile):
+    if source.kind == "deb":
+        yield from deb_files(source.path, ".mo")
+    elif source.kind == "whl":
+        with zipfile.ZipFile(source.path) as wheel:
+            for name in wheel.namelist():
+                if name.endswith(".po"):
+                    yield name, wheel.read(name)
+    else:
+        yield str(source.path), source.path.read_bytes()
+
+
+def fetch_sources(langs: tuple[str, ...], dest: Path, refresh: bool = False) -> list[SourceFile]:
+    """Download the LibreOffice .deb files (apt-get) and the Django/Wagtail wheels (pip) to `dest`."""
+    packages = [f"libreoffice-l10n-{DEBIAN_LOCALES.get(x, x)}" for x in langs]
+    paths = apt_download(packages, dest)
+    wheels = [sorted(dest.glob(f"{name}-*.whl")) for name in OOD_WHEELS]
+    if refresh or not all(wheels):
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *OOD_WHEELS, "-d", str(dest)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise MlasLoraError(f"pip download of {', '.join(OOD_WHEELS)} failed: {result.stderr[-300:]}")
+        wheels = [sorted(dest.glob(f"{name}-*.whl")) for name in OOD_WHEELS]
+    newest = [max(w, key=lambda p: p.stat().st_mtime) for w in wheels if w]
+    return [describe(p) for p in paths + newest]
