@@ -2,8 +2,8 @@
 
 In-domain pairs come from LibreOffice's UI catalogs (`libreoffice-l10n-*` .deb, or loose `.mo`
 files); out-of-domain pairs come from the `.po` catalogs in the Django and Wagtail wheels (or loose
-`.po` files). The language of a catalog is read from its path: the folder above `LC_MESSAGES`,
-else the parent folder, else the file stem (`de.po`).
+`.po` files). The language of a catalog is read from its path: the folder above `LC_MESSAGES`
+(`de/LC_MESSAGES/sw.mo`), else the file stem (`de.po`, `zh_CN.mo`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def catalog_locale(path: str) -> str:
     parts = PurePosixPath(path.replace("\\", "/")).parts
     if "LC_MESSAGES" in parts[:-1]:
         return parts[parts.index("LC_MESSAGES") - 1]
-    return parts[-2] if len(parts) > 1 else PurePosixPath(path).stem
+    return PurePosixPath(path).stem
 
 
 def describe(path: Path) -> SourceFile:

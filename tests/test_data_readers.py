@@ -1,0 +1,172 @@
+"""Parallel-data readers: every format's happy path and every user-fixable error."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sys
+import types
+
+import pytest
+
+from mlas_lora.data.readers import read_aligned, read_examples, read_hf, read_jsonl, read_tsv
+from mlas_lora.data.records import Example
+from mlas_lora.errors import MlasLoraError
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_tsv_reads_pairs_and_skips_blank_lines(tmp_path):
+    path = write(tmp_path / "d.tsv", "Hello world\tHallo Welt\n\n Good day \tGuten Tag\n")
+    assert read_tsv(path, "en-de") == [
+        Example("en", "de", "Hello world", "Hallo Welt"),
+        Example("en", "de", "Good day", "Guten Tag"),
+    ]
+
+
+def test_tsv_line_without_tab_names_file_and_line(tmp_path):
+    path = write(tmp_path / "d.tsv", "a\tb\nno tab here\n")
+    with pytest.raises(MlasLoraError, match=r"d\.tsv, line 2: expected 'source<TAB>reference'.*1 field"):
+        read_tsv(path, "en-de")
+
+
+def test_tsv_extra_column_and_empty_field_are_errors(tmp_path):
+    with pytest.raises(MlasLoraError, match="line 1:.*3 field"):
+        read_tsv(write(tmp_path / "a.tsv", "a\tb\tc\n"), "en-de")
+    with pytest.raises(MlasLoraError, match="line 1:"):
+        read_tsv(write(tmp_path / "b.tsv", "a\t \n"), "en-de")
+
+
+def test_jsonl_hf_translation_layout(tmp_path):
+    rows = [
+        {"translation": {"en": "One cat", "de": "Eine Katze", "fr": "x"}},
+        {"translation": {"en": "Two", "de": "Zwei"}},
+    ]
+    path = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_jsonl(path, "de-en") == [
+        Example("de", "en", "Eine Katze", "One cat"),
+        Example("de", "en", "Zwei", "Two"),
+    ]
+
+
+def test_jsonl_bad_json_names_line(tmp_path):
+    path = write(tmp_path / "d.jsonl", '{"translation": {"en": "a", "de": "b"}}\n{oops\n')
+    with pytest.raises(MlasLoraError, match=r"d\.jsonl, line 2: not valid JSON"):
+        read_jsonl(path, "en-de")
+
+
+def test_jsonl_missing_language_key_names_line_and_key(tmp_path):
+    path = write(tmp_path / "d.jsonl", '{"translation": {"en": "a", "fr": "b"}}\n')
+    with pytest.raises(MlasLoraError, match=r"line 1: .*missing or empty language key\(s\) \['de'\]"):
+        read_jsonl(path, "en-de")
+    path = write(tmp_path / "e.jsonl", '["not", "an", "object"]\n')
+    with pytest.raises(MlasLoraError, match=r"line 1: .*\['en', 'de'\]"):
+        read_jsonl(path, "en-de")
+
+
+def test_aligned_from_prefix_and_from_source_file(tmp_path):
+    write(tmp_path / "t.en", "Open the file\nClose it\n")
+    write(tmp_path / "t.de", "Datei öffnen\nSchließen\n")
+    expected = [
+        Example("en", "de", "Open the file", "Datei öffnen"),
+        Example("en", "de", "Close it", "Schließen"),
+    ]
+    assert read_aligned(tmp_path / "t", "en-de") == expected
+    assert read_aligned(tmp_path / "t.en", "en-de") == expected
+    assert read_aligned(tmp_path / "t.de", "de-en")[0] == Example("de", "en", "Datei öffnen", "Open the file")
+
+
+def test_aligned_length_mismatch_names_both_files_and_counts(tmp_path):
+    write(tmp_path / "t.en", "a\nb\nc\n")
+    write(tmp_path / "t.de", "x\ny\n")
+    with pytest.raises(MlasLoraError, match=r"t\.en has 3 lines, .*t\.de has 2 lines"):
+        read_aligned(tmp_path / "t", "en-de")
+
+
+def test_aligned_missing_file(tmp_path):
+    write(tmp_path / "t.en", "a\n")
+    with pytest.raises(MlasLoraError, match=r"t\.de does not exist"):
+        read_aligned(tmp_path / "t", "en-de")
+
+
+def test_read_examples_dispatches_on_form(tmp_path):
+    write(tmp_path / "a.tsv", "Hi there\tHallo\n")
+    write(tmp_path / "b.jsonl", '{"translation": {"en": "Hi there", "de": "Hallo"}}\n')
+    write(tmp_path / "c.en", "Hi there\n")
+    write(tmp_path / "c.de", "Hallo\n")
+    expected = [Example("en", "de", "Hi there", "Hallo")]
+    for spec in ("a.tsv", "b.jsonl", "c", "c.en"):
+        assert read_examples(tmp_path / spec, "en-de") == expected
+    with pytest.raises(MlasLoraError, match=r"cannot read data spec .*nothing\.en and nothing\.fi"):
+        read_examples(tmp_path / "nothing", "en-fi")
+
+
+def test_empty_corpus_is_an_error(tmp_path):
+    for name in ("e.tsv", "e.jsonl"):
+        with pytest.raises(MlasLoraError, match="holds no examples"):
+            read_examples(write(tmp_path / name, "\n\n"), "en-de")
+    write(tmp_path / "e.en", "")
+    write(tmp_path / "e.de", "")
+    with pytest.raises(MlasLoraError, match="holds no examples"):
+        read_examples(tmp_path / "e", "en-de")
+
+
+def test_unknown_language_lists_supported_codes(tmp_path):
+    path = write(tmp_path / "a.tsv", "a\tb\n")
+    with pytest.raises(MlasLoraError, match=r"unknown language code 'xx'; supported: cs \(Czech\)"):
+        read_examples(path, "en-xx")
+
+
+def _without_datasets(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_hf_without_datasets_installed_says_how_to_install(monkeypatch):
+    _without_datasets(monkeypatch)
+    with pytest.raises(
+        MlasLoraError, match=r"'wmt18' .*needs the optional `datasets` package: pip install 'mlas-lora\[hf\]'"
+    ):
+        read_hf("wmt18", "de-en", "test", "de-en")
+    with pytest.raises(MlasLoraError, match="needs the optional `datasets`"):
+        read_examples("hf:wmt18:de-en:test", "de-en")
+
+
+def _fake_datasets(monkeypatch, load):
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load))
+
+
+def test_hf_offline_failure_is_a_clear_error(monkeypatch):
+    def load(name, config, split):
+        raise ConnectionError("Couldn't reach 'wmt18' on the Hub (LocalEntryNotFoundError)\nlong trace")
+
+    _fake_datasets(monkeypatch, load)
+    with pytest.raises(
+        MlasLoraError, match=r"cannot load .*'wmt18'.*ConnectionError: Couldn't reach .*Offline\?"
+    ) as err:
+        read_hf("wmt18", "de-en", "test", "de-en")
+    assert "long trace" not in str(err.value)
+
+
+def test_hf_translation_and_flores_layouts(monkeypatch):
+    tables = {
+        "wmt18": [{"translation": {"de": "Hallo Welt", "en": "Hello world"}}],
+        "flores": [{"id": 1, "sentence_deu_Latn": "Guten Tag", "sentence_eng_Latn": "Good day"}],
+    }
+    _fake_datasets(monkeypatch, lambda name, config, split: tables[name])
+    assert read_hf("wmt18", "de-en", "test", "de-en") == [Example("de", "en", "Hallo Welt", "Hello world")]
+    assert read_examples("hf:flores::devtest", "en-de") == [Example("en", "de", "Good day", "Guten Tag")]
+    with pytest.raises(MlasLoraError, match=r"row 0: no text for \['zh'\]"):
+        read_hf("flores", None, "devtest", "en-zh")
+    with pytest.raises(MlasLoraError, match="expected hf:NAME:CONFIG:SPLIT"):
+        read_examples("hf:wmt18", "de-en")
