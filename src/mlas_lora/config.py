@@ -1,0 +1,141 @@
+"""Config dataclasses from YAML, with `key.sub=value` overrides and collected validation errors.
+
+A config is a tree of dataclasses. `load_config(Cls, path, overrides)` reads YAML, applies
+overrides (values parsed as YAML, so `training.epochs=1` is an int), checks every key exists
+and every value has the declared type, calls each dataclass's `problems()` if it has one, and
+raises one error listing every problem found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+from mlas_lora.errors import MlasLoraError
+
+T = TypeVar("T")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            raise MlasLoraError(f"override {dotted!r}: {key!r} is not a section")
+    tree[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise MlasLoraError(f"bad override {item!r}: expected key=value, e.g. training.epochs=1")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _check_type(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in (o for o in options if o is not type(None)):
+            trial: list[str] = []
+            result = _check_type(value, option, where, trial)
+            if not trial:
+                return result
+        problems.append(f"{where}: {value!r} is not {hint}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        (item_hint, *_) = typing.get_args(hint) or (Any,)
+        items = [_check_type(v, item_hint, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, problems)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(hint, type) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        problems.append(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], data: Any, where: str, problems: list[str]) -> T:
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config'}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            problems.append(f"{where + '.' if where else ''}{key}: unknown key (known: {', '.join(sorted(names))})")
+    before = len(problems)
+    kwargs = {
+        name: _check_type(data[name], hints[name], f"{where + '.' if where else ''}{name}", problems)
+        for name in names
+        if name in data
+    }
+    obj = cls(**kwargs)
+    if hasattr(obj, "problems") and len(problems) == before:  # only check values of the right types
+        problems.extend(obj.problems())
+    return obj
+
+
+def config_from_dict(cls: type[T], data: dict) -> T:
+    problems: list[str] = []
+    obj = _build(cls, data, "", problems)
+    if problems:
+        raise MlasLoraError("invalid config:\n  - " + "\n  - ".join(problems))
+    return obj
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
+    """Build `cls` from a YAML file (or defaults) plus `key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MlasLoraError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise MlasLoraError(f"{path}: not valid YAML: {err}") from None
+    return config_from_dict(cls, _merge(data, parse_overrides(list(overrides))))
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def config_hash(obj) -> str:
+    """A short stable hash of a config (or any JSON-able value), for skipping unchanged stages."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_yaml(obj, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True))

@@ -1,0 +1,68 @@
+"""The splits an experiment uses, from the embedded corpus or from a folder of TSV files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlas_lora.data.records import Example
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.experiments.config import DataConfig
+from mlas_lora.languages import Direction
+
+SPLITS = ("train", "dev", "test", "ood")
+
+
+@dataclass
+class Splits:
+    """Examples per split and direction ("en-de" -> [...])."""
+
+    train: dict[str, list[Example]] = field(default_factory=dict)
+    dev: dict[str, list[Example]] = field(default_factory=dict)
+    test: dict[str, list[Example]] = field(default_factory=dict)
+    ood: dict[str, list[Example]] = field(default_factory=dict)
+
+    def get(self, split: str) -> dict[str, list[Example]]:
+        return getattr(self, split)
+
+
+def _limit(config: DataConfig, split: str) -> int | None:
+    return {
+        "train": config.train_per_direction,
+        "dev": config.seed_per_direction,
+        "test": config.test_per_direction,
+        "ood": config.ood_per_direction,
+    }[split]
+
+
+def _from_embedded(direction: Direction, split: str, config: DataConfig) -> list[Example]:
+    from mlas_lora.data.embedded import load_embedded
+
+    min_words = config.min_test_words if split in ("test", "ood") else 0
+    return load_embedded(direction, split, limit=_limit(config, split), min_words=min_words, seed=0)
+
+
+def _from_folder(direction: Direction, split: str, config: DataConfig) -> list[Example]:
+    from mlas_lora.data.readers import read_tsv
+
+    path = Path(config.corpus) / f"{split}.{direction}.tsv"
+    if not path.is_file():
+        if split == "ood":
+            return []
+        raise MlasLoraError(f"missing {split} file for {direction}: expected {path}")
+    examples = read_tsv(path, direction)
+    limit = _limit(config, split)
+    return examples if limit is None else examples[:limit]
+
+
+def load_splits(config: DataConfig, splits=SPLITS) -> Splits:
+    """Load every requested split for every configured direction."""
+    reader = _from_embedded if config.corpus == "embedded" else _from_folder
+    out = Splits()
+    for split in splits:
+        if split == "ood" and config.ood_per_direction == 0:
+            continue
+        for name in config.directions:
+            direction = Direction.parse(name)
+            out.get(split)[str(direction)] = reader(direction, split, config)
+    return out

@@ -1,0 +1,69 @@
+"""Training examples as token ids, and the seeded order of micro-batches (mixed or per pair).
+
+The order of every epoch is a pure function of (seed, epoch), so a resumed run can rebuild it
+and skip exactly the micro-batches it already consumed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from mlas_lora.data.records import Example
+from mlas_lora.prompting import PromptStyle, training_ids
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One tokenised example: ids, labels (-100 on the prompt) and its pair's index."""
+
+    input_ids: list[int]
+    labels: list[int]
+    pair_index: int
+
+
+def featurize(tokenizer, examples: list[Example], pairs: list[str], max_tokens: int, style=PromptStyle()) -> list[Feature]:
+    """Prompt + target ids; over-long examples keep the end of the prompt and the start of the target."""
+    index = {p: i for i, p in enumerate(pairs)}
+    features = []
+    for example in examples:
+        prompt, target = training_ids(tokenizer, example, style)
+        target = target[: max(1, max_tokens // 2)] if len(prompt) + len(target) > max_tokens else target
+        prompt = prompt[-(max_tokens - len(target)) :]
+        features.append(Feature(prompt + target, [-100] * len(prompt) + target, index[example.pair]))
+    return features
+
+
+def epoch_batches(features: list[Feature], micro_batch: int, seed: int, epoch: int, mixed: bool) -> list[list[int]]:
+    """Micro-batches (lists of feature indices) of one epoch: shuffled; mixed-pair or one pair each."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if mixed:
+        order = list(range(len(features)))
+        rng.shuffle(order)
+        return [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
+    by_pair: dict[int, list[int]] = {}
+    for i, feature in enumerate(features):
+        by_pair.setdefault(feature.pair_index, []).append(i)
+    batches = []
+    for pair in sorted(by_pair):
+        members = by_pair[pair]
+        rng.shuffle(members)
+        batches += [members[i : i + micro_batch] for i in range(0, len(members), micro_batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(features: list[Feature], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors for a training forward pass."""
+    width = max(len(f.input_ids) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for row, f in enumerate(features):
+        ids[row, : len(f.input_ids)] = torch.tensor(f.input_ids)
+        labels[row, : len(f.labels)] = torch.tensor(f.labels)
+        mask[row, : len(f.input_ids)] = 1
+    pair_ids = torch.tensor([f.pair_index for f in features], dtype=torch.long)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pair_ids": pair_ids}

@@ -1,0 +1,178 @@
+"""Fine-tuning loop (Sec. 4.1, Eq. 9): AdamW, warmup + linear decay, gradient accumulation, resume.
+
+For the routed MLAS-LoRA student, `route(pair_ids)` tells every LoRA layer which pair each row
+of the micro-batch belongs to, so only the general LoRA and that pair's LoRA see the sample.
+The loss is the next-token cross-entropy on target tokens only (mean over the micro-batch's
+target tokens). Checkpoints hold the adapters (safetensors, written by `save_adapters`) and the
+training state (optimizer, scheduler, RNG, data position) apart, as torchtune does; a resumed
+run rebuilds the seeded data order and continues from the exact micro-batch it stopped at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from mlas_lora.data.records import Example
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.experiments.config import TrainingConfig
+from mlas_lora.training.data import Feature, collate, epoch_batches, featurize
+
+Route = Callable[[torch.Tensor], contextlib.AbstractContextManager]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    loss_per_pair: dict[str, float] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def total_steps(n_micro_per_epoch: int, config: TrainingConfig) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * n_micro_per_epoch / config.grad_accum))
+
+
+def masked_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean next-token loss over target tokens, plus per-row loss sums and token counts (float32)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    per_token = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    counts = (shift_labels != -100).sum(dim=1)
+    sums = per_token.sum(dim=1)
+    return sums.sum() / counts.sum().clamp(min=1), sums.detach(), counts
+
+
+def newest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted((out_dir / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+class _PairLoss:
+    """Running mean loss per pair, for the progress bar and the log."""
+
+    def __init__(self, pairs: list[str]):
+        self.pairs, self.sum, self.count = pairs, [0.0] * len(pairs), [0] * len(pairs)
+
+    def add(self, pair_ids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        for p, s, c in zip(pair_ids.tolist(), sums.tolist(), counts.tolist(), strict=True):
+            self.sum[p] += s
+            self.count[p] += c
+
+    def means(self) -> dict[str, float]:
+        return {p: self.sum[i] / self.count[i] for i, p in enumerate(self.pairs) if self.count[i]}
+
+    def reset(self) -> None:
+        self.sum, self.count = [0.0] * len(self.pairs), [0] * len(self.pairs)
+
+
+class Trainer:
+    """Owns the optimizer, the schedule, the data position and the checkpoints of one run."""
+
+    def __init__(self, model, tokenizer, examples: list[Example], pairs: list[str], config: TrainingConfig,
+                 out_dir: Path, route: Route | None, save_adapters: Callable[[Path], None],
+                 load_adapters: Callable[[Path], None], bf16: bool = False):
+        if not examples:
+            raise MlasLoraError("no training examples")
+        self.config, self.out_dir, self.route, self.pairs = config, Path(out_dir), route, pairs
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.save_adapters, self.load_adapters = save_adapters, load_adapters
+        self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+        self.features: list[Feature] = featurize(tokenizer, examples, pairs, config.max_tokens)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise MlasLoraError("the model has no trainable parameters")
+        self.n_micro = len(epoch_batches(self.features, config.micro_batch, config.seed, 0, config.mixed_pairs))
+        self.steps = total_steps(self.n_micro, config)
+        optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * self.steps), self.steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        self.step, self.history = 0, []
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    def _micro_batch(self, index: int) -> list[Feature]:
+        epoch, within = divmod(index, self.n_micro)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            c = self.config
+            self._epoch_cache = (epoch, epoch_batches(self.features, c.micro_batch, c.seed, epoch, c.mixed_pairs))
+        return [self.features[i] for i in self._epoch_cache[1][within]]
+
+    def _forward(self, batch: dict[str, torch.Tensor]):
+        device = self.accelerator.device
+        route = self.route(batch["pair_ids"].to(device)) if self.route else contextlib.nullcontext()
+        with route, self.accelerator.autocast():
+            out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        return masked_loss(out.logits, batch["labels"].to(device))
+
+    def train_step(self, tracker: _PairLoss) -> float:
+        self.optimizer.zero_grad(set_to_none=True)  # pairs absent from this step keep grad None
+        total = 0.0
+        for k in range(self.config.grad_accum):
+            batch = collate(self._micro_batch(self.step * self.config.grad_accum + k), self.pad_id)
+            loss, sums, counts = self._forward(batch)
+            self.accelerator.backward(loss / self.config.grad_accum)
+            tracker.add(batch["pair_ids"], sums, counts)
+            total += loss.item() / self.config.grad_accum
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return total
+
+    def save_checkpoint(self) -> Path:
+        """Adapters + training state in `checkpoints/step-N/`, written to a temp dir then renamed."""
+        final = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "adapters").mkdir(parents=True)
+        self.save_adapters(tmp / "adapters")
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": torch.get_rng_state(), "history": self.history}
+        torch.save(state, tmp / "training_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.load_adapters(path / "adapters")
+        state = torch.load(path / "training_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.history = state["step"], state["history"]
+
+    def fit(self, resume: str | None = "auto", progress: bool = True, stop_after: int | None = None) -> TrainResult:
+        """Train to `self.steps` optimizer steps (or stop early after `stop_after`, for tests)."""
+        if resume:
+            path = newest_checkpoint(self.out_dir) if resume == "auto" else Path(resume)
+            if path is not None:
+                self.load_checkpoint(path)
+        tracker, start = _PairLoss(self.pairs), time.perf_counter()
+        bar = tqdm(total=self.steps, initial=self.step, desc="train", disable=not progress, unit="step")
+        while self.step < self.steps and (stop_after is None or self.step < stop_after):
+            loss = self.train_step(tracker)
+            self.history.append({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            bar.set_postfix({p: f"{v:.3f}" for p, v in tracker.means().items()})
+            bar.update(1)
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.steps:
+                self.save_checkpoint()
+        bar.close()
+        result = TrainResult(self.step, time.perf_counter() - start, tracker.means(), self.history)
+        (self.out_dir / "train_log.json").write_text(json.dumps(result.__dict__, indent=2))
+        return result

@@ -1,0 +1,66 @@
+"""Config loading: YAML + overrides, type checks, and every problem reported at once."""
+
+from pathlib import Path
+
+import pytest
+
+from mlas_lora.config import config_hash, load_config, parse_overrides
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.experiments.config import ExperimentConfig
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    assert parse_overrides(["training.epochs=1", "data.directions=[en-de, en-fi]", "lora.init_mode=add"]) == {
+        "training": {"epochs": 1},
+        "data": {"directions": ["en-de", "en-fi"]},
+        "lora": {"init_mode": "add"},
+    }
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ntraining:\n  epochs: 2\n  lr: 0.001\n")
+    config = load_config(ExperimentConfig, path, ["training.epochs=1"])
+    assert config.name == "x" and config.training.epochs == 1.0 and config.training.lr == 0.001
+    assert isinstance(config.training.epochs, float)
+
+
+def test_every_problem_is_reported_together(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("bogus: 1\ntraining:\n  lr: abc\nlora:\n  init_mode: foo\ndata:\n  directions: [en-xx]\n")
+    with pytest.raises(MlasLoraError) as err:
+        load_config(ExperimentConfig, path)
+    message = str(err.value)
+    for expected in ("bogus: unknown key", "training.lr: expected float", "lora.init_mode: 'foo'", "unknown language code 'xx'"):
+        assert expected in message
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(MlasLoraError, match="config file not found"):
+        load_config(ExperimentConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(MlasLoraError, match="not valid YAML"):
+        load_config(ExperimentConfig, bad)
+    with pytest.raises(MlasLoraError, match="expected key=value"):
+        parse_overrides(["training.epochs"])
+
+
+def test_config_hash_changes_with_values():
+    a, b = ExperimentConfig(), ExperimentConfig()
+    assert config_hash(a) == config_hash(b)
+    b.training.lr = 2e-4
+    assert config_hash(a) != config_hash(b)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_parses(path):
+    config = load_config(ExperimentConfig, path)
+    assert config.data.directions
+
+
+def test_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "prompting.yaml", "embedded-14dir.yaml", "embedded-4dir.yaml", "paper-wmt18.yaml"} <= names
