@@ -1,0 +1,193 @@
+"""Corpus metrics of the paper's evaluation (BLEU, chrF++, METEOR, COMET) and paired significance.
+
+Every score travels with its signature string, as sacreBLEU prints it, so that a number in a table
+can be traced to the exact tokenizer and settings that produced it:
+
+- BLEU: sacreBLEU, tokenizer `13a`, or `zh` when the target is Chinese (Chinese has no spaces to
+  split words on, so `13a` would score whole sentences as single tokens).
+- chrF++: sacreBLEU's CHRF with `word_order=2` (character 6-grams plus word 1-2-grams).
+- METEOR: NLTK with WordNet 3.0 (see `mlas_lora.evaluation.meteor`).
+- COMET: `unbabel-comet` with a local checkpoint (see `mlas_lora.evaluation.comet`).
+
+A metric that cannot run here (no WordNet, no COMET checkpoint) comes back with `available=False`
+and the reason; the other metrics still run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.significance import PairedTest
+
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.languages import language_name
+
+METRICS = ("bleu", "chrf", "meteor", "comet")
+DEFAULT_METRICS = ("bleu", "chrf", "meteor")
+SIGNIFICANCE_METRICS = ("bleu", "chrf")
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One corpus-level score with the signature that produced it (or why it could not be computed)."""
+
+    metric: str
+    score: float | None
+    signature: str | None
+    n_segments: int
+    available: bool = True
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def unavailable(metric: str, n_segments: int, reason: str) -> MetricResult:
+    """A metric that could not run, with the reason a user can act on."""
+    return MetricResult(metric, None, None, n_segments, available=False, reason=reason)
+
+
+def bleu_tokenizer(tgt_lang: str) -> str:
+    """sacreBLEU tokenizer for a target language: `zh` for Chinese, `13a` (the WMT default) otherwise."""
+    return "zh" if tgt_lang == "zh" else "13a"
+
+
+def sacrebleu_metric(metric: str, tgt_lang: str) -> BLEU | CHRF:
+    """The configured sacreBLEU metric object (`bleu` or `chrf`, the latter being chrF++)."""
+    if metric == "bleu":
+        return BLEU(tokenize=bleu_tokenizer(tgt_lang))
+    if metric == "chrf":
+        return CHRF(word_order=2)
+    raise MlasLoraError(
+        f"metric {metric!r} is not a sacreBLEU metric; expected one of {SIGNIFICANCE_METRICS}"
+    )
+
+
+def check_segments(
+    hypotheses: Sequence[str], references: Sequence[str], sources: Sequence[str] | None = None
+) -> int:
+    """Validate parallel inputs and return the number of segments."""
+    for name, seq in (("hypotheses", hypotheses), ("references", references)):
+        if isinstance(seq, str):
+            raise MlasLoraError(f"{name} must be a list of segments, got a single string")
+    if len(hypotheses) != len(references):
+        raise MlasLoraError(
+            f"{len(hypotheses)} hypotheses but {len(references)} references: "
+            "every hypothesis needs exactly one reference, in the same order"
+        )
+    if sources is not None and len(sources) != len(references):
+        raise MlasLoraError(f"{len(sources)} sources but {len(references)} references: counts must match")
+    if not hypotheses:
+        raise MlasLoraError("no segments to score: hypotheses and references are empty")
+    return len(hypotheses)
+
+
+def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise MlasLoraError(f"unknown metric(s) {unknown}; supported: {', '.join(METRICS)}")
+    return tuple(dict.fromkeys(metrics))
+
+
+def sacrebleu_score(
+    metric: str, hypotheses: Sequence[str], references: Sequence[str], tgt_lang: str
+) -> MetricResult:
+    """BLEU or chrF++ on one reference per segment, with sacreBLEU's signature."""
+    scorer = sacrebleu_metric(metric, tgt_lang)
+    score = scorer.corpus_score(list(hypotheses), [list(references)])
+    return MetricResult(metric, float(score.score), scorer.get_signature().format(), len(hypotheses))
+
+
+def score_corpus(
+    hypotheses: Sequence[str],
+    references: Sequence[str],
+    tgt_lang: str,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    sources: Sequence[str] | None = None,
+    comet_model: str | os.PathLike | None = None,
+) -> dict[str, MetricResult]:
+    """Score one system on one direction with each requested metric, keyed by metric name."""
+    language_name(tgt_lang)
+    metrics = check_metrics(metrics)
+    n = check_segments(hypotheses, references, sources)
+    results: dict[str, MetricResult] = {}
+    for metric in metrics:
+        if metric in SIGNIFICANCE_METRICS:
+            results[metric] = sacrebleu_score(metric, hypotheses, references, tgt_lang)
+        elif metric == "meteor":
+            from mlas_lora.evaluation.meteor import meteor_corpus
+
+            results[metric] = meteor_corpus(hypotheses, references, tgt_lang)
+        else:
+            from mlas_lora.evaluation.comet import comet_corpus
+
+            results[metric] = comet_corpus(hypotheses, references, sources, comet_model, n_segments=n)
+    return results
+
+
+@contextmanager
+def _sacrebleu_seed(seed: int):
+    """sacreBLEU's paired test reads its seed from $SACREBLEU_SEED only; set it for the call, then restore."""
+    old = os.environ.get("SACREBLEU_SEED")
+    os.environ["SACREBLEU_SEED"] = str(seed)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SACREBLEU_SEED", None)
+        else:
+            os.environ["SACREBLEU_SEED"] = old
+
+
+def paired_bootstrap(
+    hyps_a: Sequence[str],
+    hyps_b: Sequence[str],
+    references: Sequence[str],
+    tgt_lang: str,
+    metric: str = "bleu",
+    n_samples: int = 1000,
+    seed: int = 12345,
+) -> dict:
+    """Paired bootstrap resampling (Koehn, 2004) of system A against system B, via sacreBLEU's PairedTest.
+
+    B is sacreBLEU's baseline. The p-value is that of the two-sided null "A and B score the same";
+    `delta` is score_a - score_b. Each system's bootstrap mean and the half-width of its 95% CI come
+    from the same resamples. Identical outputs get p = 1: sacreBLEU's statistic is then 0 in every
+    resample and its "+1" correction would report p = 1/(n+1), i.e. a spurious "significant" result.
+    """
+    language_name(tgt_lang)
+    n = check_segments(hyps_a, references)
+    check_segments(hyps_b, references)
+    if seed < 1 or n_samples < 1:
+        # PairedTest treats seed 0 as "unseeded"; only positive seeds give reproducible p-values.
+        raise MlasLoraError(
+            f"seed and n_samples must be positive integers, got seed={seed}, n_samples={n_samples}"
+        )
+    scorer = sacrebleu_metric(metric, tgt_lang)
+    with _sacrebleu_seed(seed):
+        test = PairedTest(
+            [("B", list(hyps_b)), ("A", list(hyps_a))], {metric: scorer}, [list(references)], "bs", n_samples
+        )
+        signatures, scores = test()
+    (name,) = signatures
+    base, system = scores[name]
+    p_value = 1.0 if list(hyps_a) == list(hyps_b) else float(system.p_value)
+    return {
+        "metric": metric,
+        "signature": signatures[name].format(),
+        "n_segments": n,
+        "n_samples": n_samples,
+        "seed": seed,
+        "score_a": float(system.score),
+        "score_b": float(base.score),
+        "delta": float(system.score - base.score),
+        "p_value": p_value,
+        "mean_a": float(system.mean),
+        "ci95_a": float(system.ci),
+        "mean_b": float(base.mean),
+        "ci95_b": float(base.ci),
+    }
