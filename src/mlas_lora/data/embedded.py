@@ -31,7 +31,7 @@ from mlas_lora.languages import PAPER_LANGUAGES, Direction, language_name
 from mlas_lora.paths import corpus_dir, downloads_dir
 
 SPLITS = ("train", "dev", "test", "ood")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # bump when cleaning or split rules change, so existing corpora are rebuilt
 PIVOT = "en"
 
 
