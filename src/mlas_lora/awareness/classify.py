@@ -1,0 +1,166 @@
+"""Language-general vs language-specific neurons (Sec. 3.1, App. A.6).
+
+For a neuron with Eq. (2) scores Phi(s_i,t_i) over the P pairs:
+
+    lambda_i = Phi(s_i,t_i) / sum_n Phi(s_n,t_n)
+
+If max_i lambda_i > lambda (strictly) the neuron is specific to pair argmax_i (the first such pair
+on ties), otherwise it is language-general. A neuron whose total score is 0 is general. Note that
+max_i lambda_i >= 1/P always, so lambda below 1/P makes every scored neuron specific.
+
+Files written by `save_classes(classes, dir)`:
+
+    classes.safetensors   class.{l}.{p}.{in|out}  int64 [features]  (-1 general, else pair index)
+    classes.json          {"lambda": 0.2, "pairs": [...], "summary": {...}}
+
+The summary counts neurons per (matrix, side) coordinate: since q/k/v (and gate/up) share one
+input score, a shared input neuron is counted once for each matrix that reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlas_lora.awareness.neuron_awareness import SIDES
+from mlas_lora.awareness.scoring import AwarenessScores
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.models.arch import PROJECTIONS
+
+CLASSES_TENSORS = "classes.safetensors"
+CLASSES_META = "classes.json"
+GENERAL = -1
+
+
+def class_key(layer: int, proj: str, side: str) -> str:
+    return f"class.{layer}.{proj}.{side}"
+
+
+@dataclass(frozen=True)
+class NeuronClasses:
+    """Per-neuron class (-1 general, else pair index) for every scored layer, projection and side."""
+
+    pairs: list[str]
+    lam: float
+    classes: dict[str, torch.Tensor]  # class_key -> int64 [features]
+    summary: dict
+
+    def of(self, layer: int, proj: str, side: str) -> torch.Tensor:
+        return self.classes[class_key(layer, proj, side)]
+
+
+def classify_scores(phi: torch.Tensor, lam: float = 0.2) -> torch.Tensor:
+    """int64 [N] classes of N neurons from their scores phi [P, N] (float64 shares, strict `>`)."""
+    phi = phi.to(torch.float64)
+    total = phi.sum(0)
+    share = phi / torch.where(total > 0, total, torch.ones_like(total))
+    top, owner = share.max(0)
+    specific = (total > 0) & (top > lam)
+    return torch.where(specific, owner, torch.full_like(owner, GENERAL))
+
+
+def classify_neurons(scores: AwarenessScores, lam: float = 0.2) -> NeuronClasses:
+    """Classify every neuron of every scored layer; lambda is the paper's threshold (default 0.2)."""
+    if not 0.0 <= lam <= 1.0:
+        raise MlasLoraError(f"lambda must be in [0, 1], got {lam}")
+    classes = {}
+    for key, phi in scores.phi.items():
+        _, layer, proj, side = key.split(".")
+        classes[class_key(int(layer), proj, side)] = classify_scores(phi, lam)
+    return NeuronClasses(list(scores.pairs), lam, classes, summarise(classes, scores.pairs))
+
+
+def summarise(classes: dict[str, torch.Tensor], pairs: list[str]) -> dict:
+    """Counts of general and per-pair specific neurons: in total, per layer and per projection."""
+    summary = {
+        "total": _empty(pairs),
+        "per_layer": {},
+        "per_projection": {p: _empty(pairs) for p in PROJECTIONS},
+    }
+    for key, labels in sorted(classes.items(), key=lambda kv: _sort_key(kv[0])):
+        _, layer, proj, _ = key.split(".")
+        counts = torch.bincount(labels + 1, minlength=len(pairs) + 1).tolist()
+        for bucket in (
+            summary["total"],
+            summary["per_layer"].setdefault(layer, _empty(pairs)),
+            summary["per_projection"][proj],
+        ):
+            bucket["general"] += counts[0]
+            for i, pair in enumerate(pairs):
+                bucket["specific"][pair] += counts[i + 1]
+    return summary
+
+
+def _empty(pairs) -> dict:
+    return {"general": 0, "specific": {pair: 0 for pair in pairs}}
+
+
+def _sort_key(key: str):
+    _, layer, proj, side = key.split(".")
+    return int(layer), PROJECTIONS.index(proj), SIDES.index(side)
+
+
+def classification_summary(classes: NeuronClasses) -> str:
+    """A printable table of the summary (what `mlas-lora classify` prints)."""
+    pairs, summary = classes.pairs, classes.summary
+    header = ["", "general", "specific"] + pairs
+    rows = [[f"layer {layer}", *_cells(c, pairs)] for layer, c in summary["per_layer"].items()]
+    rows += [[f"proj {proj}", *_cells(c, pairs)] for proj, c in summary["per_projection"].items()]
+    rows.append(["total", *_cells(summary["total"], pairs)])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [f"lambda = {classes.lam}"]
+    for row in [header, *rows]:
+        lines.append(
+            "  ".join(
+                str(cell).rjust(w) if i else str(cell).ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)
+
+
+def _cells(counts: dict, pairs) -> list[int]:
+    specific = [counts["specific"][pair] for pair in pairs]
+    return [counts["general"], sum(specific), *specific]
+
+
+def save_classes(classes: NeuronClasses, directory: str | Path) -> Path:
+    """Write classes.safetensors and classes.json (format in the module docstring)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.to(torch.int64).contiguous() for k, v in classes.classes.items()},
+        str(directory / CLASSES_TENSORS),
+    )
+    meta = {"lambda": classes.lam, "pairs": classes.pairs, "summary": classes.summary}
+    (directory / CLASSES_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_classes(directory: str | Path) -> NeuronClasses:
+    """Read what `save_classes` wrote."""
+    directory = Path(directory)
+    tensor_path, meta_path = directory / CLASSES_TENSORS, directory / CLASSES_META
+    for path in (tensor_path, meta_path):
+        if not path.is_file():
+            raise MlasLoraError(f"missing classification file {path} (run the classify stage first)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise MlasLoraError(f"{meta_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    missing = [k for k in ("lambda", "pairs", "summary") if k not in meta]
+    if missing:
+        raise MlasLoraError(f"{meta_path}: missing keys {', '.join(missing)}")
+    classes = load_file(str(tensor_path))
+    out_of_range = [
+        k for k, v in classes.items() if v.numel() and (v.min() < GENERAL or v.max() >= len(meta["pairs"]))
+    ]
+    if out_of_range:
+        raise MlasLoraError(
+            f"{tensor_path}: {out_of_range[:5]} hold class ids outside -1..{len(meta['pairs']) - 1}"
+        )
+    return NeuronClasses(list(meta["pairs"]), float(meta["lambda"]), classes, meta["summary"])

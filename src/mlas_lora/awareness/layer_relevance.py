@@ -1,0 +1,108 @@
+"""Eq. (1): layer relevance R_i(s,t) and the choice of which teacher layers the student receives.
+
+    R_i(s,t) = mean over the pair's seed sentences of || A_{i+1} - A_i ||_1
+
+A_i is the hidden state entering decoder layer i (A_0 is the embedding output, after any embedding
+scaling the family applies) and A_{i+1} the state leaving it, so every decoder layer gets one score:
+how much it rewrites the residual stream for that language pair. Per sentence the reduction is:
+
+    sum over hidden units -> mean over the sentence's real tokens (prompt and target, padding
+    excluded) -> mean over sentences.
+
+The student has fewer layers (L) than the teacher; the L teacher layers with the highest relevance
+are kept in their original order and mapped in order onto student layers 0..L-1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mlas_lora.errors import MlasLoraError
+
+SELECTION_MODES = ("mean", "pair")
+
+
+class LayerRelevanceTap:
+    """Forward hooks on the decoder layers that accumulate Eq. (1) sums per pair.
+
+    Call `start_batch(pair_index, token_mask)` before each forward; `relevance()` gives R [P, N].
+    The sums are in float32 whatever the model dtype; the difference is taken in float32 too, since
+    a bfloat16 subtraction of two nearby residual states would lose most of the signal.
+    """
+
+    def __init__(self, layers: nn.ModuleList, num_pairs: int):
+        device = next(layers[0].parameters()).device
+        self.sums = torch.zeros(num_pairs, len(layers), dtype=torch.float32, device=device)
+        self.sentences = torch.zeros(num_pairs, dtype=torch.float64)
+        self._pair, self._mask = 0, None
+        self._handles = [
+            layer.register_forward_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+        ]
+
+    def start_batch(self, pair_index: int, token_mask: torch.Tensor) -> None:
+        """token_mask: bool [B, T], True on real tokens."""
+        self._pair = pair_index
+        self._mask = token_mask.to(torch.float32)
+        self.sentences[pair_index] += token_mask.shape[0]
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            with torch.no_grad():
+                per_token = (hidden_out.detach().float() - hidden_in.detach().float()).abs_().sum(-1)
+                per_sentence = (per_token * self._mask).sum(1) / self._mask.sum(1)
+                self.sums[self._pair, index] += per_sentence.sum()
+
+        return hook
+
+    def relevance(self) -> torch.Tensor:
+        """R [P, N] (float32, CPU): the mean over sentences; pairs with no sentence stay 0."""
+        counts = self.sentences.clamp(min=1).to(torch.float32)[:, None]
+        return self.sums.cpu() / counts
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def select_layers(
+    relevance: torch.Tensor,
+    num_layers: int,
+    mode: str = "mean",
+    pair: int | str | None = None,
+    pairs: Sequence[str] | None = None,
+) -> list[int]:
+    """The top-`num_layers` teacher layers by relevance, in their original (ascending) order.
+
+    mode="mean" ranks layers by R averaged over pairs, the paper's single shared student;
+    mode="pair" ranks by one pair's R (`pair` is its index, or its name with `pairs` given).
+    Ties go to the lower layer index, so the choice is deterministic.
+    """
+    relevance = torch.as_tensor(relevance, dtype=torch.float32)
+    if relevance.ndim != 2:
+        raise MlasLoraError(f"relevance must be [pairs, layers], got shape {tuple(relevance.shape)}")
+    total = relevance.shape[1]
+    if not 1 <= num_layers <= total:
+        raise MlasLoraError(f"cannot select {num_layers} layers from a teacher with {total} layers")
+    ranking = _ranking_scores(relevance, mode, pair, pairs)
+    # A stable sort on -score keeps the lower index first among equal scores.
+    order = torch.sort(-ranking, stable=True).indices[:num_layers]
+    return sorted(order.tolist())
+
+
+def _ranking_scores(relevance, mode, pair, pairs) -> torch.Tensor:
+    if mode == "mean":
+        return relevance.mean(0)
+    if mode != "pair":
+        raise MlasLoraError(f"unknown selection mode {mode!r}; expected one of {', '.join(SELECTION_MODES)}")
+    if isinstance(pair, str):
+        if pairs is None or pair not in pairs:
+            raise MlasLoraError(f"pair {pair!r} not among the scored pairs {list(pairs or [])}")
+        pair = list(pairs).index(pair)
+    if pair is None or not 0 <= pair < relevance.shape[0]:
+        raise MlasLoraError(f"mode='pair' needs a pair index in [0, {relevance.shape[0]}), got {pair!r}")
+    return relevance[pair]

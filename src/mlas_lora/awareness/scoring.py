@@ -1,0 +1,301 @@
+"""The awareness pass: Eq. (1) layer relevance and Eq. (2) neuron awareness from one pass per batch.
+
+For each language pair the teacher reads the pair's seed sentences in the training prompt format
+(`mlas_lora.prompting.training_ids`: prompt then ` reference<eos>`), right-padded so that real
+tokens keep positions 0..n-1 exactly as when a sentence is run alone. One forward (with hooks on
+the decoder layers for Eq. 1 and on the projections for Eq. 2) and one backward of the target-side
+loss per batch give both scores; all weights are frozen, so backward computes activation
+gradients only. Every teacher layer is scored: the layer selection needs R from the same pass and
+the per-layer tensors are small.
+
+Loss: per sentence, the mean next-token cross-entropy over its target tokens; per batch, the sum
+of the sentence losses. Summing (not averaging) over the batch makes every sentence's gradients,
+and so the scores, independent of batch size and of what it is batched with.
+
+Files written by `save_awareness(scores, dir)` (read by the extraction stage):
+
+    awareness.safetensors
+        relevance           float32 [P, num_teacher_layers]      R_i(s,t), Eq. (1)
+        phi.{l}.{p}.in      float32 [P, in_features]             Eq. (2), input side of projection p
+        phi.{l}.{p}.out     float32 [P, out_features]            Eq. (2), output side
+        for every teacher layer l and p in q, k, v, o, gate, up, down; rows follow `pairs`.
+    awareness.json
+        {"pairs": [...], "num_teacher_layers": N, "selected_layers": [...],
+         "selection_mode": "mean" | "pair", "selection_pair": null | "en-de",
+         "num_sentences": {pair: n}, "dtype": "bfloat16", "reduction": "..."}
+
+`selected_layers` are teacher layer indices in ascending order; teacher layer selected_layers[k]
+maps onto student layer k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from mlas_lora.awareness.layer_relevance import LayerRelevanceTap, select_layers
+from mlas_lora.awareness.neuron_awareness import NeuronAwarenessTap, phi_key
+from mlas_lora.data.records import Example
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.models.arch import PROJECTIONS, decoder_layers
+from mlas_lora.prompting import training_ids
+
+AWARENESS_TENSORS = "awareness.safetensors"
+AWARENESS_META = "awareness.json"
+
+REDUCTION = (
+    "relevance: L1 norm over hidden units of (layer output - layer input), mean over real tokens "
+    "(prompt+target, padding excluded), mean over sentences; A_0 = embedding output. "
+    "phi: |dL/dh * h| summed over sentences and real tokens; L = per-sentence mean target-token "
+    "cross-entropy, summed over the batch; q/k/v and gate/up share one input score"
+)
+
+
+@dataclass(frozen=True)
+class AwarenessScores:
+    """Eq. (1) and Eq. (2) scores of one teacher over a set of language pairs."""
+
+    pairs: list[str]
+    relevance: torch.Tensor  # float32 [P, num_teacher_layers]
+    phi: dict[str, torch.Tensor]  # phi_key -> float32 [P, features]
+    num_sentences: dict[str, int]
+    dtype: str
+    selected_layers: list[int]
+    selection_mode: str = "mean"
+    selection_pair: str | None = None
+    reduction: str = REDUCTION
+
+    @property
+    def num_teacher_layers(self) -> int:
+        return int(self.relevance.shape[1])
+
+    def phi_of(self, layer: int, proj: str, side: str) -> torch.Tensor:
+        return self.phi[phi_key(layer, proj, side)]
+
+    def with_selection(self, num_layers: int, mode: str = "mean", pair: str | None = None) -> AwarenessScores:
+        """The same scores with the top-`num_layers` selection redone (see `select_layers`)."""
+        chosen = select_layers(self.relevance, num_layers, mode, pair, self.pairs)
+        return replace(self, selected_layers=chosen, selection_mode=mode, selection_pair=pair)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded token ids; `tokens` marks real tokens and `targets` the target-side tokens."""
+
+    input_ids: torch.Tensor  # long [B, T]
+    tokens: torch.Tensor  # bool [B, T]
+    targets: torch.Tensor  # bool [B, T]
+
+    def to(self, device) -> Batch:
+        return Batch(self.input_ids.to(device), self.tokens.to(device), self.targets.to(device))
+
+
+def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    """Concatenate (prompt_ids, target_ids) pairs and right-pad them into one batch."""
+    width = max(len(p) + len(t) for p, t in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    tokens = torch.zeros(len(encoded), width, dtype=torch.bool)
+    targets = torch.zeros_like(tokens)
+    for row, (prompt, target) in enumerate(encoded):
+        if not target:
+            raise MlasLoraError("a seed example has an empty target after tokenisation; Eq. (2) needs one")
+        n = len(prompt) + len(target)
+        ids[row, :n] = torch.tensor(prompt + target)
+        tokens[row, :n] = True
+        targets[row, len(prompt) : n] = True
+    return Batch(ids, tokens, targets)
+
+
+def pair_batches(tokenizer, examples: Sequence[Example], batch_size: int) -> list[Batch]:
+    """Batches of one pair's seeds, longest first so that batches hold similar lengths."""
+    encoded = sorted((training_ids(tokenizer, ex) for ex in examples), key=lambda e: -len(e[0]) - len(e[1]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [collate(encoded[i : i + batch_size], pad_id or 0) for i in range(0, len(encoded), batch_size)]
+
+
+def target_loss(model, batch: Batch) -> torch.Tensor:
+    """Sum over sentences of each sentence's mean next-token loss on its target tokens.
+
+    Logits are computed only at the positions that predict a target token (a boolean
+    `logits_to_keep`), which spares the vocabulary projection at every prompt position.
+    """
+    predicts = torch.zeros_like(batch.targets)
+    predicts[:, :-1] = batch.targets[:, 1:]
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.tokens.long(),
+        use_cache=False,
+        logits_to_keep=predicts,
+    ).logits
+    labels = batch.input_ids[:, 1:][batch.targets[:, 1:]]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, reduction="none")
+    per_row = predicts.sum(1).to(torch.float32)
+    weights = (1.0 / per_row)[:, None].expand_as(predicts)[predicts]
+    return (nll * weights).sum()
+
+
+@contextlib.contextmanager
+def activation_gradients(model) -> Iterator[None]:
+    """Freeze every weight and make the embedding output require grad, restoring both afterwards.
+
+    With all weights frozen nothing upstream needs a gradient, so autograd would build no graph;
+    a grad-requiring embedding output is the one leaf that makes backward reach every activation
+    while never materialising a weight gradient.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    for param, _ in flags:
+        param.requires_grad_(False)
+    model.eval()
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    try:
+        yield
+    finally:
+        handle.remove()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)
+
+
+def score_teacher(
+    model,
+    tokenizer,
+    seeds: Mapping[str, Sequence[Example]],
+    batch_size: int = 8,
+    dtype: torch.dtype | None = torch.bfloat16,
+    num_student_layers: int | None = None,
+    progress: bool = True,
+) -> AwarenessScores:
+    """Run the awareness pass over every pair's seed sentences (Eq. 1 and Eq. 2, Sec. 3.1).
+
+    `seeds` maps a pair name ("en-de") to its seed examples. `dtype` is the compute dtype; a model
+    in another dtype is cast in place (None keeps the model's dtype). Scores accumulate in float32.
+    `num_student_layers` sets the top-L selection by mean relevance (None keeps every layer).
+    """
+    pairs = _check_seeds(seeds)
+    if dtype is not None and model.dtype != dtype:
+        model.to(dtype)
+    layers = decoder_layers(model)
+    device = model.get_input_embeddings().weight.device
+    batches = [
+        (i, b) for i, pair in enumerate(pairs) for b in pair_batches(tokenizer, seeds[pair], batch_size)
+    ]
+    relevance_tap, neuron_tap = LayerRelevanceTap(layers, len(pairs)), NeuronAwarenessTap(layers, len(pairs))
+    try:
+        with activation_gradients(model):
+            for pair_index, batch in tqdm(batches, desc="awareness", unit="batch", disable=not progress):
+                _score_batch(model, batch.to(device), pair_index, relevance_tap, neuron_tap)
+    finally:
+        relevance_tap.remove()
+        neuron_tap.remove()
+    relevance = relevance_tap.relevance()
+    chosen = select_layers(relevance, num_student_layers or len(layers))
+    return AwarenessScores(
+        pairs=pairs,
+        relevance=relevance,
+        phi=neuron_tap.scores(),
+        num_sentences={pair: len(seeds[pair]) for pair in pairs},
+        dtype=str(model.dtype).removeprefix("torch."),
+        selected_layers=chosen,
+    )
+
+
+def _score_batch(model, batch: Batch, pair_index: int, relevance_tap, neuron_tap) -> None:
+    relevance_tap.start_batch(pair_index, batch.tokens)
+    neuron_tap.start_batch(pair_index, batch.tokens)
+    try:
+        target_loss(model, batch).backward()
+    finally:
+        neuron_tap.end_batch()
+
+
+def _check_seeds(seeds: Mapping[str, Sequence[Example]]) -> list[str]:
+    problems = [f"pair {pair!r} has no seed sentences" for pair, examples in seeds.items() if not examples]
+    for pair, examples in seeds.items():
+        wrong = sorted({ex.pair for ex in examples if ex.pair != pair})
+        if wrong:
+            problems.append(f"pair {pair!r} holds examples of other directions: {', '.join(wrong)}")
+    if not seeds:
+        problems.append("no language pairs given")
+    if problems:
+        raise MlasLoraError("bad awareness seeds:\n  " + "\n  ".join(problems))
+    return list(seeds)
+
+
+def save_awareness(scores: AwarenessScores, directory: str | Path) -> Path:
+    """Write awareness.safetensors and awareness.json (format in the module docstring)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {"relevance": scores.relevance.float().contiguous()}
+    tensors.update({key: value.float().contiguous() for key, value in scores.phi.items()})
+    save_file(tensors, str(directory / AWARENESS_TENSORS))
+    meta = {
+        "pairs": scores.pairs,
+        "num_teacher_layers": scores.num_teacher_layers,
+        "selected_layers": scores.selected_layers,
+        "selection_mode": scores.selection_mode,
+        "selection_pair": scores.selection_pair,
+        "num_sentences": scores.num_sentences,
+        "dtype": scores.dtype,
+        "reduction": scores.reduction,
+    }
+    (directory / AWARENESS_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_awareness(directory: str | Path) -> AwarenessScores:
+    """Read what `save_awareness` wrote, checking that tensors and metadata agree."""
+    directory = Path(directory)
+    tensor_path, meta_path = directory / AWARENESS_TENSORS, directory / AWARENESS_META
+    for path in (tensor_path, meta_path):
+        if not path.is_file():
+            raise MlasLoraError(f"missing awareness file {path} (run the awareness stage first)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise MlasLoraError(f"{meta_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    tensors = load_file(str(tensor_path))
+    relevance = tensors.pop("relevance", None)
+    _check_loaded(meta, relevance, tensors, tensor_path)
+    return AwarenessScores(
+        pairs=list(meta["pairs"]),
+        relevance=relevance,
+        phi=tensors,
+        num_sentences={k: int(v) for k, v in meta["num_sentences"].items()},
+        dtype=meta["dtype"],
+        selected_layers=[int(i) for i in meta["selected_layers"]],
+        selection_mode=meta.get("selection_mode", "mean"),
+        selection_pair=meta.get("selection_pair"),
+        reduction=meta.get("reduction", REDUCTION),
+    )
+
+
+def _check_loaded(meta: dict, relevance, phi: dict, tensor_path: Path) -> None:
+    missing = [
+        k
+        for k in ("pairs", "num_teacher_layers", "selected_layers", "num_sentences", "dtype")
+        if k not in meta
+    ]
+    if missing:
+        raise MlasLoraError(f"{tensor_path.with_suffix('.json')}: missing keys {', '.join(missing)}")
+    shape = (len(meta["pairs"]), meta["num_teacher_layers"])
+    if relevance is None or tuple(relevance.shape) != shape:
+        got = None if relevance is None else tuple(relevance.shape)
+        raise MlasLoraError(f"{tensor_path}: 'relevance' should have shape {shape}, found {got}")
+    expected = {phi_key(i, p, s) for i in range(shape[1]) for p in PROJECTIONS for s in ("in", "out")}
+    if set(phi) != expected:
+        absent, extra = sorted(expected - set(phi))[:5], sorted(set(phi) - expected)[:5]
+        raise MlasLoraError(
+            f"{tensor_path}: phi keys do not match the layers (missing {absent}, unexpected {extra})"
+        )
+    wrong = [k for k, v in phi.items() if v.ndim != 2 or v.shape[0] != shape[0]]
+    if wrong:
+        raise MlasLoraError(f"{tensor_path}: tensors {wrong[:5]} should have {shape[0]} rows, one per pair")

@@ -1,0 +1,287 @@
+"""Awareness stage: Eq. (1) relevance, Eq. (2) neuron awareness, classification, files.
+
+Eq. (1) and Eq. (2) are recomputed here independently of the hook machinery: Eq. (1) from
+`output_hidden_states` (with the final norm removed so the last entry is the raw last-layer
+output), Eq. (2) by running each sentence alone with full logits and `torch.autograd.grad` on
+captured projection inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlas_lora.awareness.classify import (
+    classification_summary,
+    classify_neurons,
+    classify_scores,
+    load_classes,
+    save_classes,
+)
+from mlas_lora.awareness.layer_relevance import select_layers
+from mlas_lora.awareness.neuron_awareness import phi_key
+from mlas_lora.awareness.scoring import (
+    AwarenessScores,
+    load_awareness,
+    save_awareness,
+    score_teacher,
+)
+from mlas_lora.data.records import Example
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.models.arch import PROJECTIONS, decoder_layers, projection
+from mlas_lora.prompting import training_ids
+from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
+
+SEEDS = {
+    "en-de": [
+        Example("en", "de", "The cat sleeps.", "Die Katze schläft."),
+        Example("en", "de", "We walked along the river until it was dark.", "Wir gingen am Fluss entlang."),
+        Example("en", "de", "Hi", "Hallo"),
+    ],
+    "en-zh": [
+        Example("en", "zh", "Good morning, teacher.", "老师早上好。"),
+        Example("en", "zh", "It rains.", "下雨了。"),
+    ],
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models are far faster on one thread; several threads spin against each other when the
+    # machine is shared (a 4x slowdown on a loaded 2-core box).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def teacher(family="qwen2"):
+    return tiny_model(family, "teacher", num_hidden_layers=2)
+
+
+def score(model, tokenizer, seeds=SEEDS, **kwargs):
+    kwargs.setdefault("dtype", torch.float32)
+    return score_teacher(model, tokenizer, seeds, progress=False, **kwargs)
+
+
+def sentence_ids(tokenizer, example):
+    prompt, target = training_ids(tokenizer, example)
+    return torch.tensor([prompt + target]), len(prompt)
+
+
+def reference_relevance(model, tokenizer, seeds):
+    """Eq. (1) per pair: mean over sentences of the mean over tokens of ||A_{i+1} - A_i||_1."""
+    base = model.model
+    norm, base.norm = base.norm, nn.Identity()
+    rows = []
+    with torch.no_grad():
+        for examples in seeds.values():
+            per_sentence = []
+            for example in examples:
+                hidden = model(sentence_ids(tokenizer, example)[0], output_hidden_states=True).hidden_states
+                per_sentence.append(
+                    [(hidden[i + 1] - hidden[i]).abs().sum(-1).mean() for i in range(len(hidden) - 1)]
+                )
+            rows.append(torch.tensor(per_sentence).mean(0))
+    base.norm = norm
+    return torch.stack(rows)
+
+
+def reference_phi(model, tokenizer, examples):
+    """Eq. (2) for one pair: sum over sentences and tokens of |dL/dh * h|, one sentence at a time."""
+    totals = {}
+    for example in examples:
+        ids, prompt_len = sentence_ids(tokenizer, example)
+        captured, handles = {}, []
+        for index, layer in enumerate(decoder_layers(model)):
+            for proj in PROJECTIONS:
+
+                def keep(module, args, output, index=index, proj=proj, captured=captured):
+                    captured[phi_key(index, proj, "in")] = args[0]
+                    captured[phi_key(index, proj, "out")] = output
+
+                handles.append(projection(layer, proj).register_forward_hook(keep))
+        logits = model(ids).logits[0, :-1]
+        for handle in handles:
+            handle.remove()
+        loss = F.cross_entropy(logits[prompt_len - 1 :], ids[0, prompt_len:])
+        keys = list(captured)
+        grads = torch.autograd.grad(loss, [captured[k] for k in keys])
+        for key, grad in zip(keys, grads, strict=True):
+            value = (grad * captured[key]).abs().sum(dim=(0, 1)).detach()
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_relevance_and_phi_match_independent_computation(tokenizer, family):
+    model = teacher(family)
+    scores = score(model, tokenizer, batch_size=2)
+    torch.testing.assert_close(
+        scores.relevance, reference_relevance(model, tokenizer, SEEDS), rtol=1e-5, atol=1e-6
+    )
+    for pair_index, examples in enumerate(SEEDS.values()):
+        expected = reference_phi(model, tokenizer, examples)
+        assert set(expected) == set(scores.phi)
+        for key, value in expected.items():
+            torch.testing.assert_close(scores.phi[key][pair_index], value, rtol=1e-4, atol=1e-7, msg=key)
+
+
+def test_shared_inputs_have_equal_scores(tokenizer):
+    scores = score(teacher(), tokenizer)
+    for layer in range(2):
+        q, gate = scores.phi_of(layer, "q", "in"), scores.phi_of(layer, "gate", "in")
+        assert torch.equal(q, scores.phi_of(layer, "k", "in")) and torch.equal(
+            q, scores.phi_of(layer, "v", "in")
+        )
+        assert torch.equal(gate, scores.phi_of(layer, "up", "in"))
+        assert not torch.equal(q, gate) and q.min() >= 0 and q.sum() > 0
+
+
+def test_padding_and_batching_do_not_change_scores(tokenizer):
+    seeds = {"en-de": SEEDS["en-de"]}
+    model = teacher()
+    alone = score(model, tokenizer, seeds, batch_size=1)
+    batched = score(model, tokenizer, seeds, batch_size=3)
+    torch.testing.assert_close(batched.relevance, alone.relevance, rtol=1e-5, atol=1e-6)
+    for key in alone.phi:
+        torch.testing.assert_close(batched.phi[key], alone.phi[key], rtol=1e-4, atol=1e-7, msg=key)
+
+
+def test_scoring_leaves_weights_without_grad_and_restores_model(tokenizer):
+    model = teacher().train()
+    model.lm_head.weight.requires_grad_(True)
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    score(model, tokenizer)
+    assert all(p.grad is None for p in model.parameters())
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert model.training
+    hooks = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooks == []
+
+
+def test_bfloat16_scores_are_float32_and_close_to_float32_run(tokenizer):
+    exact = score(teacher(), tokenizer)
+    half = score(teacher(), tokenizer, dtype=torch.bfloat16)
+    assert half.dtype == "bfloat16" and exact.dtype == "float32"
+    assert half.relevance.dtype == torch.float32 and half.phi["phi.1.down.in"].dtype == torch.float32
+    torch.testing.assert_close(half.relevance, exact.relevance, rtol=3e-2, atol=0)
+    for key in ("phi.0.q.in", "phi.1.down.out", "phi.1.gate.out"):
+        a, b = half.phi[key].flatten(), exact.phi[key].flatten()
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.98, key
+
+
+def test_select_layers_keeps_top_l_in_original_order():
+    relevance = torch.tensor([[1.0, 5.0, 3.0, 4.0], [3.0, 1.0, 3.0, 0.0]])  # mean [2, 3, 3, 2]
+    assert select_layers(relevance, 2) == [1, 2]
+    assert select_layers(relevance, 3) == [0, 1, 2]  # tie between layers 0 and 3 goes to 0
+    assert select_layers(relevance, 4) == [0, 1, 2, 3]
+    assert select_layers(relevance, 2, mode="pair", pair=0) == [1, 3]
+    assert select_layers(relevance, 2, mode="pair", pair="en-zh", pairs=["en-de", "en-zh"]) == [0, 2]
+    for bad in (
+        dict(num_layers=5),
+        dict(num_layers=0),
+        dict(num_layers=2, mode="max"),
+        dict(num_layers=2, mode="pair"),
+    ):
+        with pytest.raises(MlasLoraError):
+            select_layers(relevance, **bad)
+
+
+def test_score_teacher_selects_by_mean_relevance(tokenizer):
+    model = tiny_model("llama", "teacher")  # 4 layers
+    scores = score(model, tokenizer, num_student_layers=2)
+    assert scores.selected_layers == select_layers(scores.relevance, 2)
+    assert scores.with_selection(3, "pair", "en-zh").selected_layers == select_layers(scores.relevance[1:], 3)
+    assert score(model, tokenizer, {"en-de": SEEDS["en-de"][:1]}).selected_layers == [0, 1, 2, 3]
+
+
+PHI = torch.tensor(
+    [  # 5 pairs x 5 neurons; column shares: all 0, all 0.2, max 0.6, max 0.75, max 3/11
+        [0.0, 1.0, 1.0, 0.0, 2.0],
+        [0.0, 1.0, 1.0, 3.0, 2.0],
+        [0.0, 1.0, 1.0, 1.0, 2.0],
+        [0.0, 1.0, 1.0, 0.0, 2.0],
+        [0.0, 1.0, 6.0, 0.0, 3.0],
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "lam, expected",
+    [(0.2, [-1, -1, 4, 1, 4]), (0.6, [-1, -1, -1, 1, -1]), (0.1, [-1, 0, 4, 1, 4]), (0.75, [-1] * 5)],
+)
+def test_classify_scores_exact(lam, expected):
+    assert classify_scores(PHI, lam).tolist() == expected
+
+
+def hand_made_scores() -> AwarenessScores:
+    pairs = ["en-cs", "en-de", "en-et", "en-fi", "en-ru"]
+    phi = {phi_key(0, "q", "in"): PHI, phi_key(1, "down", "out"): PHI[:, 2:]}
+    return AwarenessScores(pairs, torch.ones(5, 2), phi, {p: 1 for p in pairs}, "float32", [0, 1])
+
+
+def test_classify_neurons_masks_and_summary():
+    classes = classify_neurons(hand_made_scores(), lam=0.2)
+    assert classes.of(0, "q", "in").tolist() == [-1, -1, 4, 1, 4]
+    assert classes.of(1, "down", "out").tolist() == [4, 1, 4]
+    summary = classes.summary
+    assert summary["total"] == {
+        "general": 2,
+        "specific": {"en-cs": 0, "en-de": 2, "en-et": 0, "en-fi": 0, "en-ru": 4},
+    }
+    assert summary["per_layer"]["0"]["general"] == 2 and summary["per_layer"]["1"]["general"] == 0
+    assert summary["per_projection"]["down"]["specific"]["en-ru"] == 2
+    assert summary["per_projection"]["k"] == {"general": 0, "specific": dict.fromkeys(classes.pairs, 0)}
+    table = classification_summary(classes).splitlines()
+    assert table[0] == "lambda = 0.2"
+    assert table[-1].split() == ["total", "2", "6", "0", "2", "0", "0", "4"]
+    assert classify_neurons(hand_made_scores(), lam=0.6).summary["total"]["general"] == 6
+    with pytest.raises(MlasLoraError):
+        classify_neurons(hand_made_scores(), lam=1.5)
+
+
+def test_files_round_trip(tokenizer, tmp_path):
+    scores = score(teacher(), tokenizer, num_student_layers=1)
+    save_awareness(scores, tmp_path)
+    meta = json.loads((tmp_path / "awareness.json").read_text())
+    assert meta["pairs"] == ["en-de", "en-zh"] and meta["num_teacher_layers"] == 2
+    assert meta["num_sentences"] == {"en-de": 3, "en-zh": 2} and meta["selection_mode"] == "mean"
+    assert len(meta["selected_layers"]) == 1 and meta["dtype"] == "float32" and meta["reduction"]
+    loaded = load_awareness(tmp_path)
+    assert (
+        torch.equal(loaded.relevance, scores.relevance) and loaded.selected_layers == scores.selected_layers
+    )
+    assert loaded.phi.keys() == scores.phi.keys() and all(
+        torch.equal(loaded.phi[k], v) for k, v in scores.phi.items()
+    )
+    assert loaded.phi["phi.1.gate.out"].shape == (2, 128) and loaded.phi["phi.1.down.in"].shape == (2, 128)
+    classes = classify_neurons(loaded)
+    save_classes(classes, tmp_path)
+    again = load_classes(tmp_path)
+    assert again.lam == 0.2 and again.pairs == classes.pairs and again.summary == classes.summary
+    assert all(
+        torch.equal(again.classes[k], v) and v.dtype == torch.int64 for k, v in classes.classes.items()
+    )
+
+
+def test_bad_inputs_raise_clear_errors(tokenizer, tmp_path):
+    with pytest.raises(MlasLoraError, match="no seed sentences"):
+        score(teacher(), tokenizer, {"en-de": []})
+    with pytest.raises(MlasLoraError, match="other directions: en-zh"):
+        score(teacher(), tokenizer, {"en-de": SEEDS["en-zh"]})
+    with pytest.raises(MlasLoraError, match="missing awareness file"):
+        load_awareness(tmp_path)
+    save_awareness(hand_made_scores(), tmp_path)
+    with pytest.raises(MlasLoraError, match="phi keys do not match"):
+        load_awareness(tmp_path)
