@@ -1,0 +1,249 @@
+"""Routed multi-LoRA student (Eq. 9): routing, training invariants, add / residual init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlas_lora.adapters.routed_lora import RoutedLoRALinear, attach_routed_lora, init_from_factors
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
+
+PAIRS = ("en-de", "en-fr", "en-zh")
+FAMILIES = ("qwen2", "llama", "gemma2")
+TEXTS = ["Hello world, how are you?", "Guten Tag", "a", "The cat sat on the mat today."]
+
+
+def routed_model(family="qwen2", **kwargs):
+    return attach_routed_lora(tiny_model(family), PAIRS, **kwargs)
+
+
+def random_factors(routed, seed=1, std=0.3):
+    """Teacher-like factors for every routed layer, large enough to change the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = {}
+    for key, layer in routed.routed_layers().items():
+        out_f, in_f = layer.base.weight.shape
+        blocks = {}
+        blocks["general"] = (
+            torch.randn(out_f, layer.r_gen, generator=gen) * std,
+            torch.randn(layer.r_gen, in_f, generator=gen) * std,
+        )
+        for pair in PAIRS:
+            blocks[pair] = (
+                torch.randn(out_f, layer.r_spe, generator=gen) * std,
+                torch.randn(layer.r_spe, in_f, generator=gen) * std,
+            )
+        factors[key] = blocks
+    return factors
+
+
+def batch():
+    return tiny_tokenizer()(TEXTS, return_tensors="pt", padding=True)
+
+
+def logits(model, pair_ids, inputs):
+    with torch.no_grad(), model.routing(pair_ids):
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fresh_model_equals_base_bitwise(family):
+    base, routed = tiny_model(family), routed_model(family)
+    inputs = batch()
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    assert torch.equal(logits(routed, [0, 1, 2, 1], inputs), expected)
+
+
+def test_only_lora_parameters_are_trainable():
+    routed = routed_model(layers=[1], targets=("q", "down"))
+    trainable = {n for n, p in routed.named_parameters() if p.requires_grad}
+    # 1 layer x 2 projections x (general + 3 pairs) x (A, B)
+    assert len(trainable) == 16
+    assert all(".general." in n or ".specific." in n for n in trainable)
+    assert len(list(routed.lora_parameters())) == 16
+    assert len(list(routed.lora_parameters("en-fr"))) == 8
+    q = routed.routed_layers()[(1, "q")]
+    assert q.general.A.shape == (8, 32) and q.specific["en-zh"].B.shape == (32, 8)
+    assert not isinstance(routed.model.model.layers[0].self_attn.q_proj, RoutedLoRALinear)
+
+
+def _step(routed, optimizer, pair_ids, inputs, zero_grad_to_none=True):
+    optimizer.zero_grad(set_to_none=zero_grad_to_none)
+    with routed.routing(pair_ids):
+        out = routed(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    optimizer.step()
+
+
+def _snapshot(routed):
+    return {n: p.detach().clone() for n, p in routed.named_parameters()}
+
+
+def _trained(seed=0):
+    routed = routed_model()
+    init_from_factors(routed, random_factors(routed), mode="add", teacher_scale=0.5)
+    routed.train()
+    optimizer = torch.optim.AdamW(routed.lora_parameters(), lr=1e-2, weight_decay=0.01)
+    return routed, optimizer
+
+
+def test_training_step_leaves_base_and_absent_pair_bitwise_unchanged():
+    routed, optimizer = _trained()
+    inputs = batch()
+    _step(routed, optimizer, [0, 1, 2, 2], inputs)  # pair 2 gets Adam moments and a step counter
+    for _ in range(2):  # pair 2 absent twice in a row, with momentum from the first step
+        before = _snapshot(routed)
+        _step(routed, optimizer, [0, 1, 1, 0], inputs)
+        after = dict(routed.named_parameters())
+        for name, value in before.items():
+            frozen = ".specific.en-zh." in name or (".general." not in name and ".specific." not in name)
+            if frozen:
+                assert torch.equal(after[name], value), name
+                assert after[name].grad is None, name
+            else:  # (b): general and present pairs move, every tensor of them
+                assert not torch.equal(after[name], value), name
+
+
+def test_stale_zero_gradients_would_move_absent_pair():
+    """Why set_to_none matters: a zero (not None) grad lets AdamW's momentum move an absent pair."""
+    routed, optimizer = _trained()
+    inputs = batch()
+    _step(routed, optimizer, [0, 1, 2, 2], inputs)
+    before = _snapshot(routed)
+    _step(routed, optimizer, [0, 1, 1, 0], inputs, zero_grad_to_none=False)
+    name = "model.model.layers.0.self_attn.q_proj.specific.en-zh.A"
+    assert not torch.equal(dict(routed.named_parameters())[name], before[name])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_batch_equals_pair_by_pair(family):
+    routed = routed_model(family)
+    init_from_factors(routed, random_factors(routed), mode="add")
+    inputs = batch()
+    ids = [2, 0, 1, 0]
+    mixed = logits(routed, ids, inputs)
+    real = inputs["attention_mask"].bool()
+    for pair in range(3):
+        rows = [i for i, p in enumerate(ids) if p == pair]
+        alone = logits(routed, [pair] * len(rows), {k: v[rows] for k, v in inputs.items()})
+        torch.testing.assert_close(mixed[rows][real[rows]], alone[real[rows]], atol=1e-5, rtol=0)
+    # the pairs really differ, so the comparison above can fail
+    other = logits(routed, [1, 1, 1, 1], inputs)
+    assert (mixed[0][real[0]] - other[0][real[0]]).abs().max() > 1e-2
+
+
+def test_add_mode_equals_hand_computed_update():
+    routed = routed_model(alpha_gen=32, alpha_spe=8)  # scalings 4 and 1: the fold must undo them
+    factors = random_factors(routed)
+    init_from_factors(routed, factors, mode="add", teacher_scale=0.5)
+    layer = routed.routed_layers()[(0, "gate")]
+    x = torch.randn(2, 5, 32)
+    (bg, ag), (bs, as_) = factors[(0, "gate")]["general"], factors[(0, "gate")]["en-zh"]
+    w = layer.base.weight
+    assert layer.base.bias is None
+    expected = x @ (w + 0.5 * bg @ ag + 0.5 * bs @ as_).T
+    with torch.no_grad(), routed.routing([2, 2]):
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    assert routed.config.init == "add"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_residual_mode_equals_base_exactly_at_step_zero(family):
+    base, routed = tiny_model(family), routed_model(family)
+    init_from_factors(routed, random_factors(routed), mode="residual")
+    inputs = batch()
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    assert torch.equal(logits(routed, [0, 1, 2, 1], inputs), expected)
+    # not trivially equal: the trainable factors hold the (nonzero) teacher factors
+    layer = routed.routed_layers()[(0, "q")]
+    assert layer.residual and layer.specific["en-de"].B.abs().sum() > 0
+
+
+def test_residual_mode_moves_after_a_step_and_keeps_absent_pair():
+    routed = routed_model()
+    init_from_factors(routed, random_factors(routed), mode="residual")
+    base = tiny_model()
+    optimizer = torch.optim.AdamW(routed.lora_parameters(), lr=1e-2, weight_decay=0.01)
+    inputs = batch()
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    _step(routed, optimizer, [0, 0, 1, 1], inputs)
+    assert (logits(routed, [2, 2, 2, 2], inputs) - expected).abs().max() > 1e-4
+    layer = routed.routed_layers()[(1, "v")]
+    assert torch.equal(layer.specific["en-zh"].A, layer.specific["en-zh"].A0)
+    assert not torch.equal(layer.specific["en-de"].A, layer.specific["en-de"].A0)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_mixed_batch_equals_per_pair(num_beams):
+    routed = routed_model()
+    init_from_factors(routed, random_factors(routed, std=0.5), mode="add")
+    inputs = batch()
+    ids = [1, 0, 2, 1]
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad(), routed.routing(ids):
+        mixed = routed.generate(**inputs, **kw)
+    outputs = set()
+    for pair in range(3):
+        rows = [i for i, p in enumerate(ids) if p == pair]
+        with torch.no_grad(), routed.routing([pair] * len(rows)):
+            alone = routed.generate(**{k: v[rows] for k, v in inputs.items()}, **kw)
+        assert torch.equal(mixed[rows], alone)
+    for pair in range(3):
+        with torch.no_grad(), routed.routing([pair] * 4):
+            outputs.add(tuple(routed.generate(**inputs, **kw)[0].tolist()))
+    assert len(outputs) > 1  # pairs generate differently, so the equality above is informative
+
+
+def test_bf16_and_autocast():
+    reference = routed_model()
+    init_from_factors(reference, random_factors(reference, std=0.1), mode="add")
+    inputs = batch()
+    expected = logits(reference, [0, 1, 2, 0], inputs)
+    bf16 = routed_model()
+    init_from_factors(bf16, random_factors(bf16, std=0.1), mode="add")
+    bf16.model.to(torch.bfloat16)
+    out = logits(bf16, [0, 1, 2, 0], inputs)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max() < 0.1 * expected.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16), reference.routing([0, 1, 2, 0]):
+        loss = reference(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    grad = reference.routed_layers()[(0, "q")].specific["en-fr"].A.grad
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+
+
+def test_routing_errors_and_names():
+    routed = routed_model()
+    inputs = batch()
+    with pytest.raises(MlasLoraError, match="no routing set"):
+        routed(**inputs)
+    with pytest.raises(MlasLoraError, match="pair indices"):
+        routed.set_routing([0, 3])
+    with pytest.raises(MlasLoraError, match="routing was set for 3 samples"), routed.routing([0, 1, 2]):
+        routed(**inputs)
+    init_from_factors(routed, random_factors(routed), mode="add")
+    by_name = logits(routed, ["en-zh", "en-de", "en-fr", "en-de"], inputs)
+    assert torch.equal(by_name, logits(routed, torch.tensor([2, 0, 1, 0]), inputs))
+    routed.set_routing([1, 1, 1, 1])
+    with routed.routing([0, 0, 0, 0]):
+        pass
+    assert routed.router.present == (1,)  # the context manager restored the outer routing
+
+
+def test_config_and_factor_errors():
+    with pytest.raises(MlasLoraError, match="duplicates") as err:
+        attach_routed_lora(tiny_model(), ["en-de", "en-de"], targets=("q", "qq"), r_gen=0)
+    assert "qq" in str(err.value) and "r_gen" in str(err.value)
+    with pytest.raises(MlasLoraError, match="out of range"):
+        attach_routed_lora(tiny_model(), PAIRS, layers=[5])
+    routed = routed_model()
+    with pytest.raises(MlasLoraError, match=r"expected B \(32, 8\)"):
+        init_from_factors(routed, {(0, "q"): {"general": (torch.zeros(32, 4), torch.zeros(4, 32))}})
+    with pytest.raises(MlasLoraError, match="unknown pair 'en-xx'"):
+        init_from_factors(routed, {(0, "q"): {"en-xx": (torch.zeros(32, 8), torch.zeros(8, 32))}})
+    with pytest.raises(MlasLoraError, match="not routed"):
+        init_from_factors(routed, {(7, "q"): {}})
