@@ -1,0 +1,369 @@
+"""Transfer stage driver: awareness + classes + teacher weights -> SVD-initialised LoRA factors.
+
+For every student layer j (fed by teacher layer selected_layers[j]) and every target projection,
+Eq. (4)-(5) (extract.py) cut one submatrix for the general LoRA and one per language pair, and
+Eq. (7)-(8) (svd_init.py) turn each into (B, A). Only the selected teacher layers are read, one
+projection at a time; a teacher given as a checkpoint directory is read tensor by tensor from its
+safetensors files, so a 1.5B teacher never sits in memory whole.
+
+Inputs (awareness stage): awareness.safetensors (`phi.{l}.{p}.in|out` [P, N]) + awareness.json
+(`pairs`, `selected_layers`); classes.safetensors (`class.{l}.{p}.in|out` int64 [N], -1 general,
+else the index of the pair in awareness.json's `pairs`) + classes.json.
+
+Outputs: factors.safetensors (`{l}.{p}.{name}.B` [m, r], `.A` [r, n], float32; l is the student
+layer, name is "general" or a pair), indices.safetensors (`{l}.{p}.{name}.rows` / `.cols`, int64:
+the teacher indices each submatrix was cut from) and transfer.json (pairs, ranks, targets, layer map,
+one record per submatrix: awareness score, filled counts, head rule, energy kept).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.models.arch import (
+    PROJECTION_PATHS,
+    PROJECTIONS,
+    ArchInfo,
+    decoder_layers,
+    describe,
+    projection,
+)
+from mlas_lora.transfer.extract import (
+    extract_submatrix,
+    general_ranking,
+    select_side,
+    specific_ranking,
+)
+from mlas_lora.transfer.svd_init import svd_factors
+
+GENERAL = "general"
+FORMAT = "mlas-lora-transfer/1"
+
+
+@dataclass
+class Factors:
+    """LoRA inits: factors[(student_layer, proj)][name] = (B [m, r], A [r, n]); name: general or a pair."""
+
+    tensors: dict[tuple[int, str], dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    indices: dict[tuple[int, str], dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: tuple[int, str]) -> dict[str, tuple[Tensor, Tensor]]:
+        return self.tensors[key]
+
+    def keys(self):
+        return self.tensors.keys()
+
+
+class AwarenessInputs:
+    """Lazy reader of the awareness stage's files; every missing piece is a clear error."""
+
+    def __init__(self, awareness_dir: str | Path, classes_dir: str | Path):
+        self.phi_path = Path(awareness_dir) / "awareness.safetensors"
+        self.cls_path = Path(classes_dir) / "classes.safetensors"
+        info = _read_json(Path(awareness_dir) / "awareness.json")
+        self.pairs = list(info.get("pairs") or [])
+        self.selected_layers = list(info.get("selected_layers") or [])
+        classes_info = _read_json(Path(classes_dir) / "classes.json")
+        if classes_info.get("pairs", self.pairs) != self.pairs:
+            raise MlasLoraError(
+                f"{classes_dir}/classes.json pairs {classes_info['pairs']} differ from "
+                f"{awareness_dir}/awareness.json pairs {self.pairs}"
+            )
+        self.classes_info = classes_info
+        self._phi = _open(self.phi_path)
+        self._cls = _open(self.cls_path)
+
+    def side(self, layer: int, proj: str, side: str) -> tuple[Tensor, Tensor]:
+        """(Phi [P, N] float32, class [N] int64) of one side of a teacher projection."""
+        phi = _get(self._phi, self.phi_path, f"phi.{layer}.{proj}.{side}").to(torch.float32)
+        cls = _get(self._cls, self.cls_path, f"class.{layer}.{proj}.{side}").to(torch.int64)
+        if phi.ndim != 2 or phi.shape[0] != len(self.pairs) or cls.shape != phi.shape[1:]:
+            raise MlasLoraError(
+                f"phi.{layer}.{proj}.{side} {tuple(phi.shape)} / class {tuple(cls.shape)}: expected "
+                f"[{len(self.pairs)}, N] and [N] ({self.phi_path}, {self.cls_path})"
+            )
+        if cls.numel() and (cls.min() < -1 or cls.max() >= len(self.pairs)):
+            raise MlasLoraError(f"class.{layer}.{proj}.{side} in {self.cls_path} has values outside [-1, P)")
+        return phi, cls
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise MlasLoraError(f"missing {path}; run the awareness stage first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MlasLoraError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise MlasLoraError(f"missing {path}; run the awareness stage first")
+    return safe_open(str(path), framework="pt")
+
+
+def _get(handle, path: Path, key: str) -> Tensor:
+    if key not in handle.keys():
+        raise MlasLoraError(f"{path} has no tensor {key!r}")
+    return handle.get_tensor(key)
+
+
+class ModuleWeights:
+    """Teacher projections read from a loaded transformers model."""
+
+    def __init__(self, model):
+        self.info = describe(model)
+        self._layers = decoder_layers(model)
+
+    def weight(self, layer: int, proj: str) -> Tensor:
+        return projection(self._layers[layer], proj).weight.detach()
+
+
+class CheckpointWeights:
+    """Teacher projections read one tensor at a time from a Hugging Face safetensors checkpoint."""
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoConfig
+
+        self.path = Path(path)
+        self.info = describe(AutoConfig.from_pretrained(self.path))
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise MlasLoraError(f"{self.path} holds no *.safetensors weights")
+        self._where = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                self._where.update(dict.fromkeys(handle.keys(), file))
+
+    def weight(self, layer: int, proj: str) -> Tensor:
+        suffix = f"layers.{layer}.{PROJECTION_PATHS[proj]}.weight"
+        keys = [k for k in self._where if k.endswith(suffix) and "vision" not in k]
+        if len(keys) != 1:
+            raise MlasLoraError(f"{self.path}: expected one tensor ending in {suffix!r}, found {keys}")
+        with safe_open(str(self._where[keys[0]]), framework="pt") as handle:
+            return handle.get_tensor(keys[0])
+
+
+def _teacher_weights(teacher):
+    if isinstance(teacher, str | Path):
+        return CheckpointWeights(teacher)
+    return ModuleWeights(teacher)
+
+
+def _arch(model_or_path) -> ArchInfo:
+    if isinstance(model_or_path, str | Path):
+        from transformers import AutoConfig
+
+        return describe(AutoConfig.from_pretrained(model_or_path))
+    return describe(model_or_path)
+
+
+def _check_plan(inputs: AwarenessInputs, pairs, teacher: ArchInfo, student: ArchInfo, targets) -> None:
+    """Gather every problem with the requested transfer into one error."""
+    problems = [f"unknown pair {p!r} (awareness has {inputs.pairs})" for p in pairs if p not in inputs.pairs]
+    problems += [
+        f"unknown target {t!r} (known: {', '.join(PROJECTIONS)})" for t in targets if t not in PROJECTIONS
+    ]
+    problems += [
+        f"pair name {p!r} may not contain '.' or be {GENERAL!r}" for p in pairs if "." in p or p == GENERAL
+    ]
+    layers = inputs.selected_layers
+    if len(layers) != student.num_layers:
+        problems.append(
+            f"awareness.json selects {len(layers)} teacher layers; the student has {student.num_layers}"
+        )
+    if layers != sorted(set(layers)) or any(not 0 <= x < teacher.num_layers for x in layers):
+        problems.append(f"selected_layers {layers} must be distinct, sorted, in [0, {teacher.num_layers})")
+    if problems:
+        raise MlasLoraError("cannot transfer:\n  " + "\n  ".join(problems))
+
+
+def _inits(inputs: AwarenessInputs, layer: int, proj: str, pairs: Sequence[str]) -> dict:
+    """name -> {side: (scores, candidates)} for the general init and each pair's init."""
+    sides = {side: inputs.side(layer, proj, side) for side in ("out", "in")}
+    inits = {GENERAL: {s: general_ranking(phi, cls) for s, (phi, cls) in sides.items()}}
+    for pair in pairs:
+        i = inputs.pairs.index(pair)
+        inits[pair] = {s: specific_ranking(phi, cls, i) for s, (phi, cls) in sides.items()}
+    return inits
+
+
+def _one_projection(weight, inits, proj, teacher, student, ranks, device=None) -> tuple[dict, dict, dict]:
+    """Eq. (4)-(5) then (7)-(8) for every init of one projection: (factors, indices, records)."""
+    factors, indices, records = {}, {}, {}
+    for name, sides in inits.items():
+        rows = select_side(proj, "out", *sides["out"], teacher, student)
+        cols = select_side(proj, "in", *sides["in"], teacher, student)
+        sub = extract_submatrix(weight, rows.indices.to(weight.device), cols.indices.to(weight.device))
+        b, a, energy = svd_factors(sub if device is None else sub.to(device), ranks[name])
+        factors[name], indices[name] = (b.cpu(), a.cpu()), (rows.indices, cols.indices)
+        records[name] = {
+            "shape": [rows.indices.numel(), cols.indices.numel()],
+            "rank": ranks[name],
+            "awareness": rows.score + cols.score,
+            "awareness_rows": rows.score,
+            "awareness_cols": cols.score,
+            "filled_rows": rows.n_filled,
+            "filled_cols": cols.n_filled,
+            "head_rule_rows": rows.rule,
+            "head_rule_cols": cols.rule,
+            "energy_kept": energy,
+        }
+    return factors, indices, records
+
+
+def transfer_factors(
+    teacher,
+    student,
+    awareness_dir: str | Path,
+    classes_dir: str | Path,
+    pairs: Sequence[str] | None,
+    r_gen: int,
+    r_spe: int,
+    targets: Sequence[str] = PROJECTIONS,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> Factors:
+    """Eq. (4)-(8) for every selected layer: the general and per-pair LoRA inits of the student.
+
+    teacher: a transformers model or a checkpoint directory (read lazily, layer by layer);
+    student: a model, config or checkpoint directory (only its shapes are used); pairs: the
+    pairs to build specific inits for (None: all pairs of awareness.json); device: where the SVDs
+    run (None: where the teacher weight is; factors always come back on CPU). The general ranking
+    averages the awareness over all pairs of awareness.json, the set the classes were built on.
+    """
+    inputs = AwarenessInputs(awareness_dir, classes_dir)
+    weights, s_info = _teacher_weights(teacher), _arch(student)
+    pairs, targets = list(inputs.pairs if pairs is None else pairs), list(targets)
+    _check_plan(inputs, pairs, weights.info, s_info, targets)
+    ranks = {GENERAL: r_gen, **dict.fromkeys(pairs, r_spe)}
+    out = Factors(meta=_meta(inputs, pairs, r_gen, r_spe, targets, weights.info, s_info))
+    layer_map = list(enumerate(inputs.selected_layers))
+    for s_layer, t_layer in tqdm(layer_map, desc="transfer", unit="layer", disable=not progress):
+        for proj in targets:
+            weight = weights.weight(t_layer, proj)
+            if tuple(weight.shape) != weights.info.projection_shape(proj):
+                raise MlasLoraError(
+                    f"teacher layer {t_layer} {proj}: weight {tuple(weight.shape)} "
+                    f"!= config shape {weights.info.projection_shape(proj)}"
+                )
+            inits = _inits(inputs, t_layer, proj, pairs)
+            factors, indices, records = _one_projection(
+                weight, inits, proj, weights.info, s_info, ranks, device
+            )
+            out.tensors[(s_layer, proj)], out.indices[(s_layer, proj)] = factors, indices
+            for name, record in records.items():
+                out.meta["submatrices"][f"{s_layer}.{proj}.{name}"] = {"teacher_layer": t_layer, **record}
+            del weight
+    return out
+
+
+def _meta(inputs, pairs, r_gen, r_spe, targets, t_info: ArchInfo, s_info: ArchInfo) -> dict:
+    return {
+        "format": FORMAT,
+        "pairs": pairs,
+        "awareness_pairs": inputs.pairs,
+        "ranks": {"general": r_gen, "specific": r_spe},
+        "targets": targets,
+        "layer_map": {str(s): t for s, t in enumerate(inputs.selected_layers)},
+        "teacher": vars(t_info).copy(),
+        "student": vars(s_info).copy(),
+        "submatrices": {},
+    }
+
+
+def save_factors(factors: Factors, out_dir: str | Path) -> Path:
+    """Write factors.safetensors, indices.safetensors and transfer.json into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors, indices = {}, {}
+    for (layer, proj), inits in factors.tensors.items():
+        for name, (b, a) in inits.items():
+            tensors[f"{layer}.{proj}.{name}.B"] = b.contiguous()
+            tensors[f"{layer}.{proj}.{name}.A"] = a.contiguous()
+    for (layer, proj), inits in factors.indices.items():
+        for name, (rows, cols) in inits.items():
+            indices[f"{layer}.{proj}.{name}.rows"] = rows.contiguous()
+            indices[f"{layer}.{proj}.{name}.cols"] = cols.contiguous()
+    save_file(tensors, str(out_dir / "factors.safetensors"), metadata={"format": FORMAT})
+    save_file(indices, str(out_dir / "indices.safetensors"), metadata={"format": FORMAT})
+    (out_dir / "transfer.json").write_text(json.dumps(factors.meta, indent=2) + "\n")
+    return out_dir
+
+
+def _group(path: Path, suffixes: tuple[str, str]) -> dict:
+    """Read `{l}.{p}.{name}.{suffix}` tensors into {(l, p): {name: (first, second)}}."""
+    grouped: dict = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            parts = key.split(".")
+            if len(parts) != 4 or not parts[0].isdigit() or parts[3] not in suffixes:
+                raise MlasLoraError(
+                    f"{path}: unexpected key {key!r} (expected l.proj.name.{'|'.join(suffixes)})"
+                )
+            layer, proj, name, part = int(parts[0]), parts[1], parts[2], parts[3]
+            grouped.setdefault((layer, proj), {}).setdefault(name, {})[part] = handle.get_tensor(key)
+    out = {}
+    for key, names in grouped.items():
+        for name, parts in names.items():
+            if set(parts) != set(suffixes):
+                raise MlasLoraError(f"{path}: {key[0]}.{key[1]}.{name} lacks one of {suffixes}")
+            out.setdefault(key, {})[name] = (parts[suffixes[0]], parts[suffixes[1]])
+    return out
+
+
+def load_factors(out_dir: str | Path) -> Factors:
+    """Read what save_factors wrote (indices.safetensors is optional)."""
+    out_dir = Path(out_dir)
+    meta = _read_json(out_dir / "transfer.json")
+    if meta.get("format") != FORMAT:
+        raise MlasLoraError(f"{out_dir}/transfer.json: format {meta.get('format')!r}, expected {FORMAT!r}")
+    factors_path, indices_path = out_dir / "factors.safetensors", out_dir / "indices.safetensors"
+    if not factors_path.is_file():
+        raise MlasLoraError(f"missing {factors_path}; run the transfer stage first")
+    indices = _group(indices_path, ("rows", "cols")) if indices_path.is_file() else {}
+    tensors = _group(factors_path, ("B", "A"))
+    return Factors(tensors=_in_meta_order(tensors, meta), indices=_in_meta_order(indices, meta), meta=meta)
+
+
+def _in_meta_order(grouped: dict, meta: dict) -> dict:
+    """Layers ascending, projections and names in the order transfer.json lists them (safetensors sorts keys)."""
+    projs = {p: i for i, p in enumerate(meta.get("targets", PROJECTIONS))}
+    names = {n: i for i, n in enumerate([GENERAL, *meta.get("pairs", [])])}
+    keys = sorted(grouped, key=lambda k: (k[0], projs.get(k[1], len(projs)), k[1]))
+    return {
+        k: dict(sorted(grouped[k].items(), key=lambda kv: (names.get(kv[0], len(names)), kv[0])))
+        for k in keys
+    }
+
+
+def run_transfer(
+    teacher,
+    student,
+    awareness_dir,
+    classes_dir,
+    out_dir,
+    pairs,
+    r_gen,
+    r_spe,
+    targets=PROJECTIONS,
+    progress: bool = True,
+    device=None,
+) -> Factors:
+    """transfer_factors then save_factors: the stage's entry point."""
+    factors = transfer_factors(
+        teacher, student, awareness_dir, classes_dir, pairs, r_gen, r_spe, targets, progress, device
+    )
+    save_factors(factors, out_dir)
+    return factors
