@@ -8,9 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mlas_lora.adapters.routed_lora import attach_routed_lora, init_from_factors
+from mlas_lora.awareness.classify import classify_neurons, save_classes
+from mlas_lora.awareness.scoring import save_awareness, score_teacher
+from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS, ArchInfo, decoder_layers, describe, projection
-from mlas_lora.testing.tiny import save_tiny, tiny_model
+from mlas_lora.testing.tiny import save_tiny, tiny_model, tiny_tokenizer
 from mlas_lora.transfer.extract import (
     HeadLayout,
     extract_submatrix,
@@ -26,6 +30,15 @@ from mlas_lora.transfer.transfer import load_factors, run_transfer, transfer_fac
 PAIRS = ["en-de", "en-zh", "de-en"]
 QWEN_15B = ArchInfo("qwen2", 28, 1536, 8960, 12, 2, 128)
 QWEN_05B = ArchInfo("qwen2", 24, 896, 4864, 14, 2, 64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors: extra threads only spin against each other on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- Eq. (4)-(5): ranking by hand
@@ -250,3 +263,31 @@ def test_transfer_reports_every_problem(tmp_path):
     save_file({"phi.0.q.in": torch.zeros(3, 64)}, str(tmp_path / "awareness.safetensors"))
     with pytest.raises(MlasLoraError, match="has no tensor 'phi.0.q.out'"):
         transfer_factors(teacher, student, tmp_path, tmp_path, None, 4, 2, ["q"], False)
+
+
+def test_awareness_files_to_routed_student_end_to_end(tmp_path):
+    """Real awareness-stage files in, factors straight into the adapters' init_from_factors."""
+    seeds = {
+        "en-de": [
+            Example("en", "de", "The cat sleeps.", "Die Katze schläft."),
+            Example("en", "de", "Hi", "Hallo"),
+        ],
+        "en-zh": [Example("en", "zh", "It rains.", "下雨了。")],
+    }
+    teacher = _tiny("qwen2")
+    scores = score_teacher(
+        teacher, tiny_tokenizer(), seeds, dtype=torch.float32, num_student_layers=2, progress=False
+    )
+    save_awareness(scores, tmp_path)
+    save_classes(classify_neurons(scores, 0.2), tmp_path)
+    factors = run_transfer(
+        teacher, _tiny("qwen2", "student"), tmp_path, tmp_path, tmp_path, None, 8, 4, progress=False
+    )
+    assert factors.meta["layer_map"] == {str(i): t for i, t in enumerate(scores.selected_layers)}
+    routed = attach_routed_lora(_tiny("qwen2", "student"), ["en-de", "en-zh"], r_gen=8, r_spe=4)
+    init_from_factors(routed, load_factors(tmp_path), mode="add")
+    layer = routed.routed_layers()[(1, "o")]
+    b, a = factors[(1, "o")]["en-zh"]
+    torch.testing.assert_close(
+        layer.scaling_spe * layer.specific["en-zh"].B @ layer.specific["en-zh"].A, b @ a
+    )

@@ -19,7 +19,7 @@ one record per submatrix: awareness score, filled counts, head rule, energy kept
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,9 +50,13 @@ GENERAL = "general"
 FORMAT = "mlas-lora-transfer/1"
 
 
-@dataclass
-class Factors:
-    """LoRA inits: factors[(student_layer, proj)][name] = (B [m, r], A [r, n]); name: general or a pair."""
+@dataclass(eq=False)
+class Factors(Mapping):
+    """LoRA inits: factors[(student_layer, proj)][name] = (B [m, r], A [r, n]); name: general or a pair.
+
+    A read-only mapping over `tensors`, so it goes straight into `adapters.init_from_factors`;
+    `indices` holds the teacher (rows, cols) of each submatrix and `meta` what transfer.json holds.
+    """
 
     tensors: dict[tuple[int, str], dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)
     indices: dict[tuple[int, str], dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)
@@ -61,8 +65,11 @@ class Factors:
     def __getitem__(self, key: tuple[int, str]) -> dict[str, tuple[Tensor, Tensor]]:
         return self.tensors[key]
 
-    def keys(self):
-        return self.tensors.keys()
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
 
 class AwarenessInputs:
