@@ -250,13 +250,14 @@ def test_transfer_reports_every_problem(tmp_path):
     teacher, student = _tiny("llama"), _tiny("llama", "student")
     _write_inputs(tmp_path, describe(teacher), [2, 1, 0])
     with pytest.raises(MlasLoraError) as err:
-        transfer_factors(teacher, student, tmp_path, tmp_path, ["en-fr"], 4, 2, ["q", "lm_head"], False)
+        transfer_factors(teacher, student, tmp_path, tmp_path, ["en-fr"], 4, 17, ["k", "lm_head"], False)
     message = str(err.value)
     for part in (
         "unknown pair 'en-fr'",
         "unknown target 'lm_head'",
         "selects 3 teacher layers",
         "must be distinct",
+        "rank 17 (r_spe) not in [1, 16] for k",
     ):
         assert part in message
     (tmp_path / "awareness.json").write_text(json.dumps({"pairs": PAIRS, "selected_layers": [0, 1]}))

@@ -176,8 +176,8 @@ def _arch(model_or_path) -> ArchInfo:
     return describe(model_or_path)
 
 
-def _check_plan(inputs: AwarenessInputs, pairs, teacher: ArchInfo, student: ArchInfo, targets) -> None:
-    """Gather every problem with the requested transfer into one error."""
+def _check_plan(inputs: AwarenessInputs, pairs, teacher: ArchInfo, student: ArchInfo, targets, ranks) -> None:
+    """Gather every problem with the requested transfer into one error, before any work is done."""
     problems = [f"unknown pair {p!r} (awareness has {inputs.pairs})" for p in pairs if p not in inputs.pairs]
     problems += [
         f"unknown target {t!r} (known: {', '.join(PROJECTIONS)})" for t in targets if t not in PROJECTIONS
@@ -185,6 +185,13 @@ def _check_plan(inputs: AwarenessInputs, pairs, teacher: ArchInfo, student: Arch
     problems += [
         f"pair name {p!r} may not contain '.' or be {GENERAL!r}" for p in pairs if "." in p or p == GENERAL
     ]
+    for name, rank in ranks.items():
+        for t in (t for t in targets if t in PROJECTIONS):
+            if not 1 <= rank <= min(student.projection_shape(t)):
+                problems.append(
+                    f"rank {rank} ({name}) not in [1, {min(student.projection_shape(t))}] for {t}"
+                )
+                break
     layers = inputs.selected_layers
     if len(layers) != student.num_layers:
         problems.append(
@@ -253,8 +260,8 @@ def transfer_factors(
     inputs = AwarenessInputs(awareness_dir, classes_dir)
     weights, s_info = _teacher_weights(teacher), _arch(student)
     pairs, targets = list(inputs.pairs if pairs is None else pairs), list(targets)
-    _check_plan(inputs, pairs, weights.info, s_info, targets)
     ranks = {GENERAL: r_gen, **dict.fromkeys(pairs, r_spe)}
+    _check_plan(inputs, pairs, weights.info, s_info, targets, {"r_gen": r_gen, "r_spe": r_spe})
     out = Factors(meta=_meta(inputs, pairs, r_gen, r_spe, targets, weights.info, s_info))
     layer_map = list(enumerate(inputs.selected_layers))
     for s_layer, t_layer in tqdm(layer_map, desc="transfer", unit="layer", disable=not progress):
