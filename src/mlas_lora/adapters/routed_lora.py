@@ -9,7 +9,8 @@ r_spe). A sample of pair i uses the general LoRA and pair i's LoRA only, and a b
 
 The factors of the P pairs *present in the batch* are concatenated into one low-rank product and a
 per-sample mask (which also carries the scalings) zeroes the columns of the other pairs: a mixed
-batch costs two small matmuls, with no loop over samples. Pairs absent from the batch never enter
+batch costs two small matmuls, with no loop over samples (with more than DENSE_MAX_PAIRS pairs in a
+batch, each sample's factors are gathered for a batched matmul instead). Pairs absent from the batch never enter
 the graph, so their parameters keep `grad is None` and torch's AdamW skips them entirely (no
 momentum, no weight decay): they stay bitwise unchanged. Trainers must clear gradients with
 `zero_grad(set_to_none=True)` (torch's default) for this to hold after a pair was once present.
@@ -36,6 +37,11 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTION_PATHS, PROJECTIONS, decoder_layers, projection
 
 INIT_MODES = ("default", "add", "residual")
+
+DENSE_MAX_PAIRS = 4
+"""Up to this many pairs in a batch, mask one concatenated product (rank r_gen + P r_spe: plain GEMMs,
+tiny saved activations); above it, gather each sample's factors for a batched matmul (rank r_gen +
+r_spe per token, but autograd keeps a [batch, r, in + out] copy per layer). Not tuned on a GPU yet."""
 
 
 @dataclass(frozen=True)
@@ -165,20 +171,27 @@ class Router:
         self, batch: int, r_gen: int, r_spe: int, s_gen: float, s_spe: float, device, dtype
     ) -> torch.Tensor:
         """[batch, r_gen + P r_spe]: s_gen on general columns, s_spe on the sample's pair, 0 elsewhere."""
+        key = (batch, r_gen, r_spe, s_gen, s_spe, device, dtype)
+        if key not in self._masks:
+            slots = self.slots(batch, device)
+            spe = F.one_hot(slots, len(self.present)).repeat_interleave(r_spe, dim=1) * s_spe
+            gen = torch.full((batch, r_gen), s_gen, device=device)
+            self._masks[key] = torch.cat([gen, spe], dim=1).to(dtype)
+        return self._masks[key]
+
+    def slots(self, batch: int, device) -> torch.Tensor:
+        """LongTensor [batch]: for each row, the position of its pair in `present`."""
         if self._slots is None:
             raise MlasLoraError(
                 "routed LoRA: no routing set; wrap the call in `with model.routing(pair_ids):`"
             )
-        key = (batch, r_gen, r_spe, s_gen, s_spe, device, dtype)
+        key = ("slots", batch, device)
         if key not in self._masks:
             n = len(self._slots)
             if batch % n:
                 raise MlasLoraError(f"routed LoRA: batch of {batch} rows but routing was set for {n} samples")
             # generate() with beams / num_return_sequences repeats each sample batch // n times in place
-            slots = torch.tensor(self._slots, device=device).repeat_interleave(batch // n)
-            spe = F.one_hot(slots, len(self.present)).repeat_interleave(r_spe, dim=1) * s_spe
-            gen = torch.full((batch, r_gen), s_gen, device=device)
-            self._masks[key] = torch.cat([gen, spe], dim=1).to(dtype)
+            self._masks[key] = torch.tensor(self._slots, device=device).repeat_interleave(batch // n)
         return self._masks[key]
 
 
@@ -223,27 +236,42 @@ class RoutedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        lora_dtype = self.general.A.dtype
         autocast = torch.is_autocast_enabled(x.device.type)
-        h_dtype = torch.get_autocast_dtype(x.device.type) if autocast else lora_dtype
-        mask = self.router.mask(
-            x.shape[0], self.r_gen, self.r_spe, self.scaling_gen, self.scaling_spe, x.device, h_dtype
-        )
-        mask = mask.view(x.shape[0], *([1] * (x.dim() - 2)), mask.shape[-1])
+        h_dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.general.A.dtype
         x = self.dropout(x)
         if not autocast:
-            x = x.to(lora_dtype)
-        delta = self._low_rank(x, mask, initial=False)
+            x = x.to(self.general.A.dtype)
+        low_rank = self._dense if len(self.router.present) <= DENSE_MAX_PAIRS else self._gathered
+        delta = low_rank(x, h_dtype, initial=False)
         if self.residual:
-            delta = delta - self._low_rank(x, mask, initial=True)
+            delta = delta - low_rank(x, h_dtype, initial=True)
         return y + delta.to(y.dtype)
 
-    def _low_rank(self, x: torch.Tensor, mask: torch.Tensor, initial: bool) -> torch.Tensor:
-        """B_cat (mask ⊙ A_cat x) over the general LoRA and the pairs present in the batch."""
+    def _blocks(self, initial: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A and B of the general LoRA, then of each pair present in the batch (A0 / B0 if initial)."""
         blocks = [self.general] + [self.specific[self.pairs[p]] for p in self.router.present]
-        a = torch.cat([f.A0 if initial else f.A for f in blocks])
-        b = torch.cat([f.B0 if initial else f.B for f in blocks], dim=1)
-        return F.linear(F.linear(x, a) * mask, b)
+        if initial:
+            return [f.A0 for f in blocks], [f.B0 for f in blocks]
+        return [f.A for f in blocks], [f.B for f in blocks]
+
+    def _dense(self, x: torch.Tensor, h_dtype, initial: bool) -> torch.Tensor:
+        """B_cat (mask ⊙ A_cat x): one low-rank product over the general LoRA and the present pairs."""
+        batch = x.shape[0]
+        mask = self.router.mask(
+            batch, self.r_gen, self.r_spe, self.scaling_gen, self.scaling_spe, x.device, h_dtype
+        )
+        mask = mask.view(batch, *([1] * (x.dim() - 2)), mask.shape[-1])
+        a, b = self._blocks(initial)
+        return F.linear(F.linear(x, torch.cat(a)) * mask, torch.cat(b, dim=1))
+
+    def _gathered(self, x: torch.Tensor, h_dtype, initial: bool) -> torch.Tensor:
+        """General LoRA as one product; each sample's pair factors gathered into a batched matmul."""
+        (a_gen, *a_spe), (b_gen, *b_spe) = self._blocks(initial)
+        out = F.linear(F.linear(x, a_gen) * self.scaling_gen, b_gen)
+        slots = self.router.slots(x.shape[0], x.device)
+        a, b = torch.stack(a_spe)[slots], torch.stack(b_spe)[slots]  # [batch, r, in], [batch, out, r]
+        h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), a.transpose(1, 2)) * self.scaling_spe
+        return out + torch.bmm(h, b.transpose(1, 2)).view(out.shape)
 
     def extra_repr(self) -> str:
         return f"pairs={list(self.pairs)}, r_gen={self.r_gen}, r_spe={self.r_spe}, residual={self.residual}"
