@@ -40,6 +40,16 @@ def test_chat_prompt_prefills_target_language():
     assert build_prompt(tok, "de", "en", "x", style=PromptStyle(chat=False)).endswith("German: x\nEnglish:")
 
 
+def test_chat_demonstrations_are_earlier_turns():
+    tok = tiny_tokenizer()
+    prompt = build_prompt(tok, "en", "de", "Maybe", (Example("en", "de", "Yes", "Ja"),))
+    turn = "<|im_start|>user\nTranslate the following text from English to German.\nEnglish: {}<|im_end|>\n"
+    assert prompt == (
+        turn.format("Yes") + "<|im_start|>assistant\nGerman: Ja<|im_end|>\n" + turn.format("Maybe")
+        + "<|im_start|>assistant\nGerman:"
+    )
+
+
 def test_in_context_prompt_holds_demonstrations_before_source():
     tok = tiny_tokenizer(chat=False)
     demos = (Example("en", "de", "Yes", "Ja"), Example("en", "de", "No", "Nein"))

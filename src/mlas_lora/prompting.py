@@ -2,8 +2,10 @@
 
 Template (Sec. 4.1): `Translate the following text from {SRC} to {TGT}.` then `{SRC}: <source>`,
 and `{TGT}:` to complete. With a chat model the instruction and source form the user turn and
-the assistant turn is pre-filled with `{TGT}:`; in-context demonstrations come before the source
-in the same user turn.
+the assistant turn is pre-filled with `{TGT}:`. In-context demonstrations are earlier turns of the
+same conversation (user: the instruction and the demo source; assistant: `{TGT}: <reference>`):
+put inside one user turn, small instruct models were seen translating the demonstrations instead
+of the source. Without a chat template the demonstrations are stacked in one plain-text prompt.
 """
 
 from __future__ import annotations
@@ -45,13 +47,15 @@ def build_prompt(
     style: PromptStyle = PromptStyle(),
 ) -> str:
     """The prompt text that ends where the translation should begin (after `{TGT}:`)."""
-    user = _user_text(src_lang, tgt_lang, source, demos)
     tgt = language_name(tgt_lang)
     if not uses_chat(tokenizer, style):
-        return f"{user}\n{tgt}:"
-    chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-    )
+        return f"{_user_text(src_lang, tgt_lang, source, demos)}\n{tgt}:"
+    messages = []
+    for demo in demos:
+        messages.append({"role": "user", "content": _user_text(src_lang, tgt_lang, demo.source, ())})
+        messages.append({"role": "assistant", "content": f"{tgt}: {demo.reference}"})
+    messages.append({"role": "user", "content": _user_text(src_lang, tgt_lang, source, ())})
+    chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return f"{chat}{tgt}:"
 
 

@@ -16,7 +16,10 @@ class DataConfig:
     """Which parallel data, which directions, and how much of each split."""
 
     corpus: str = "embedded"
-    """'embedded' (built by `mlas-lora data build`) or a folder with {train,dev,test}.{src}-{tgt}.tsv files."""
+    """'embedded' (built by `mlas-lora data build`), a folder of {split}.{src}-{tgt}.tsv files, or a
+    reader spec template such as `hf:wmt18:{xx}-en:{split}` (fields: src, tgt, xx, split)."""
+    split_names: dict[str, str] = field(default_factory=dict)
+    """Names of the splits in that corpus, e.g. {dev: validation}; an empty name skips the split."""
     directions: list[str] = field(default_factory=lambda: ["en-cs", "en-de", "en-et", "en-fi"])
     train_per_direction: int | None = None
     """Training pairs per direction (None = all)."""

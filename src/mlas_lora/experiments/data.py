@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlas_lora.data.records import Example
-from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.config import DataConfig
 from mlas_lora.languages import Direction
 
@@ -42,22 +41,41 @@ def _from_embedded(direction: Direction, split: str, config: DataConfig) -> list
     return load_embedded(direction, split, limit=_limit(config, split), min_words=min_words, seed=0)
 
 
-def _from_folder(direction: Direction, split: str, config: DataConfig) -> list[Example]:
-    from mlas_lora.data.readers import read_tsv
+def corpus_spec(direction: Direction, split: str, config: DataConfig) -> str | None:
+    """The reader spec of one split: `corpus` as a template, or `{corpus}/{split}.{src}-{tgt}.tsv`.
 
-    path = Path(config.corpus) / f"{split}.{direction}.tsv"
-    if not path.is_file():
-        if split == "ood":
-            return []
-        raise MlasLoraError(f"missing {split} file for {direction}: expected {path}")
-    examples = read_tsv(path, direction)
+    Template fields: {src}, {tgt}, {xx} (the non-English side), {split} (mapped through
+    `split_names`), e.g. `hf:wmt18:{xx}-en:{split}` for WMT18 through Hugging Face datasets.
+    """
+    name = config.split_names.get(split, split)
+    if not name:
+        return None
+    if "{" not in config.corpus:
+        return str(Path(config.corpus) / f"{name}.{direction}.tsv")
+    xx = direction.tgt if direction.src == "en" else direction.src
+    return config.corpus.format(src=direction.src, tgt=direction.tgt, xx=xx, split=name)
+
+
+def _english_side(example: Example) -> str:
+    return example.reference if example.tgt_lang == "en" else example.source
+
+
+def _from_spec(direction: Direction, split: str, config: DataConfig) -> list[Example]:
+    from mlas_lora.data.readers import read_examples
+
+    spec = corpus_spec(direction, split, config)
+    if spec is None or (split == "ood" and spec.endswith(".tsv") and not Path(spec).is_file()):
+        return []
+    examples = read_examples(spec, direction)
+    if split in ("test", "ood"):
+        examples = [e for e in examples if len(_english_side(e).split()) >= config.min_test_words]
     limit = _limit(config, split)
     return examples if limit is None else examples[:limit]
 
 
 def load_splits(config: DataConfig, splits=SPLITS) -> Splits:
     """Load every requested split for every configured direction."""
-    reader = _from_embedded if config.corpus == "embedded" else _from_folder
+    reader = _from_embedded if config.corpus == "embedded" else _from_spec
     out = Splits()
     for split in splits:
         if split == "ood" and config.ood_per_direction == 0:

@@ -118,34 +118,30 @@ def translate_all(system: str, translator: Translator, splits: Splits, store: Hy
     return outputs, seconds
 
 
-def evaluate_outputs(system: str, outputs, splits: Splits, config: ExperimentConfig) -> list[dict]:
-    """Score every (split, direction) of one system: one record per metric."""
+def evaluate_outputs(system: str, outputs, splits: Splits, config: ExperimentConfig):
+    """Score every (split, direction) of one system: result records per split, and unavailable metrics."""
     from mlas_lora.evaluation.metrics import score_corpus
+    from mlas_lora.evaluation.report import records_from_scores
 
-    records = []
+    records: dict[str, list] = {}
+    unavailable: dict[str, str] = {}
     for (split, direction), hyps in outputs.items():
         examples = splits.get(split)[direction]
         scores = score_corpus(
             hyps, [e.reference for e in examples], examples[0].tgt_lang, metrics=tuple(config.evaluation.metrics),
             sources=[e.source for e in examples], comet_model=config.evaluation.comet_model,
         )
-        for metric, result in scores.items():
-            records.append({
-                "system": system, "split": split, "direction": direction, "metric": metric,
-                "score": result.score if result.available else None, "signature": result.signature,
-                "n_segments": result.n_segments, "available": result.available, "reason": result.reason,
-                "config_hash": config_hash(config),
-            })
-    return records
+        records.setdefault(split, []).extend(records_from_scores(system, direction, scores, config_hash(config)))
+        unavailable.update({m: r.reason for m, r in scores.items() if not r.available})
+    return records, unavailable
 
 
-def significance(all_outputs, splits: Splits, config: ExperimentConfig) -> list[dict]:
-    """Paired bootstrap of MLAS-LoRA (or the last system) against the configured baseline, per direction."""
+def significance(all_outputs, splits: Splits, config: ExperimentConfig, challenger: str) -> list[dict]:
+    """Paired bootstrap of `challenger` against the configured baseline, per split and direction."""
     from mlas_lora.evaluation.metrics import paired_bootstrap
 
     baseline = config.evaluation.baseline_for_significance
-    challenger = "mlas-lora" if "mlas-lora" in all_outputs else config.systems[-1]
-    if baseline not in all_outputs or challenger == baseline:
+    if baseline not in all_outputs or challenger not in all_outputs or challenger == baseline:
         return []
     rows = []
     for (split, direction), hyps in all_outputs[challenger].items():
@@ -153,8 +149,107 @@ def significance(all_outputs, splits: Splits, config: ExperimentConfig) -> list[
         for metric in ("bleu", "chrf"):
             result = paired_bootstrap(
                 hyps, all_outputs[baseline][(split, direction)], [e.reference for e in examples],
-                examples[0].tgt_lang, metric=metric, n_samples=config.evaluation.bootstrap_samples, seed=config.seed,
+                examples[0].tgt_lang, metric=metric, n_samples=config.evaluation.bootstrap_samples,
+                seed=12345 + config.seed,
             )
-            rows.append({"system": challenger, "baseline": baseline, "split": split, "direction": direction,
-                         "metric": metric, **result})
+            name = direction if split == "test" else f"{direction} ({split})"
+            rows.append({"system_a": challenger, "system_b": baseline, "direction": name, **result})
     return rows
+
+
+def load_student(config: ExperimentConfig):
+    from mlas_lora.models.loading import load_model
+
+    return load_model(config.models.student, dtype=config.models.dtype)
+
+
+def system_translator(system: str, splits: Splits, config: ExperimentConfig, run_dir: Path, cache: dict):
+    """The translator of one system; trained systems run their stages first (skipped when done)."""
+    if system in ("zero-shot", "in-context"):
+        if "student" not in cache:
+            cache["student"] = load_student(config)
+        model, tokenizer = cache["student"]
+        return prompting_translator(system, model, tokenizer, splits, config)
+    from mlas_lora.experiments.pipeline import trained_translator
+
+    cache.pop("student", None)  # free the untuned copy: trained systems load their own
+    return trained_translator(system, splits, config, run_dir)
+
+
+def system_key(system: str, config: ExperimentConfig) -> str:
+    """What a system's hypotheses depend on; a change re-runs that system only."""
+    parts = {"system": system, "models": to_dict(config.models), "generation": to_dict(config.generation),
+             "data": to_dict(config.data), "seed": config.seed}
+    if system not in ("zero-shot", "in-context"):
+        parts.update(lora=to_dict(config.lora), training=to_dict(config.training), awareness=to_dict(config.awareness))
+    return config_hash(parts)
+
+
+def run_experiment(config: ExperimentConfig, force: bool = False) -> Path:
+    """Run every system of the config, evaluate, and write results and `report.md`; returns the report path."""
+    run_dir = Path(config.output_dir)
+    write_manifest(config, run_dir)
+    splits = load_splits(config.data)
+    store = HypothesisStore(run_dir)
+    if force:
+        import shutil
+
+        shutil.rmtree(store.root, ignore_errors=True)
+    all_outputs, timings, cache = {}, {}, {}
+    for system in config.systems:
+        key = system_key(system, config)
+        cached = all(store.load(system, sp, d, key) is not None
+                     for sp in ("test", "ood") for d, ex in splits.get(sp).items() if ex)
+        start = time.perf_counter()
+        translator = None if cached else system_translator(system, splits, config, run_dir, cache)
+        all_outputs[system], seconds = translate_all(system, translator, splits, store, key)
+        timings[system] = {"translate_s": round(seconds, 1), "wall_s": round(time.perf_counter() - start, 1),
+                           "cached": cached}
+    return write_report(config, run_dir, splits, all_outputs, timings)
+
+
+def _timing_table(timings: dict, stages: dict) -> str:
+    lines = ["| System | wall (s) | of which translation (s) | note |", "| --- | ---: | ---: | --- |"]
+    for system, t in timings.items():
+        note = "cached from an earlier run" if t["cached"] else ""
+        lines.append(f"| {system} | {t['wall_s']:.1f} | {t['translate_s']:.1f} | {note} |")
+    if stages:
+        lines += ["", "| Stage | seconds |", "| --- | ---: |"]
+        lines += [f"| {name} | {sec:.1f} |" for name, sec in stages.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(config: ExperimentConfig, run_dir: Path, splits: Splits, all_outputs, timings) -> Path:
+    """results/{split}.json, significance.json and a Markdown report with Table-1-style tables."""
+    from mlas_lora.evaluation.report import markdown_table, significance_table, write_results
+
+    records: dict[str, list] = {}
+    unavailable: dict[str, str] = {}
+    for system, outputs in all_outputs.items():
+        by_split, missing = evaluate_outputs(system, outputs, splits, config)
+        for split, rows in by_split.items():
+            records.setdefault(split, []).extend(rows)
+        unavailable.update(missing)
+    sections = [f"# {config.name}\n", f"Config hash `{config_hash(config)}`; run directory `{run_dir}`.\n"]
+    titles = {"test": "In-domain test (embedded / configured test split)", "ood": "Out-of-domain test"}
+    for split, rows in records.items():
+        write_results(rows, run_dir / "results" / f"{split}.json")
+        n = {d: len(ex) for d, ex in splits.get(split).items()}
+        sections.append(f"## {titles[split]}: segments per direction {n}\n")
+        for metric in config.evaluation.metrics:
+            if metric not in unavailable:
+                sections.append(f"### {metric}\n\n" + markdown_table(rows, metric, config.systems, list(n)))
+    sections += [f"{metric}: unavailable ({reason})\n" for metric, reason in unavailable.items()]
+    challengers = [s for s in config.systems if s.startswith("mlas-lora")]
+    comparisons = [row for c in challengers for row in significance(all_outputs, splits, config, c)]
+    if comparisons:
+        write_json_atomic(run_dir / "significance.json", comparisons)
+        sections.append("## Paired bootstrap significance\n\n" + significance_table(comparisons))
+    stages_file = run_dir / "stages.json"
+    stages = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
+    sections.append("## Wall time (this invocation)\n\n" + _timing_table(timings, stages))
+    report = run_dir / "report.md"
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text("\n".join(sections))
+    os.replace(tmp, report)
+    return report
