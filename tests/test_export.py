@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mlas_lora.adapters.export import export_peft_adapters, load_routed, save_routed, serving_rank
-from mlas_lora.adapters.routed_lora import attach_routed_lora, init_from_factors
+from mlas_lora.adapters.routed_lora import attach_routed_lora, init_from_factors, load_routed_for_inference
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
+from mlas_lora.translation.generate import GenerationConfig, TranslationRequest, translate
 from test_routed_lora import PAIRS, batch, logits, random_factors
 
 ATOL = 1e-5  # fp32 tiny models: PEFT's x@A@B vs our masked concat differ only by summation order
@@ -65,7 +66,7 @@ def test_add_mode_export_matches_peft(tmp_path, family):
 def test_residual_mode_export_matches_peft_on_original_base(tmp_path):
     routed = trained(mode="residual")
     folders = export_peft_adapters(routed, tmp_path, "tiny/student")
-    assert json.loads((tmp_path / "en-fr" / "adapter_config.json").read_text())["r"] == 32
+    assert json.loads((tmp_path / "en-fi" / "adapter_config.json").read_text())["r"] == 32
     assert_peft_matches(routed, folders)
 
 
@@ -112,8 +113,28 @@ def test_save_load_roundtrip(tmp_path):
     loaded = load_routed(tiny_model(), tmp_path)
     inputs = batch()
     assert torch.equal(logits(loaded, [2, 1, 0, 1], inputs), logits(routed, [2, 1, 0, 1], inputs))
-    assert loaded.config == routed.config
+    assert loaded.lora_config == routed.lora_config
+    served, context = load_routed_for_inference(tiny_model(), tmp_path)
+    assert not served.training and served.config.vocab_size == 260  # HF config passes through
+    with context(["en-zh", "en-fi", "en-de", "en-fi"]):
+        assert torch.equal(served(**inputs).logits.detach(), logits(routed, [2, 1, 0, 1], inputs))
     with pytest.raises(MlasLoraError, match="does not match"):
         load_routed(attach_routed_lora(tiny_model(), PAIRS, r_gen=16), tmp_path)
     with pytest.raises(MlasLoraError, match="no routed LoRA manifest"):
         load_routed(tiny_model(), tmp_path / "nowhere")
+
+
+def test_translate_mixed_directions_through_batch_context(tmp_path):
+    """translation.translate with batch_context=routing equals translating each direction alone."""
+    save_routed(trained(), tmp_path)
+    routed, context = load_routed_for_inference(tiny_model(), tmp_path)
+    tok, config = tiny_tokenizer(), GenerationConfig(batch_size=4, max_new_tokens=4)
+    sources = ["hello", "good morning", "cat", "one two"]
+    requests = [
+        TranslationRequest("en", tgt, s) for tgt, s in zip(["de", "fi", "zh", "fi"], sources, strict=True)
+    ]
+    mixed = translate(routed, tok, requests, config, batch_context=context, progress=False)
+    alone = [translate(routed, tok, [r], config, batch_context=context, progress=False)[0] for r in requests]
+    assert mixed == alone
+    other = [TranslationRequest("en", "de", s) for s in sources]
+    assert translate(routed, tok, other, config, batch_context=context, progress=False) != mixed

@@ -82,10 +82,11 @@ def export_peft_adapters(
     out_dir = Path(out_dir)
     names = _module_names(routed)
     layers = routed.routed_layers()
-    rank = (routed.config.r_gen + routed.config.r_spe) * (2 if routed.config.init == "residual" else 1)
+    residual = any(layer.residual for layer in layers.values())
+    rank = (routed.lora_config.r_gen + routed.lora_config.r_spe) * (2 if residual else 1)
     rank = serving_rank(rank, pad_rank)
     folders = {}
-    for pair in routed.config.pairs:
+    for pair in routed.lora_config.pairs:
         tensors = {}
         for layer in layers.values():
             b, a = _padded(*pair_update(layer, pair), rank)
@@ -114,12 +115,12 @@ def _module_names(routed: RoutedLoRAModel) -> dict[int, str]:
 
 def _lora_config(routed: RoutedLoRAModel, rank: int, base: str) -> LoraConfig:
     names = _module_names(routed).values()
-    subset = routed.config.layers is not None
+    subset = routed.lora_config.layers is not None
     return LoraConfig(
         r=rank,
         lora_alpha=rank,
         target_modules=sorted({n.rsplit(".", 1)[-1] for n in names}),
-        layers_to_transform=sorted(routed.config.layers) if subset else None,
+        layers_to_transform=sorted(routed.lora_config.layers) if subset else None,
         layers_pattern="layers" if subset else None,
         lora_dropout=0.0,
         bias="none",
@@ -165,7 +166,7 @@ def save_routed(routed: RoutedLoRAModel, path) -> Path:
     residual = any(layer.residual for layer in routed.routed_layers().values())
     manifest = {
         "format": FORMAT,
-        "config": routed.config.to_dict(),
+        "config": routed.lora_config.to_dict(),
         "residual": residual,
         "tensors": len(tensors),
     }
@@ -193,16 +194,16 @@ def load_routed(model, path) -> RoutedLoRAModel:
     if not isinstance(model, RoutedLoRAModel):
         fields = {k: v for k, v in config.to_dict().items() if k != "init"}
         model = attach_routed_lora(model, **fields)
-    elif _shape(model.config) != _shape(config):
+    elif _shape(model.lora_config) != _shape(config):
         raise MlasLoraError(
-            f"{Path(path) / MANIFEST}: saved config {config} does not match the model's {model.config}"
+            f"{Path(path) / MANIFEST}: saved config {config} does not match the model's {model.lora_config}"
         )
     if manifest["residual"]:
         for layer in model.routed_layers().values():
             for block in (layer.general, *layer.specific.values()):
                 block.snapshot()
     _copy_into(model, load_file(str(Path(path) / WEIGHTS)), Path(path) / WEIGHTS)
-    model.config = config
+    model.lora_config = config
     return model
 
 

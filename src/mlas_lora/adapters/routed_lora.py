@@ -25,7 +25,7 @@ exactly zero and the student equals the base model bitwise, for every pair.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
@@ -283,8 +283,13 @@ class RoutedLoRAModel(nn.Module):
     def __init__(self, model: nn.Module, config: RoutedLoRAConfig, router: Router):
         super().__init__()
         self.model = model
-        self.config = config
+        self.lora_config = config
         self.router = router
+
+    @property
+    def config(self):
+        """The wrapped model's Hugging Face config, so generic code can treat this as the model."""
+        return self.model.config
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -295,8 +300,8 @@ class RoutedLoRAModel(nn.Module):
     def routed_layers(self) -> dict[tuple[int, str], RoutedLoRALinear]:
         """(layer index, projection) -> routed layer, in model order."""
         layers = decoder_layers(self.model)
-        idx = self.config.layers if self.config.layers is not None else range(len(layers))
-        return {(i, p): projection(layers[i], p) for i in idx for p in self.config.targets}
+        idx = self.lora_config.layers if self.lora_config.layers is not None else range(len(layers))
+        return {(i, p): projection(layers[i], p) for i in idx for p in self.lora_config.targets}
 
     def set_routing(self, pair_ids) -> None:
         """Route the following calls: sample b uses pair `pair_ids[b]`; None clears the routing."""
@@ -403,7 +408,7 @@ def init_from_factors(
     if unknown:
         raise MlasLoraError(
             f"init_from_factors: {unknown[:5]} are not routed (layer, projection) keys; "
-            f"routed layers are {model.config.layers or 'all'} x {list(model.config.targets)}"
+            f"routed layers are {model.lora_config.layers or 'all'} x {list(model.lora_config.targets)}"
         )
     for key, by_block in factors.items():
         layer = routed[key]
@@ -416,7 +421,7 @@ def init_from_factors(
         for layer in routed.values():
             for block in (layer.general, *layer.specific.values()):
                 block.snapshot()
-    model.config = replace(model.config, init=mode)
+    model.lora_config = replace(model.lora_config, init=mode)
 
 
 def _block(layer: RoutedLoRALinear, key, name: str) -> tuple[LoRAFactors, float]:
@@ -447,3 +452,15 @@ def _set_effective(
     root = math.sqrt(abs(c))
     block.A.copy_(a.to(block.A.dtype) * root)
     block.B.copy_(b.to(block.B.dtype) * (root if c > 0 else -root))
+
+
+def load_routed_for_inference(model: nn.Module, path) -> tuple[RoutedLoRAModel, Callable]:
+    """Attach the adapters saved by `export.save_routed` at `path` to `model`, in eval mode.
+
+    Returns the routed model and its `routing` context manager, which takes the pair names of a
+    batch (as `translation.translate(batch_context=...)` passes them).
+    """
+    from mlas_lora.adapters.export import load_routed  # export builds on this module
+
+    routed = load_routed(model, path).eval()
+    return routed, routed.routing
