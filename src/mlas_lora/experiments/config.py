@@ -8,7 +8,16 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.languages import Direction
 from mlas_lora.models.arch import PROJECTIONS
 
-SYSTEMS = ("zero-shot", "in-context", "lora", "mlas-lora")
+SYSTEMS = (
+    "zero-shot",
+    "in-context",
+    "lora",
+    "mlas-lora",
+    "mlas-lora-add",
+    "mlas-lora-residual",
+    "mlas-lora-random",
+)
+"""`mlas-lora` uses lora.init_mode; `-add` / `-residual` force a mode; `-random` skips the transfer (ablation)."""
 
 
 @dataclass
@@ -68,7 +77,11 @@ class EvaluationConfig:
 
     def problems(self) -> list[str]:
         known = {"bleu", "chrf", "meteor", "comet"}
-        return [f"evaluation.metrics: unknown metric {m!r} (known: {sorted(known)})" for m in self.metrics if m not in known]
+        return [
+            f"evaluation.metrics: unknown metric {m!r} (known: {sorted(known)})"
+            for m in self.metrics
+            if m not in known
+        ]
 
 
 @dataclass
@@ -106,7 +119,11 @@ class LoraConfig:
     teacher_scale: float = 1.0
 
     def problems(self) -> list[str]:
-        out = [f"lora.targets: unknown projection {t!r} (known: {PROJECTIONS})" for t in self.targets if t not in PROJECTIONS]
+        out = [
+            f"lora.targets: unknown projection {t!r} (known: {PROJECTIONS})"
+            for t in self.targets
+            if t not in PROJECTIONS
+        ]
         if self.init_mode not in ("add", "residual"):
             out.append(f"lora.init_mode: {self.init_mode!r} (known: add, residual)")
         if self.r_gen < 1 or self.r_spe < 1:
@@ -156,4 +173,8 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def problems(self) -> list[str]:
-        return [f"systems: unknown system {s!r} (known: {', '.join(SYSTEMS)})" for s in self.systems if s not in SYSTEMS]
+        return [
+            f"systems: unknown system {s!r} (known: {', '.join(SYSTEMS)})"
+            for s in self.systems
+            if s not in SYSTEMS
+        ]

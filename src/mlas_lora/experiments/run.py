@@ -24,7 +24,9 @@ from mlas_lora.translation.generate import GenerationConfig, translate
 
 def generation_config(config: ExperimentConfig) -> GenerationConfig:
     g = config.generation
-    return GenerationConfig(batch_size=g.batch_size, num_beams=g.num_beams, max_new_tokens=g.max_new_tokens, chat=g.chat)
+    return GenerationConfig(
+        batch_size=g.batch_size, num_beams=g.num_beams, max_new_tokens=g.max_new_tokens, chat=g.chat
+    )
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -74,7 +76,10 @@ class HypothesisStore:
         path = self.path(system, split, direction)
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = [{"key": key, "seconds": round(seconds, 2)}]
-        rows += [{"source": e.source, "reference": e.reference, "hypothesis": h} for e, h in zip(examples, hyps, strict=True)]
+        rows += [
+            {"source": e.source, "reference": e.reference, "hypothesis": h}
+            for e, h in zip(examples, hyps, strict=True)
+        ]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
         os.replace(tmp, path)
@@ -84,7 +89,9 @@ class HypothesisStore:
 Translator = Callable[[list[Example], str], list[str]]
 
 
-def prompting_translator(system: str, model, tokenizer, splits: Splits, config: ExperimentConfig) -> Translator:
+def prompting_translator(
+    system: str, model, tokenizer, splits: Splits, config: ExperimentConfig
+) -> Translator:
     """0-shot or 5-shot in-context translation with the untuned student."""
     gen = generation_config(config)
 
@@ -128,10 +135,16 @@ def evaluate_outputs(system: str, outputs, splits: Splits, config: ExperimentCon
     for (split, direction), hyps in outputs.items():
         examples = splits.get(split)[direction]
         scores = score_corpus(
-            hyps, [e.reference for e in examples], examples[0].tgt_lang, metrics=tuple(config.evaluation.metrics),
-            sources=[e.source for e in examples], comet_model=config.evaluation.comet_model,
+            hyps,
+            [e.reference for e in examples],
+            examples[0].tgt_lang,
+            metrics=tuple(config.evaluation.metrics),
+            sources=[e.source for e in examples],
+            comet_model=config.evaluation.comet_model,
         )
-        records.setdefault(split, []).extend(records_from_scores(system, direction, scores, config_hash(config)))
+        records.setdefault(split, []).extend(
+            records_from_scores(system, direction, scores, config_hash(config))
+        )
         unavailable.update({m: r.reason for m, r in scores.items() if not r.available})
     return records, unavailable
 
@@ -148,8 +161,12 @@ def significance(all_outputs, splits: Splits, config: ExperimentConfig, challeng
         examples = splits.get(split)[direction]
         for metric in ("bleu", "chrf"):
             result = paired_bootstrap(
-                hyps, all_outputs[baseline][(split, direction)], [e.reference for e in examples],
-                examples[0].tgt_lang, metric=metric, n_samples=config.evaluation.bootstrap_samples,
+                hyps,
+                all_outputs[baseline][(split, direction)],
+                [e.reference for e in examples],
+                examples[0].tgt_lang,
+                metric=metric,
+                n_samples=config.evaluation.bootstrap_samples,
                 seed=12345 + config.seed,
             )
             name = direction if split == "test" else f"{direction} ({split})"
@@ -178,10 +195,17 @@ def system_translator(system: str, splits: Splits, config: ExperimentConfig, run
 
 def system_key(system: str, config: ExperimentConfig) -> str:
     """What a system's hypotheses depend on; a change re-runs that system only."""
-    parts = {"system": system, "models": to_dict(config.models), "generation": to_dict(config.generation),
-             "data": to_dict(config.data), "seed": config.seed}
+    parts = {
+        "system": system,
+        "models": to_dict(config.models),
+        "generation": to_dict(config.generation),
+        "data": to_dict(config.data),
+        "seed": config.seed,
+    }
     if system not in ("zero-shot", "in-context"):
-        parts.update(lora=to_dict(config.lora), training=to_dict(config.training), awareness=to_dict(config.awareness))
+        parts.update(
+            lora=to_dict(config.lora), training=to_dict(config.training), awareness=to_dict(config.awareness)
+        )
     return config_hash(parts)
 
 
@@ -198,13 +222,20 @@ def run_experiment(config: ExperimentConfig, force: bool = False) -> Path:
     all_outputs, timings, cache = {}, {}, {}
     for system in config.systems:
         key = system_key(system, config)
-        cached = all(store.load(system, sp, d, key) is not None
-                     for sp in ("test", "ood") for d, ex in splits.get(sp).items() if ex)
+        cached = all(
+            store.load(system, sp, d, key) is not None
+            for sp in ("test", "ood")
+            for d, ex in splits.get(sp).items()
+            if ex
+        )
         start = time.perf_counter()
         translator = None if cached else system_translator(system, splits, config, run_dir, cache)
         all_outputs[system], seconds = translate_all(system, translator, splits, store, key)
-        timings[system] = {"translate_s": round(seconds, 1), "wall_s": round(time.perf_counter() - start, 1),
-                           "cached": cached}
+        timings[system] = {
+            "translate_s": round(seconds, 1),
+            "wall_s": round(time.perf_counter() - start, 1),
+            "cached": cached,
+        }
     return write_report(config, run_dir, splits, all_outputs, timings)
 
 

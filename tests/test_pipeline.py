@@ -1,0 +1,91 @@
+"""End to end on tiny models: `run_experiment` runs every stage, writes the report, and skips on re-run."""
+
+import json
+
+import pytest
+
+from mlas_lora.config import config_from_dict
+from mlas_lora.experiments.config import ExperimentConfig
+from mlas_lora.experiments.run import run_experiment
+from mlas_lora.testing.tiny import save_tiny
+
+WORDS = ["open", "file", "save", "close", "print", "page", "table", "chart", "cell", "sheet"]
+
+
+def _write_corpus(folder, directions, n_train=12, n_dev=4, n_test=3):
+    folder.mkdir()
+    for direction in directions:
+        for split, n, offset in (("train", n_train, 0), ("dev", n_dev, 100), ("test", n_test, 200)):
+            rows = []
+            for i in range(n):
+                words = " ".join(WORDS[(i + offset + k) % len(WORDS)] for k in range(4))
+                rows.append(f"{words} {i + offset}\t{words.upper()} {i + offset}")
+            (folder / f"{split}.{direction}.tsv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    directions = ["en-de", "en-fi"]
+    _write_corpus(root / "corpus", directions)
+    teacher = save_tiny(root / "teacher", role="teacher", seed=1)
+    student = save_tiny(root / "student", role="student", seed=2)
+    config = config_from_dict(ExperimentConfig, {
+        "name": "tiny", "output_dir": str(root / "run"), "systems": ["zero-shot", "lora", "mlas-lora"],
+        "data": {"corpus": str(root / "corpus"), "directions": directions, "seed_per_direction": 4},
+        "models": {"teacher": str(teacher), "student": str(student), "dtype": "float32"},
+        "generation": {"batch_size": 4, "max_new_tokens": 4},
+        "evaluation": {"metrics": ["bleu", "chrf"], "bootstrap_samples": 20},
+        "awareness": {"batch_size": 2},
+        "lora": {"r_gen": 4, "r_spe": 4},
+        "training": {"max_steps": 2, "micro_batch": 4, "grad_accum": 2, "checkpoint_every": 1, "lr": 1e-3},
+    })  # fmt: skip
+    report = run_experiment(config)
+    return config, root / "run", report
+
+
+def test_every_stage_writes_its_files(tiny_run):
+    _, run, _ = tiny_run
+    for path in [
+        "config.yaml", "manifest.json", "awareness/awareness.safetensors", "awareness/awareness.json",
+        "classes/classes.safetensors", "transfer/factors.safetensors", "transfer/transfer.json",
+        "train-lora/checkpoints/step-000002/training_state.pt", "train-mlas-lora/checkpoints/step-000002/adapters",
+        "adapters-mlas-lora/en-de/adapter_config.json", "adapters-mlas-lora/en-fi/adapter_model.safetensors",
+        "results/test.json", "significance.json", "report.md", "stages.json",
+        "hyps/mlas-lora/test.en-fi.jsonl",
+    ]:  # fmt: skip
+        assert (run / path).exists(), path
+    awareness = json.loads((run / "awareness/awareness.json").read_text())
+    assert awareness["pairs"] == ["en-de", "en-fi"] and len(awareness["selected_layers"]) == 2
+
+
+def test_report_holds_every_system_and_direction(tiny_run):
+    _, run, report = tiny_run
+    text = report.read_text()
+    assert "| System | en-de | en-fi | Avg. |" in text
+    for system in ("zero-shot", "lora", "mlas-lora"):
+        assert f"| {system} |" in text
+    assert "mlas-lora | lora | en-de | BLEU" in text
+    records = json.loads((run / "results/test.json").read_text())["records"]
+    assert {(r["system"], r["direction"], r["metric"]) for r in records} == {
+        (s, d, m)
+        for s in ("zero-shot", "lora", "mlas-lora")
+        for d in ("en-de", "en-fi")
+        for m in ("bleu", "chrf")
+    }
+
+
+def test_rerun_skips_every_stage(tiny_run):
+    config, run, report = tiny_run
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.suffix != ".md"}
+    before = report.read_text().split("## Wall time")[0]
+    run_experiment(config)
+    assert report.read_text().split("## Wall time")[0] == before
+    assert "cached from an earlier run" in report.read_text()
+    changed = [
+        p
+        for p, t in stamps.items()
+        if p.stat().st_mtime_ns != t
+        and p.name not in ("manifest.json", "config.yaml", "test.json", "significance.json", "stages.json")
+    ]
+    assert changed == []
