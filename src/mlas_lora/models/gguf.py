@@ -129,19 +129,21 @@ def file_sha256(path: Path) -> str:
 def gguf_header(path: Path) -> tuple[dict, dict[str, int]]:
     """(metadata, {tensor name: ggml type}) of a GGUF file, without reading tensor data.
 
-    transformers' reader takes 0.1 s where `gguf.GGUFReader` takes 20 s (it unpacks the vocabulary).
+    transformers' reader takes 0.1 s where `gguf.GGUFReader` takes 20 s (it unpacks the vocabulary),
+    but it refuses files holding types it cannot compute with (Q5_0 in Qwen 0.5B and Gemma 3 270M).
     """
     try:
         from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
-    except ImportError:  # older transformers: the slow reader of the gguf package
+
+        metadata, _ = read_gguf_metadata(str(path))
+        return metadata, GgufHeader.from_file(str(path)).ggml_types
+    except (ImportError, ValueError):
         from gguf import GGUFReader
 
         reader = GGUFReader(path)
         return {k: f.contents() for k, f in reader.fields.items()}, {
             t.name: t.tensor_type for t in reader.tensors
         }
-    metadata, _ = read_gguf_metadata(str(path))
-    return metadata, GgufHeader.from_file(str(path)).ggml_types
 
 
 def load_gguf(gguf_path: Path, spec: EmbeddedModel):
@@ -166,7 +168,7 @@ def load_gguf(gguf_path: Path, spec: EmbeddedModel):
     metadata, types = gguf_header(gguf_path)
     if tokenizer.chat_template is None:  # keep the model's own chat template with the tokenizer
         tokenizer.chat_template = metadata.get("tokenizer.chat_template")
-    if tokenizer.chat_template is None:
+    if spec.chat and tokenizer.chat_template is None:
         raise MlasLoraError(f"{gguf_path}: no chat template in the GGUF metadata or the converted tokenizer")
     if spec.tied_embeddings:
         tie_embeddings(model, gguf_bits(types))
@@ -262,6 +264,7 @@ def save_checkpoint(model, tokenizer, out: Path) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
         "not_stored_tied": dropped,
+        "chat_template": tokenizer.chat_template is not None,
         "dtype": "bfloat16",
     }
 

@@ -42,6 +42,8 @@ class EmbeddedModel:
     size: str
     tied_embeddings: bool
     """Whether the original model ties lm_head to the input embeddings (a GGUF may store both)."""
+    chat: bool = True
+    """Instruction-tuned with a chat template (required then); False for a base model."""
 
 
 def _parts(prefix: str, n: int) -> tuple[str, ...]:
@@ -73,7 +75,7 @@ REGISTRY: dict[str, EmbeddedModel] = {
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             chunk_pattern=r"(^|/)data/gemma-3-270m-q4_k_m\.gguf\.part\d+$", gguf_file="gemma-3-270m-q4_k_m.gguf",
             num_layers=18, hidden_size=640, intermediate_size=2048, num_heads=4, num_kv_heads=1,
-            size="270M", tied_embeddings=True,
+            size="270M", tied_embeddings=True, chat=False,  # base model: no chat template
         ),
     )
 }  # fmt: skip
