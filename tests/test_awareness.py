@@ -23,12 +23,15 @@ from mlas_lora.awareness.classify import (
     save_classes,
 )
 from mlas_lora.awareness.layer_relevance import select_layers
-from mlas_lora.awareness.neuron_awareness import phi_key
+from mlas_lora.awareness.neuron_awareness import NeuronAwarenessTap, phi_key
 from mlas_lora.awareness.scoring import (
     AwarenessScores,
+    activation_gradients,
     load_awareness,
+    pair_batches,
     save_awareness,
     score_teacher,
+    target_loss,
 )
 from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
@@ -145,6 +148,26 @@ def test_shared_inputs_have_equal_scores(tokenizer):
         )
         assert torch.equal(gate, scores.phi_of(layer, "up", "in"))
         assert not torch.equal(q, gate) and q.min() >= 0 and q.sum() > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_down_input_is_rebuilt_not_held(tokenizer, family):
+    model = teacher(family)
+    layers = decoder_layers(model)
+    tap = NeuronAwarenessTap(layers, 1)
+    batch = pair_batches(tokenizer, SEEDS["en-de"], 3)[0]
+    try:
+        with activation_gradients(model):
+            tap.start_batch(0, batch.tokens)
+            loss = target_loss(model, batch)
+            held = set(tap._saved)
+            loss.backward()
+    finally:
+        tap.remove()
+    assert tap._recompute == {0: True, 1: True}
+    assert "phi.0.down.in" not in held and {"phi.0.gate.out", "phi.0.up.out", "phi.1.q.in"} <= held
+    assert "phi.1.k.in" not in held  # shared with q: held once
+    assert tap._saved == {} and tap.buffers["phi.1.down.in"].sum() > 0
 
 
 def test_padding_and_batching_do_not_change_scores(tokenizer):
@@ -285,3 +308,25 @@ def test_bad_inputs_raise_clear_errors(tokenizer, tmp_path):
     save_awareness(hand_made_scores(), tmp_path)
     with pytest.raises(MlasLoraError, match="phi keys do not match"):
         load_awareness(tmp_path)
+
+
+@pytest.mark.slow
+def test_embedded_teacher_scores_every_layer(tmp_path):
+    from mlas_lora.models.loading import load_model
+    from mlas_lora.models.registry import is_prepared
+
+    if not is_prepared("qwen2.5-coder-1.5b-instruct"):
+        pytest.skip("embedded teacher not prepared (mlas-lora models prepare qwen2.5-coder-1.5b-instruct)")
+    model, tokenizer = load_model("qwen2.5-coder-1.5b-instruct", dtype="bfloat16")
+    seeds = {pair: examples[:2] for pair, examples in SEEDS.items()}
+    scores = score_teacher(model, tokenizer, seeds, batch_size=2, num_student_layers=24, progress=False)
+    assert scores.relevance.shape == (2, 28) and len(scores.selected_layers) == 24
+    assert scores.phi_of(27, "down", "in").shape == (2, 8960) and scores.phi_of(0, "k", "out").shape == (
+        2,
+        256,
+    )
+    assert all(torch.isfinite(v).all() and v.sum() > 0 for v in scores.phi.values())
+    assert torch.equal(scores.phi_of(5, "q", "in"), scores.phi_of(5, "v", "in"))
+    assert all(p.grad is None for p in model.parameters())
+    save_awareness(scores, tmp_path)
+    assert load_awareness(tmp_path).selected_layers == scores.selected_layers

@@ -19,6 +19,11 @@ tensor, so the score is computed once per shared tensor and q/k/v (and gate/up) 
 scores. Sharing is detected by tensor identity in each forward, so a family that feeds them
 separate tensors is scored per tensor instead.
 
+Memory: each watched activation is held until its gradient arrives, then dropped. The largest,
+down's input act(gate_out) * up_out (intermediate_size wide), is not held but rebuilt in backward
+from gate_out and up_out, which autograd keeps anyway, once a bit-for-bit check on the first
+batch has shown that this layer's MLP computes it that way.
+
 Padding: with right padding and target-only labels, padded positions never reach the loss, so
 their gradient is zero; the token mask is still applied so a non-finite padded activation cannot
 leak into a score.
@@ -53,6 +58,11 @@ class NeuronAwarenessTap:
         self._pair, self._padding = 0, None
         self._seen: dict[int, dict[int, str]] = {}
         self._saved: dict[str, torch.Tensor] = {}
+        self._rebuild: dict[str, object] = {}
+        self._mlp_acts = {
+            index: getattr(getattr(layer, "mlp", None), "act_fn", None) for index, layer in enumerate(layers)
+        }
+        self._recompute: dict[int, bool] = {}
         for index, layer in enumerate(layers):
             for proj in PROJECTIONS:
                 module = projection(layer, proj)
@@ -86,26 +96,61 @@ class NeuronAwarenessTap:
             owner = seen.get(id(hidden_in))
             if owner is None:
                 seen[id(hidden_in)] = in_key
-                self._watch(in_key, hidden_in)
+                keep = not (proj == "down" and self._down_input_rebuildable(layer, hidden_in))
+                self._watch(in_key, hidden_in, keep)
             else:
                 self.aliases[in_key] = owner
             self._watch(out_key, output)
 
         return hook
 
-    def _watch(self, key: str, activation: torch.Tensor) -> None:
+    def _down_input_rebuildable(self, layer: int, hidden_in: torch.Tensor) -> bool:
+        """Whether down's input is act(gate_out) * up_out, checked bit for bit on the first batch.
+
+        Holding down's input would be the largest cost of Eq. (2) (intermediate_size per token and
+        layer); gate_out and up_out are held anyway (autograd saves them too), so down's input is
+        rebuilt from them in backward, which costs one elementwise act and product.
+        """
+        if layer not in self._recompute:
+            act = self._mlp_acts[layer]
+            gate, up = (
+                self._saved.get(phi_key(layer, "gate", "out")),
+                self._saved.get(phi_key(layer, "up", "out")),
+            )
+            with torch.no_grad():
+                same = (
+                    act is not None
+                    and gate is not None
+                    and up is not None
+                    and torch.equal(act(gate) * up, hidden_in)
+                )
+            self._recompute[layer] = same
+        if self._recompute[layer]:
+            self._rebuild[phi_key(layer, "down", "in")] = self._down_input(layer)
+        return self._recompute[layer]
+
+    def _down_input(self, layer: int):
+        gate_key, up_key, act = (
+            phi_key(layer, "gate", "out"),
+            phi_key(layer, "up", "out"),
+            self._mlp_acts[layer],
+        )
+        return lambda: act(self._saved[gate_key]) * self._saved[up_key]
+
+    def _watch(self, key: str, activation: torch.Tensor, keep: bool = True) -> None:
         # The activation is held by the tap, not by the hook's closure: a closure holding the tensor
         # it is registered on is a reference cycle through autograd that Python cannot collect.
         # Popping it in the hook frees each activation as soon as its gradient has been used.
-        self._saved[key] = activation
+        if keep:
+            self._saved[key] = activation
         activation.register_hook(self._accumulator(key))
 
     def _accumulator(self, key: str):
         buffer, pair, padding = self.buffers[key], self._pair, self._padding
 
         def accumulate(grad: torch.Tensor) -> None:
-            activation = self._saved.pop(key)
             with torch.no_grad():
+                activation = self._saved.pop(key) if key in self._saved else self._rebuild[key]()
                 taylor = grad * activation
                 taylor.abs_()
                 taylor.masked_fill_(padding, 0)
