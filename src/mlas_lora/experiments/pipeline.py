@@ -255,14 +255,14 @@ def train_stage(system: str, config: ExperimentConfig, splits: Splits, run_dir: 
     return model, tokenizer, context
 
 
-def export_stage(model, config: ExperimentConfig, folder: Path) -> None:
+def export_stage(model, config: ExperimentConfig, folder: Path, merge: bool = False) -> None:
     """One standard PEFT adapter per pair, for PeftModel / vLLM multi-LoRA serving."""
     from mlas_lora.adapters.export import export_peft_adapters
     from mlas_lora.models.loading import resolve_source
 
     start = time.perf_counter()
     _fresh(folder)
-    export_peft_adapters(model, folder, resolve_source(config.models.student)[0])
+    export_peft_adapters(model, folder, resolve_source(config.models.student)[0], merge=merge)
     record_stage_time(folder.parent, folder.name, time.perf_counter() - start)
 
 

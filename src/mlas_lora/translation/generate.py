@@ -84,8 +84,15 @@ def _generate_batch(model, tokenizer, batch_ids: list[list[int]], max_new: int, 
         attention[row, width - len(ids) :] = 1
     device = next(model.parameters()).device
     out = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new,
-        do_sample=False, num_beams=config.num_beams, eos_token_id=_stop_ids(tokenizer), pad_token_id=pad,
+        input_ids=input_ids.to(device),
+        attention_mask=attention.to(device),
+        max_new_tokens=max_new,
+        do_sample=False,
+        num_beams=config.num_beams,
+        eos_token_id=_stop_ids(tokenizer),
+        pad_token_id=pad,
+        stop_strings=["\n"],
+        tokenizer=tokenizer,  # the translation is the first line: stop there
     )
     return [clean_output(tokenizer.decode(seq[width:], skip_special_tokens=True)) for seq in out]
 
@@ -104,7 +111,9 @@ def translate(
         return []
     style = PromptStyle(chat=config.chat)
     ids = [
-        prompt_ids(tokenizer, build_prompt(tokenizer, r.src_lang, r.tgt_lang, r.source, r.demos, style), style)
+        prompt_ids(
+            tokenizer, build_prompt(tokenizer, r.src_lang, r.tgt_lang, r.source, r.demos, style), style
+        )
         for r in requests
     ]
     hypotheses: list[str] = [""] * len(requests)
@@ -113,7 +122,9 @@ def translate(
     for bucket in buckets:
         batch_requests = [requests[i] for i in bucket]
         max_new = _new_token_budget(tokenizer, batch_requests, config)
-        context = batch_context([r.pair for r in batch_requests]) if batch_context else contextlib.nullcontext()
+        context = (
+            batch_context([r.pair for r in batch_requests]) if batch_context else contextlib.nullcontext()
+        )
         with context:
             outputs = _generate_batch(model, tokenizer, [ids[i] for i in bucket], max_new, config)
         for i, text in zip(bucket, outputs, strict=True):

@@ -1,0 +1,58 @@
+"""The command line as a user runs it: stage commands on a tiny config, clear errors, exit codes."""
+
+import pytest
+
+from mlas_lora.cli import main
+from mlas_lora.testing.tiny import save_tiny
+from test_pipeline import _write_corpus
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    _write_corpus(root / "corpus", ["en-de", "de-en"])
+    teacher = save_tiny(root / "teacher", role="teacher", seed=1)
+    student = save_tiny(root / "student", role="student", seed=2)
+    path = root / "tiny.yaml"
+    path.write_text(f"""
+name: cli
+output_dir: {root / "run"}
+systems: [mlas-lora]
+data: {{corpus: {root / "corpus"}, directions: [en-de, de-en], seed_per_direction: 4}}
+models: {{teacher: {teacher}, student: {student}, dtype: float32}}
+generation: {{batch_size: 4, max_new_tokens: 3}}
+awareness: {{batch_size: 2}}
+lora: {{r_gen: 4, r_spe: 4}}
+training: {{max_steps: 1, micro_batch: 4, grad_accum: 1}}
+""")
+    return path, root, student
+
+
+def test_stage_commands(tiny_config, capsys):
+    path, root, student = tiny_config
+    assert main(["score", str(path)]) == 0
+    assert "teacher layers kept (Eq. 1)" in capsys.readouterr().out
+    assert main(["classify", str(path), "awareness.lam=0.6"]) == 0
+    out = capsys.readouterr().out
+    assert "lambda = 0.6" in out and "general" in out and "de-en" in out
+    assert main(["transfer", str(path)]) == 0
+    assert "SVD energy kept" in capsys.readouterr().out
+    assert main(["export", str(path)]) == 0
+    assert (root / "run" / "adapters-mlas-lora" / "de-en" / "adapter_config.json").is_file()
+    capsys.readouterr()
+    code = main(["translate", "--model", str(student), "--pair", "de-en", "--text", "hallo welt",
+                 "--adapters", str(root / "run" / "train-mlas-lora")])  # fmt: skip
+    assert code == 0 and len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_errors_are_one_line_and_exit_2(tiny_config, capsys, tmp_path):
+    path, _, student = tiny_config
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["run", str(path), "training.lr=abc", "lora.init_mode=x"]) == 2
+    err = capsys.readouterr().err
+    assert "training.lr: expected float" in err and "lora.init_mode" in err and "Traceback" not in err
+    assert main(["translate", "--model", str(tmp_path / "nope"), "--pair", "en-de", "--text", "x"]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert main(["translate", "--model", str(student), "--pair", "en-xx", "--text", "x"]) == 2
+    assert "supported: cs (Czech)" in capsys.readouterr().err
