@@ -33,7 +33,12 @@ def test_every_problem_is_reported_together(tmp_path):
     with pytest.raises(MlasLoraError) as err:
         load_config(ExperimentConfig, path)
     message = str(err.value)
-    for expected in ("bogus: unknown key", "training.lr: expected float", "lora.init_mode: 'foo'", "unknown language code 'xx'"):
+    for expected in (
+        "bogus: unknown key",
+        "training.lr: expected float",
+        "lora.init_mode: 'foo'",
+        "unknown language code 'xx'",
+    ):
         assert expected in message
 
 
@@ -63,4 +68,10 @@ def test_every_shipped_config_parses(path):
 
 def test_configs_are_shipped():
     names = {p.name for p in CONFIGS}
-    assert {"demo.yaml", "prompting.yaml", "embedded-14dir.yaml", "embedded-4dir.yaml", "paper-wmt18.yaml"} <= names
+    assert {
+        "demo.yaml",
+        "prompting.yaml",
+        "embedded-14dir.yaml",
+        "embedded-4dir.yaml",
+        "paper-wmt18.yaml",
+    } <= names

@@ -45,7 +45,9 @@ def test_chat_demonstrations_are_earlier_turns():
     prompt = build_prompt(tok, "en", "de", "Maybe", (Example("en", "de", "Yes", "Ja"),))
     turn = "<|im_start|>user\nTranslate the following text from English to German.\nEnglish: {}<|im_end|>\n"
     assert prompt == (
-        turn.format("Yes") + "<|im_start|>assistant\nGerman: Ja<|im_end|>\n" + turn.format("Maybe")
+        turn.format("Yes")
+        + "<|im_start|>assistant\nGerman: Ja<|im_end|>\n"
+        + turn.format("Maybe")
         + "<|im_start|>assistant\nGerman:"
     )
 
@@ -54,8 +56,10 @@ def test_in_context_prompt_holds_demonstrations_before_source():
     tok = tiny_tokenizer(chat=False)
     demos = (Example("en", "de", "Yes", "Ja"), Example("en", "de", "No", "Nein"))
     prompt = build_prompt(tok, "en", "de", "Maybe", demos)
-    assert prompt.index("English: Yes\nGerman: Ja") < prompt.index("English: No\nGerman: Nein") < prompt.index(
-        "English: Maybe\nGerman:"
+    assert (
+        prompt.index("English: Yes\nGerman: Ja")
+        < prompt.index("English: No\nGerman: Nein")
+        < prompt.index("English: Maybe\nGerman:")
     )
 
 
@@ -69,13 +73,16 @@ def test_training_ids_split_prompt_and_target():
 def test_in_context_draws_five_seeded_demos_of_the_same_direction():
     train = [Example("en", "de", f"source number {i}", f"quelle {i}") for i in range(20)]
     train += [Example("en", "fi", f"source number {i}", f"lähde {i}") for i in range(20)]
-    tests = [Example("en", "de", "a test sentence here", "ein test"), Example("en", "fi", "another one", "toinen")]
+    tests = [
+        Example("en", "de", "a test sentence here", "ein test"),
+        Example("en", "fi", "another one", "toinen"),
+    ]
     first = in_context_requests(tests, train, shots=5, seed=3)
     again = in_context_requests(tests, train, shots=5, seed=3)
     other = in_context_requests(tests, train, shots=5, seed=4)
     assert first == again and first != other
     assert all(len(r.demos) == 5 for r in first)
-    assert all(d.direction == r_ex.direction for r, r_ex in zip(first, tests) for d in r.demos)
+    assert all(d.direction == r_ex.direction for r, r_ex in zip(first, tests, strict=True) for d in r.demos)
     assert zero_shot_requests(tests)[0].demos == ()
 
 
@@ -89,7 +96,9 @@ def test_batched_generation_equals_one_by_one(family):
     model = tiny_model(family, seed=1, tie_word_embeddings=False)
     with torch.no_grad():  # sharpen attention and logits so greedy outputs differ between inputs
         for name, param in model.named_parameters():
-            param.mul_(8 if ("q_proj.weight" in name or "k_proj.weight" in name) else 10 if "lm_head" in name else 1)
+            param.mul_(
+                8 if ("q_proj.weight" in name or "k_proj.weight" in name) else 10 if "lm_head" in name else 1
+            )
     tok = tiny_tokenizer()
     sources = ["a", "hello there, friend", "xyz 123", "The quick brown fox jumps", "ok"]
     requests = [TranslationRequest("en", "de", s) for s in sources]
@@ -115,5 +124,12 @@ def test_batch_context_receives_pairs_of_each_batch():
             return False
 
     requests = [TranslationRequest("en", "de", "aa"), TranslationRequest("en", "fi", "bbbb")]
-    translate(model, tok, requests, GenerationConfig(batch_size=2, max_new_tokens=2), batch_context=Recorder, progress=False)
+    translate(
+        model,
+        tok,
+        requests,
+        GenerationConfig(batch_size=2, max_new_tokens=2),
+        batch_context=Recorder,
+        progress=False,
+    )
     assert seen == [["en-de", "en-fi"]]

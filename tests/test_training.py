@@ -42,14 +42,16 @@ def test_epoch_order_is_seeded_and_homogeneous_batches_hold_one_pair():
         assert len({features[i].pair_index for i in batch}) == 1
     assert sorted(i for b in epoch_batches(features, 5, 0, 0, False) for i in b) == list(range(24))
     batch = collate([features[0], features[13]], pad_id=0)
-    assert batch["pair_ids"].tolist() == [0, 1] and batch["attention_mask"].sum() == len(features[0].input_ids) + len(
-        features[13].input_ids
-    )
+    assert batch["pair_ids"].tolist() == [0, 1] and batch["attention_mask"].sum() == len(
+        features[0].input_ids
+    ) + len(features[13].input_ids)
 
 
 def _run(out_dir, steps, stop_after=None):
     torch.manual_seed(0)
-    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+    model = get_peft_model(
+        tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+    )
 
     def save(path):
         save_file(get_peft_model_state_dict(model), str(path / "adapter.safetensors"))
@@ -57,7 +59,9 @@ def _run(out_dir, steps, stop_after=None):
     def load(path):
         set_peft_model_state_dict(model, load_file(str(path / "adapter.safetensors")))
 
-    config = TrainingConfig(lr=1e-2, micro_batch=4, grad_accum=2, max_steps=steps, checkpoint_every=1, warmup_ratio=0.25)
+    config = TrainingConfig(
+        lr=1e-2, micro_batch=4, grad_accum=2, max_steps=steps, checkpoint_every=1, warmup_ratio=0.25
+    )
     trainer = Trainer(model, tiny_tokenizer(), EXAMPLES, PAIRS, config, out_dir, None, save, load)
     result = trainer.fit(progress=False, stop_after=stop_after)
     return get_peft_model_state_dict(model), result
@@ -67,7 +71,10 @@ def test_resume_ends_with_the_same_adapters(tmp_path):
     """2 steps + resume + 2 steps == 4 steps, bitwise, on CPU (torchtune's resume test)."""
     straight, result = _run(tmp_path / "a", 4)
     _run(tmp_path / "b", 4, stop_after=2)
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == [
+        "step-000001",
+        "step-000002",
+    ]
     resumed, resumed_result = _run(tmp_path / "b", 4)
     assert resumed_result.steps == 4 and resumed_result.history == result.history
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -45,7 +45,9 @@ def parse_overrides(items: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -92,7 +94,9 @@ def _build(cls: type[T], data: Any, where: str, problems: list[str]) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            problems.append(f"{where + '.' if where else ''}{key}: unknown key (known: {', '.join(sorted(names))})")
+            problems.append(
+                f"{where + '.' if where else ''}{key}: unknown key (known: {', '.join(sorted(names))})"
+            )
     before = len(problems)
     kwargs = {
         name: _check_type(data[name], hints[name], f"{where + '.' if where else ''}{name}", problems)

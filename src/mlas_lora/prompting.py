@@ -65,7 +65,9 @@ def target_text(tokenizer, reference: str) -> str:
     return f" {reference}{eos}"
 
 
-def training_ids(tokenizer, example: Example, style: PromptStyle = PromptStyle()) -> tuple[list[int], list[int]]:
+def training_ids(
+    tokenizer, example: Example, style: PromptStyle = PromptStyle()
+) -> tuple[list[int], list[int]]:
     """Token ids of (prompt, target) for one training example; loss goes on the target only."""
     prompt = build_prompt(tokenizer, example.src_lang, example.tgt_lang, example.source, style=style)
     prompt_ids = tokenizer(prompt, add_special_tokens=not uses_chat(tokenizer, style))["input_ids"]

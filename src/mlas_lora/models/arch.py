@@ -101,7 +101,9 @@ def projection(layer: nn.Module, proj: str) -> nn.Linear:
     for attr in PROJECTION_PATHS[proj].split("."):
         module = getattr(module, attr, None)
         if module is None:
-            raise MlasLoraError(f"unsupported architecture: {type(layer).__name__} has no {PROJECTION_PATHS[proj]}")
+            raise MlasLoraError(
+                f"unsupported architecture: {type(layer).__name__} has no {PROJECTION_PATHS[proj]}"
+            )
     return module
 
 

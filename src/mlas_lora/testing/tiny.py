@@ -26,8 +26,12 @@ def tiny_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"], padding_side="left",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+        padding_side="left",
     )
     if chat:
         fast.chat_template = CHAT_TEMPLATE
@@ -48,16 +52,34 @@ def tiny_config(family: str = "qwen2", role: str = "student", **overrides):
     from transformers import AutoConfig
 
     sizes = {
-        "student": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8),
-        "teacher": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        "student": dict(
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        ),
+        "teacher": dict(
+            num_hidden_layers=4,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
     }[role]
     kwargs = dict(_FAMILIES[family])
     model_type = kwargs.pop("model_type")
     kwargs.update(sizes)
-    kwargs.update(vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
-                  eos_token_id=2, tie_word_embeddings=True)
+    kwargs.update(
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 

@@ -24,9 +24,12 @@ class Feature:
     pair_index: int
 
 
-def featurize(tokenizer, examples: list[Example], pairs: list[str], max_tokens: int, style=PromptStyle()) -> list[Feature]:
+def featurize(
+    tokenizer, examples: list[Example], pairs: list[str], max_tokens: int, style: PromptStyle | None = None
+) -> list[Feature]:
     """Prompt + target ids; over-long examples keep the end of the prompt and the start of the target."""
     index = {p: i for i, p in enumerate(pairs)}
+    style = style or PromptStyle()
     features = []
     for example in examples:
         prompt, target = training_ids(tokenizer, example, style)
@@ -36,7 +39,9 @@ def featurize(tokenizer, examples: list[Example], pairs: list[str], max_tokens: 
     return features
 
 
-def epoch_batches(features: list[Feature], micro_batch: int, seed: int, epoch: int, mixed: bool) -> list[list[int]]:
+def epoch_batches(
+    features: list[Feature], micro_batch: int, seed: int, epoch: int, mixed: bool
+) -> list[list[int]]:
     """Micro-batches (lists of feature indices) of one epoch: shuffled; mixed-pair or one pair each."""
     rng = random.Random(seed * 1_000_003 + epoch)
     if mixed:

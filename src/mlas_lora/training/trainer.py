@@ -48,11 +48,15 @@ def total_steps(n_micro_per_epoch: int, config: TrainingConfig) -> int:
     return max(1, math.ceil(config.epochs * n_micro_per_epoch / config.grad_accum))
 
 
-def masked_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_loss(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean next-token loss over target tokens, plus per-row loss sums and token counts (float32)."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    per_token = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    per_token = F.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
+    )
     counts = (shift_labels != -100).sum(dim=1)
     sums = per_token.sum(dim=1)
     return sums.sum() / counts.sum().clamp(min=1), sums.detach(), counts
@@ -84,9 +88,19 @@ class _PairLoss:
 class Trainer:
     """Owns the optimizer, the schedule, the data position and the checkpoints of one run."""
 
-    def __init__(self, model, tokenizer, examples: list[Example], pairs: list[str], config: TrainingConfig,
-                 out_dir: Path, route: Route | None, save_adapters: Callable[[Path], None],
-                 load_adapters: Callable[[Path], None], bf16: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        examples: list[Example],
+        pairs: list[str],
+        config: TrainingConfig,
+        out_dir: Path,
+        route: Route | None,
+        save_adapters: Callable[[Path], None],
+        load_adapters: Callable[[Path], None],
+        bf16: bool = False,
+    ):
         if not examples:
             raise MlasLoraError("no training examples")
         self.config, self.out_dir, self.route, self.pairs = config, Path(out_dir), route, pairs
@@ -98,10 +112,14 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise MlasLoraError("the model has no trainable parameters")
-        self.n_micro = len(epoch_batches(self.features, config.micro_batch, config.seed, 0, config.mixed_pairs))
+        self.n_micro = len(
+            epoch_batches(self.features, config.micro_batch, config.seed, 0, config.mixed_pairs)
+        )
         self.steps = total_steps(self.n_micro, config)
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * self.steps), self.steps)
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(config.warmup_ratio * self.steps), self.steps
+        )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
         self.step, self.history = 0, []
@@ -111,14 +129,19 @@ class Trainer:
         epoch, within = divmod(index, self.n_micro)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             c = self.config
-            self._epoch_cache = (epoch, epoch_batches(self.features, c.micro_batch, c.seed, epoch, c.mixed_pairs))
+            self._epoch_cache = (
+                epoch,
+                epoch_batches(self.features, c.micro_batch, c.seed, epoch, c.mixed_pairs),
+            )
         return [self.features[i] for i in self._epoch_cache[1][within]]
 
     def _forward(self, batch: dict[str, torch.Tensor]):
         device = self.accelerator.device
         route = self.route(batch["pair_ids"].to(device)) if self.route else contextlib.nullcontext()
         with route, self.accelerator.autocast():
-            out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            out = self.model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            )
         return masked_loss(out.logits, batch["labels"].to(device))
 
     def train_step(self, tracker: _PairLoss) -> float:
@@ -142,8 +165,13 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "adapters").mkdir(parents=True)
         self.save_adapters(tmp / "adapters")
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": torch.get_rng_state(), "history": self.history}
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": self.history,
+        }
         torch.save(state, tmp / "training_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -157,7 +185,9 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.step, self.history = state["step"], state["history"]
 
-    def fit(self, resume: str | None = "auto", progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    def fit(
+        self, resume: str | None = "auto", progress: bool = True, stop_after: int | None = None
+    ) -> TrainResult:
         """Train to `self.steps` optimizer steps (or stop early after `stop_after`, for tests)."""
         if resume:
             path = newest_checkpoint(self.out_dir) if resume == "auto" else Path(resume)
