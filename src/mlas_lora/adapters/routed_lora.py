@@ -242,6 +242,8 @@ class RoutedLoRALinear(nn.Module):
         if not autocast:
             x = x.to(self.general.A.dtype)
         low_rank = self._dense if len(self.router.present) <= DENSE_MAX_PAIRS else self._gathered
+        if low_rank is self._dense and not torch.is_grad_enabled():
+            return y + self._dense_inference(x, h_dtype).to(y.dtype)
         delta = low_rank(x, h_dtype, initial=False)
         if self.residual:
             delta = delta - low_rank(x, h_dtype, initial=True)
@@ -263,6 +265,35 @@ class RoutedLoRALinear(nn.Module):
         mask = mask.view(batch, *([1] * (x.dim() - 2)), mask.shape[-1])
         a, b = self._blocks(initial)
         return F.linear(F.linear(x, torch.cat(a)) * mask, torch.cat(b, dim=1))
+
+    def _dense_inference(self, x: torch.Tensor, h_dtype) -> torch.Tensor:
+        """`_dense` (minus its residual twin) as one product, with the concatenated factors cached.
+
+        Generation calls every layer once per token with the same routing and frozen factors, so
+        the concatenation (and, in residual mode, the second product) need not be redone each time.
+        The cache is keyed by the pairs present and the factors' version counters, so an optimizer
+        step or a load invalidates it.
+        """
+        blocks = [self.general] + [self.specific[self.pairs[p]] for p in self.router.present]
+        tensors = [t for f in blocks for t in (f.A, f.B, f.A0, f.B0) if t is not None]
+        key = (self.router.present, h_dtype, x.device, tuple(t._version for t in tensors))
+        cached = getattr(self, "_inference_cache", None)
+        if cached is None or cached[0] != key:
+            a, b = self._blocks(initial=False)
+            if self.residual:
+                a0, b0 = self._blocks(initial=True)
+                a, b = a + a0, b + [-t for t in b0]
+            cached = (key, torch.cat(a).to(h_dtype), torch.cat(b, dim=1).to(h_dtype))
+            self._inference_cache = cached
+        _, a_cat, b_cat = cached
+        batch = x.shape[0]
+        mask = self.router.mask(
+            batch, self.r_gen, self.r_spe, self.scaling_gen, self.scaling_spe, x.device, h_dtype
+        )
+        if self.residual:
+            mask = torch.cat([mask, mask], dim=1)
+        mask = mask.view(batch, *([1] * (x.dim() - 2)), mask.shape[-1])
+        return F.linear(F.linear(x, a_cat) * mask, b_cat)
 
     def _gathered(self, x: torch.Tensor, h_dtype, initial: bool) -> torch.Tensor:
         """General LoRA as one product; each sample's pair factors gathered into a batched matmul."""
