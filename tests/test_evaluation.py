@@ -212,8 +212,11 @@ def test_deb_unpacking_and_missing_packages(tmp_path, empty_home):
     with pytest.raises(MlasLoraError, match="usr/share/wordnet/cntlist.rev not found"):
         meteor.prepare_wordnet(from_dir=tmp_path)
     assert not meteor.wordnet_dir().exists()  # nothing half-built is left behind
-    with pytest.raises(MlasLoraError, match="not a Debian package"):
-        meteor.read_ar(b"PK\x03\x04")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "wordnet-base_1_all.deb").write_bytes(b"PK\x03\x04")
+    (tmp_path / "broken" / "wordnet-sense-index_1_all.deb").write_bytes(b"PK\x03\x04")
+    with pytest.raises(MlasLoraError, match="not an ar archive"):
+        meteor.prepare_wordnet(from_dir=tmp_path / "broken")
 
 
 @pytest.mark.slow

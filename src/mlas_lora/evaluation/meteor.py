@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
-import subprocess
-import tarfile
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -33,6 +30,7 @@ from pathlib import Path
 import nltk
 from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
+from mlas_lora.data import debian
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.evaluation.metrics import MetricResult, check_segments, unavailable
 from mlas_lora.paths import cache_home, downloads_dir
@@ -83,32 +81,9 @@ def meteor_available() -> tuple[bool, str | None]:
     )
 
 
-def read_ar(data: bytes) -> dict[str, bytes]:
-    """Members of a Unix `ar` archive (the container of a .deb)."""
-    if not data.startswith(b"!<arch>\n"):
-        raise MlasLoraError("not a Debian package: missing the '!<arch>' header")
-    members, pos = {}, 8
-    while pos + 60 <= len(data):
-        header = data[pos : pos + 60]
-        name = header[:16].decode().strip().rstrip("/")
-        size = int(header[48:58].decode().strip())
-        members[name] = data[pos + 60 : pos + 60 + size]
-        pos += 60 + size + (size % 2)  # members are padded to an even offset
-    return members
-
-
 def deb_files(deb: Path) -> dict[str, bytes]:
     """Regular files inside a .deb's data.tar.*, keyed by path without the leading './'."""
-    members = read_ar(deb.read_bytes())
-    names = [n for n in members if n.startswith("data.tar")]
-    if not names:
-        raise MlasLoraError(f"{deb}: no data.tar.* member (found {sorted(members)})")
-    try:
-        tar = tarfile.open(fileobj=io.BytesIO(members[names[0]]), mode="r:*")
-    except tarfile.TarError as exc:
-        raise MlasLoraError(f"{deb}: cannot read {names[0]} ({exc}); xz, gz and bz2 are supported") from None
-    with tar:
-        return {m.name.removeprefix("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    return {name.removeprefix("./"): data for name, data in debian.deb_files(deb, "")}
 
 
 def check_lexnames(man_page: bytes | None) -> None:
@@ -121,17 +96,8 @@ def check_lexnames(man_page: bytes | None) -> None:
 
 
 def download_debs(dest: Path) -> list[Path]:
-    """`apt-get download` the WordNet packages into dest (needs up-to-date apt lists: `apt-get update`)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    if shutil.which("apt-get") is None:
-        raise MlasLoraError("apt-get not found: pass prepare_wordnet(from_dir=...) with the two .deb files")
-    proc = subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=dest, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise MlasLoraError(
-            f"apt-get download {' '.join(DEBIAN_PACKAGES)} failed in {dest}: {proc.stderr.strip()[-400:]}; "
-            "run `apt-get update` first, or pass from_dir= with the .deb files"
-        )
-    return find_debs(dest)
+    """`apt-get download` the WordNet packages into dest (reusing cached .debs whose sha256 matches)."""
+    return debian.apt_download(list(DEBIAN_PACKAGES), dest)
 
 
 def find_debs(folder: Path) -> list[Path]:
