@@ -30,6 +30,7 @@ from mlas_lora.awareness.neuron_awareness import SIDES
 from mlas_lora.awareness.scoring import AwarenessScores
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS
+from mlas_lora.stage_files import read_json, require_file
 
 CLASSES_TENSORS = "classes.safetensors"
 CLASSES_META = "classes.json"
@@ -144,14 +145,9 @@ def save_classes(classes: NeuronClasses, directory: str | Path) -> Path:
 def load_classes(directory: str | Path) -> NeuronClasses:
     """Read what `save_classes` wrote."""
     directory = Path(directory)
-    tensor_path, meta_path = directory / CLASSES_TENSORS, directory / CLASSES_META
-    for path in (tensor_path, meta_path):
-        if not path.is_file():
-            raise MlasLoraError(f"missing classification file {path} (run the classify stage first)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise MlasLoraError(f"{meta_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    tensor_path = require_file(directory / CLASSES_TENSORS, "classify")
+    meta_path = directory / CLASSES_META
+    meta = read_json(meta_path, "classify")
     missing = [k for k in ("lambda", "pairs", "summary") if k not in meta]
     if missing:
         raise MlasLoraError(f"{meta_path}: missing keys {', '.join(missing)}")

@@ -46,6 +46,7 @@ from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS, decoder_layers
 from mlas_lora.prompting import training_ids
+from mlas_lora.stage_files import read_json, require_file
 
 AWARENESS_TENSORS = "awareness.safetensors"
 AWARENESS_META = "awareness.json"
@@ -285,14 +286,8 @@ def save_awareness(scores: AwarenessScores, directory: str | Path) -> Path:
 def load_awareness(directory: str | Path) -> AwarenessScores:
     """Read what `save_awareness` wrote, checking that tensors and metadata agree."""
     directory = Path(directory)
-    tensor_path, meta_path = directory / AWARENESS_TENSORS, directory / AWARENESS_META
-    for path in (tensor_path, meta_path):
-        if not path.is_file():
-            raise MlasLoraError(f"missing awareness file {path} (run the awareness stage first)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise MlasLoraError(f"{meta_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    tensor_path = require_file(directory / AWARENESS_TENSORS, "awareness")
+    meta = read_json(directory / AWARENESS_META, "awareness")
     tensors = load_file(str(tensor_path))
     relevance = tensors.pop("relevance", None)
     _check_loaded(meta, relevance, tensors, tensor_path)

@@ -38,6 +38,7 @@ from mlas_lora.models.arch import (
     describe,
     projection,
 )
+from mlas_lora.stage_files import read_json, require_file
 from mlas_lora.transfer.extract import (
     extract_submatrix,
     general_ranking,
@@ -78,18 +79,18 @@ class AwarenessInputs:
     def __init__(self, awareness_dir: str | Path, classes_dir: str | Path):
         self.phi_path = Path(awareness_dir) / "awareness.safetensors"
         self.cls_path = Path(classes_dir) / "classes.safetensors"
-        info = _read_json(Path(awareness_dir) / "awareness.json")
+        info = read_json(Path(awareness_dir) / "awareness.json", "awareness")
         self.pairs = list(info.get("pairs") or [])
         self.selected_layers = list(info.get("selected_layers") or [])
-        classes_info = _read_json(Path(classes_dir) / "classes.json")
+        classes_info = read_json(Path(classes_dir) / "classes.json", "classify")
         if classes_info.get("pairs", self.pairs) != self.pairs:
             raise MlasLoraError(
                 f"{classes_dir}/classes.json pairs {classes_info['pairs']} differ from "
                 f"{awareness_dir}/awareness.json pairs {self.pairs}"
             )
         self.classes_info = classes_info
-        self._phi = _open(self.phi_path)
-        self._cls = _open(self.cls_path)
+        self._phi = _open(self.phi_path, "awareness")
+        self._cls = _open(self.cls_path, "classify")
 
     def side(self, layer: int, proj: str, side: str) -> tuple[Tensor, Tensor]:
         """(Phi [P, N] float32, class [N] int64) of one side of a teacher projection."""
@@ -105,19 +106,8 @@ class AwarenessInputs:
         return phi, cls
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise MlasLoraError(f"missing {path}; run the awareness stage first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise MlasLoraError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-
-
-def _open(path: Path):
-    if not path.is_file():
-        raise MlasLoraError(f"missing {path}; run the awareness stage first")
-    return safe_open(str(path), framework="pt")
+def _open(path: Path, stage: str):
+    return safe_open(str(require_file(path, stage)), framework="pt")
 
 
 def _get(handle, path: Path, key: str) -> Tensor:
@@ -340,7 +330,7 @@ def _group(path: Path, suffixes: tuple[str, str]) -> dict:
 def load_factors(out_dir: str | Path) -> Factors:
     """Read what save_factors wrote (indices.safetensors is optional)."""
     out_dir = Path(out_dir)
-    meta = _read_json(out_dir / "transfer.json")
+    meta = read_json(out_dir / "transfer.json", "transfer")
     if meta.get("format") != FORMAT:
         raise MlasLoraError(f"{out_dir}/transfer.json: format {meta.get('format')!r}, expected {FORMAT!r}")
     factors_path, indices_path = out_dir / "factors.safetensors", out_dir / "indices.safetensors"
