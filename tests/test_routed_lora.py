@@ -255,3 +255,23 @@ def test_config_and_factor_errors():
         init_from_factors(routed, {(0, "q"): {"en-xx": (torch.zeros(32, 8), torch.zeros(8, 32))}})
     with pytest.raises(MlasLoraError, match="not routed"):
         init_from_factors(routed, {(7, "q"): {}})
+
+
+@pytest.mark.parametrize("mode", ["add", "residual"])
+def test_inference_cache_matches_training_path_and_follows_updates(mode):
+    """No-grad calls use one cached product per layer; it must equal the training path and see updates."""
+    routed = routed_model()
+    init_from_factors(routed, random_factors(routed), mode=mode)
+    inputs = batch()
+
+    def with_grad(ids):
+        with routed.routing(ids):
+            return routed(**inputs).logits.detach()
+
+    assert torch.allclose(logits(routed, [0, 2, 1, 0], inputs), with_grad([0, 2, 1, 0]), atol=1e-5)
+    before = logits(routed, [0, 0, 0, 0], inputs)
+    with torch.no_grad():
+        routed.routed_layers()[(0, "q")].specific["en-de"].B.add_(0.5)  # as an optimizer step would
+    after = logits(routed, [0, 0, 0, 0], inputs)
+    assert (after - before).abs().max() > 1e-4
+    assert torch.allclose(after, with_grad([0, 0, 0, 0]), atol=1e-5)
