@@ -29,5 +29,7 @@ demo: setup  ## builds the corpus and the embedded models once, then runs the ma
 	mlas-lora models prepare qwen2.5-coder-1.5b-instruct
 	mlas-lora run $(CONFIG)
 
-bench: setup
-	$(PYTHON) benchmarks/bench_scoring.py
+bench: setup  ## run one at a time on an otherwise idle machine (see benchmarks/README.md)
+	cd benchmarks && $(PYTHON) bench_scoring.py --model qwen2.5-coder-1.5b-instruct --sentences 8 --tokens 48
+	cd benchmarks && $(PYTHON) bench_training.py
+	cd benchmarks && $(PYTHON) bench_generation.py
