@@ -249,10 +249,10 @@ def train_stage(system: str, config: ExperimentConfig, splits: Splits, run_dir: 
         trainer.fit(resume="auto")
         mark_done(folder, key, time.perf_counter() - start)
     model.eval()
-    context = (lambda batch_pairs: model.routing(batch_pairs)) if routed else None
-    if routed:
-        export_stage(model, config, run_dir / f"adapters-{system}")
-    return model, tokenizer, context
+    if not routed:  # one LoRA for every pair: merged, it decodes at the base model's speed
+        return model.merge_and_unload(), tokenizer, None
+    export_stage(model, config, run_dir / f"adapters-{system}")
+    return model, tokenizer, model.routing
 
 
 def export_stage(model, config: ExperimentConfig, folder: Path, merge: bool = False) -> None:
