@@ -66,6 +66,7 @@ def test_report_holds_every_system_and_direction(tiny_run):
     for system in ("zero-shot", "lora", "mlas-lora"):
         assert f"| {system} |" in text
     assert "mlas-lora | lora | en-de | BLEU" in text
+    assert "Neurons (lambda 0.2): general 0" in text and "no neuron can be general" in text
     records = json.loads((run / "results/test.json").read_text())["records"]
     assert {(r["system"], r["direction"], r["metric"]) for r in records} == {
         (s, d, m)

@@ -250,6 +250,38 @@ def _timing_table(timings: dict, stages: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def method_diagnostics(run_dir: Path) -> str:
+    """What the awareness and transfer stages found: layer selection, neuron classes, fill-ins."""
+    classes, transfer = run_dir / "classes" / "classes.json", run_dir / "transfer" / "transfer.json"
+    if not (classes.is_file() and transfer.is_file()):
+        return ""
+    meta, moved = json.loads(classes.read_text()), json.loads(transfer.read_text())
+    total, pairs = meta["summary"]["total"], meta["pairs"]
+    lines = [
+        "## What the teacher analysis found\n",
+        f"Teacher layers kept (Eq. 1), in order onto the student's: {list(moved['layer_map'].values())}.",
+        f"Neurons (lambda {meta['lambda']}): general {total['general']}, specific "
+        + ", ".join(f"{p} {total['specific'][p]}" for p in pairs)
+        + ".",
+    ]
+    if meta["lambda"] <= 1 / len(pairs):
+        lines.append(
+            f"Note: with {len(pairs)} pairs every neuron's largest share is at least 1/{len(pairs)} = "
+            f"{1 / len(pairs):.2f} >= lambda, so no neuron can be general; the general LoRA is then "
+            "initialised from the neurons of highest average awareness (the fill-in rule). The paper's "
+            "lambda 0.2 was set for 14 pairs."
+        )
+    subs = moved["submatrices"].values()
+    filled = sum(s["filled_rows"] + s["filled_cols"] for s in subs)
+    chosen = sum(s["shape"][0] + s["shape"][1] for s in subs)
+    energy = [s["energy_kept"] for s in subs]
+    lines.append(
+        f"Rows/columns filled from outside their neuron set: {filled / chosen:.1%}; "
+        f"SVD energy kept at rank r: mean {sum(energy) / len(energy):.3f}."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def write_report(config: ExperimentConfig, run_dir: Path, splits: Splits, all_outputs, timings) -> Path:
     """results/{split}.json, significance.json and a Markdown report with Table-1-style tables."""
     from mlas_lora.evaluation.report import markdown_table, significance_table, write_results
@@ -276,6 +308,7 @@ def write_report(config: ExperimentConfig, run_dir: Path, splits: Splits, all_ou
     if comparisons:
         write_json_atomic(run_dir / "significance.json", comparisons)
         sections.append("## Paired bootstrap significance\n\n" + significance_table(comparisons))
+    sections.append(method_diagnostics(run_dir))
     stages_file = run_dir / "stages.json"
     stages = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
     sections.append("## Wall time (this invocation)\n\n" + _timing_table(timings, stages))
