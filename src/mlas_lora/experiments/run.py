@@ -231,6 +231,7 @@ def run_experiment(config: ExperimentConfig, force: bool = False) -> Path:
         start = time.perf_counter()
         translator = None if cached else system_translator(system, splits, config, run_dir, cache)
         all_outputs[system], seconds = translate_all(system, translator, splits, store, key)
+        translator = None  # free this system's model before the next one trains or loads its own
         timings[system] = {
             "translate_s": round(seconds, 1),
             "wall_s": round(time.perf_counter() - start, 1),
