@@ -80,3 +80,28 @@ def test_resume_ends_with_the_same_adapters(tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     start, _ = _run(tmp_path / "c", 0)
     assert any(not torch.equal(start[k], straight[k]) for k in straight), "training must move the adapters"
+
+
+def _run_routed(out_dir, steps, stop_after=None):
+    from mlas_lora.adapters.export import load_routed, save_routed
+    from mlas_lora.adapters.routed_lora import attach_routed_lora
+
+    torch.manual_seed(0)
+    model = attach_routed_lora(tiny_model(), PAIRS, r_gen=4, r_spe=4)
+    config = TrainingConfig(lr=1e-2, micro_batch=4, grad_accum=2, max_steps=steps, checkpoint_every=1)
+    trainer = Trainer(
+        model, tiny_tokenizer(), EXAMPLES, PAIRS, config, out_dir, model.routing,
+        lambda path: save_routed(model, path), lambda path: load_routed(model, path),
+    )  # fmt: skip
+    trainer.fit(progress=False, stop_after=stop_after)
+    return model.lora_state_dict()
+
+
+def test_routed_resume_ends_with_the_same_adapters(tmp_path):
+    straight = _run_routed(tmp_path / "a", 3)
+    _run_routed(tmp_path / "b", 3, stop_after=1)
+    resumed = _run_routed(tmp_path / "b", 3)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    start = _run_routed(tmp_path / "c", 0)
+    assert any(not torch.equal(start[k], straight[k]) for k in straight)
