@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.languages import Direction
 from mlas_lora.models.arch import PROJECTIONS
+from mlas_lora.translation.generate import GenerationConfig
 
 SYSTEMS = (
     "zero-shot",
@@ -58,14 +59,6 @@ class ModelsConfig:
     student: str = "qwen2.5-coder-0.5b-instruct"
     dtype: str = "auto"
     """'auto' (bfloat16 where the CPU supports it), 'bfloat16', 'float32' or 'float16'."""
-
-
-@dataclass
-class GenerationSection:
-    batch_size: int = 8
-    num_beams: int = 1
-    max_new_tokens: int = 256
-    chat: bool | None = None
 
 
 @dataclass
@@ -166,7 +159,7 @@ class ExperimentConfig:
     systems: list[str] = field(default_factory=lambda: ["zero-shot", "in-context"])
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
-    generation: GenerationSection = field(default_factory=GenerationSection)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     awareness: AwarenessConfig = field(default_factory=AwarenessConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

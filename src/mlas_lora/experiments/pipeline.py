@@ -268,12 +268,11 @@ def export_stage(model, config: ExperimentConfig, folder: Path, merge: bool = Fa
 
 def trained_translator(system: str, splits: Splits, config: ExperimentConfig, run_dir: Path):
     """Train (or reload) a system, then translate with it: the experiment's Translator."""
-    from mlas_lora.experiments.run import generation_config
     from mlas_lora.translation.baselines import zero_shot_requests
     from mlas_lora.translation.generate import translate
 
     model, tokenizer, context = train_stage(system, config, splits, run_dir)
-    gen = generation_config(config)
+    gen = config.generation
 
     def run(examples, split: str) -> list[str]:
         return translate(

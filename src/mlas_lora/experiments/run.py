@@ -19,14 +19,7 @@ from mlas_lora.data.records import Example
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import Splits, load_splits
 from mlas_lora.translation.baselines import in_context_requests, zero_shot_requests
-from mlas_lora.translation.generate import GenerationConfig, translate
-
-
-def generation_config(config: ExperimentConfig) -> GenerationConfig:
-    g = config.generation
-    return GenerationConfig(
-        batch_size=g.batch_size, num_beams=g.num_beams, max_new_tokens=g.max_new_tokens, chat=g.chat
-    )
+from mlas_lora.translation.generate import translate
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -93,7 +86,7 @@ def prompting_translator(
     system: str, model, tokenizer, splits: Splits, config: ExperimentConfig
 ) -> Translator:
     """0-shot or 5-shot in-context translation with the untuned student."""
-    gen = generation_config(config)
+    gen = config.generation
 
     def run(examples: list[Example], split: str) -> list[str]:
         if system == "zero-shot":
