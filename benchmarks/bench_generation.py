@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_training import DEFAULT_MODEL, DEFAULT_PAIRS, load_base, pair_examples
+from bench_training import common_arguments, load_base, pair_examples
 
 from mlas_lora.adapters.export import export_peft_adapters
 from mlas_lora.adapters.routed_lora import attach_routed_lora
@@ -117,12 +117,7 @@ def interleaved(runs: dict, repeats: int, warmup: int) -> tuple[dict[str, list[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name or checkpoint dir")
-    parser.add_argument("--tiny", action="store_true", help="use the in-process tiny student instead")
-    parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="comma-separated language pairs")
-    parser.add_argument("--targets", default=",".join(PROJECTIONS), help="projections that get LoRAs")
-    parser.add_argument("--r-gen", type=int, default=8)
-    parser.add_argument("--r-spe", type=int, default=8)
+    common_arguments(parser)
     parser.add_argument("--per-pair", type=int, default=2, help="segments of each pair in the batch")
     parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens per row")
     parser.add_argument("--b-std", type=float, default=0.01, help="std of the random LoRA B factors")

@@ -127,14 +127,19 @@ def interleaved(runs: dict, batches: list[dict], warmup: int) -> dict[str, list[
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both LoRA benchmarks share: which model, which pairs, which LoRAs."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name or checkpoint dir")
     parser.add_argument("--tiny", action="store_true", help="use the in-process tiny student instead")
     parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="comma-separated language pairs")
     parser.add_argument("--targets", default=",".join(PROJECTIONS), help="projections that get LoRAs")
     parser.add_argument("--r-gen", type=int, default=8)
     parser.add_argument("--r-spe", type=int, default=8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_arguments(parser)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, help="per example (default 256; 64 with --tiny)")
     parser.add_argument("--repeats", type=int, default=6, help="measured steps per system")
