@@ -53,14 +53,7 @@ SEEDS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are far faster on one thread; several threads spin against each other when the
-    # machine is shared (a 4x slowdown on a loaded 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +309,7 @@ def test_bad_inputs_raise_clear_errors(tokenizer, tmp_path):
         score(teacher(), tokenizer, {"en-de": []})
     with pytest.raises(MlasLoraError, match="other directions: en-zh"):
         score(teacher(), tokenizer, {"en-de": SEEDS["en-zh"]})
-    with pytest.raises(MlasLoraError, match="missing .*awareness.* \(run the awareness stage first\)"):
+    with pytest.raises(MlasLoraError, match=r"missing .*awareness.* \(run the awareness stage first\)"):
         load_awareness(tmp_path)
     save_awareness(hand_made_scores(), tmp_path)
     with pytest.raises(MlasLoraError, match="phi keys do not match"):

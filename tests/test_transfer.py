@@ -32,13 +32,7 @@ QWEN_15B = ArchInfo("qwen2", 28, 1536, 8960, 12, 2, 128)
 QWEN_05B = ArchInfo("qwen2", 24, 896, 4864, 14, 2, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: extra threads only spin against each other on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- Eq. (4)-(5): ranking by hand
