@@ -171,6 +171,51 @@ def test_residual_mode_equals_base_exactly_at_step_zero(family):
     assert layer.residual and layer.specific["en-de"].B.abs().sum() > 0
 
 
+@pytest.mark.parametrize("path", ["dense", "gathered"])
+def test_residual_mode_equals_base_exactly_with_grad_enabled(path, monkeypatch):
+    """The training forward (autograd on) is function-preserving too, on both paths."""
+    use_path(monkeypatch, path)
+    base, routed = tiny_model(), routed_model()
+    init_from_factors(routed, random_factors(routed), mode="residual")
+    inputs = batch()
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    with routed.routing([0, 1, 2, 1]):
+        out = routed(**inputs).logits
+    assert out.requires_grad and torch.equal(out.detach(), expected)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_folded_residual_product_equals_the_two_products(grad):
+    """[B - B0, B0] ([m, m] ⊙ [A; A - A0] x) == B (m ⊙ A x) - B0 (m ⊙ A0 x), values and gradients."""
+    routed = routed_model()
+    init_from_factors(routed, random_factors(routed), mode="residual")
+    layer = routed.routed_layers()[(1, "up")]
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # move the trainable factors away from their snapshot
+        for block in (layer.general, *layer.specific.values()):
+            block.A.add_(torch.randn(block.A.shape, generator=gen) * 0.1)
+            block.B.add_(torch.randn(block.B.shape, generator=gen) * 0.1)
+    x = torch.randn(3, 4, layer.in_features, generator=gen)
+    ids = [2, 0, 2]
+    expected = []
+    for row, pair_index in enumerate(ids):
+        g, s = layer.factors(PAIRS[pair_index])
+        delta = layer.scaling_gen * (x[row] @ g.A.T @ g.B.T - x[row] @ g.A0.T @ g.B0.T)
+        delta = delta + layer.scaling_spe * (x[row] @ s.A.T @ s.B.T - x[row] @ s.A0.T @ s.B0.T)
+        expected.append(layer.base(x[row]) + delta)
+    expected = torch.stack(expected)
+    with torch.set_grad_enabled(grad), routed.routing(ids):
+        out = layer(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if grad:
+        out.square().sum().backward()
+        got = layer.specific["en-zh"].A.grad.clone()
+        layer.specific["en-zh"].A.grad = None
+        expected.square().sum().backward()
+        torch.testing.assert_close(got, layer.specific["en-zh"].A.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_residual_mode_moves_after_a_step_and_keeps_absent_pair():
     routed = routed_model()
     init_from_factors(routed, random_factors(routed), mode="residual")

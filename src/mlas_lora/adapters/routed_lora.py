@@ -17,9 +17,9 @@ momentum, no weight decay): they stay bitwise unchanged. Trainers must clear gra
 
 Residual mode (function-preserving init, like PiSSA): the specific LoRA differs per pair, so the
 base cannot be corrected once for all pairs. We keep W frozen and unchanged, snapshot the initial
-factors as frozen buffers (A0, B0) and compute W x + [lowrank(x; A, B) - lowrank(x; A0, B0)]. The
-two low-rank terms run through the same kernels on the same input, so at step 0 their difference is
-exactly zero and the student equals the base model bitwise, for every pair.
+factors as frozen buffers (A0, B0) and compute W x + [lowrank(x; A, B) - lowrank(x; A0, B0)], as
+one product of twice the rank written so that every term has a zero factor while A == A0 and
+B == B0 (see `_product_factors`): at step 0 the student equals the base model bitwise, for every pair.
 """
 
 from __future__ import annotations
@@ -241,12 +241,12 @@ class RoutedLoRALinear(nn.Module):
         x = self.dropout(x)
         if not autocast:
             x = x.to(self.general.A.dtype)
-        low_rank = self._dense if len(self.router.present) <= DENSE_MAX_PAIRS else self._gathered
-        if low_rank is self._dense and not torch.is_grad_enabled():
-            return y + self._dense_inference(x, h_dtype).to(y.dtype)
-        delta = low_rank(x, h_dtype, initial=False)
+        if len(self.router.present) <= DENSE_MAX_PAIRS:
+            dense = self._dense_inference if not torch.is_grad_enabled() else self._dense
+            return y + dense(x, h_dtype).to(y.dtype)
+        delta = self._gathered(x, h_dtype, initial=False)
         if self.residual:
-            delta = delta - low_rank(x, h_dtype, initial=True)
+            delta = delta - self._gathered(x, h_dtype, initial=True)
         return y + delta.to(y.dtype)
 
     def _blocks(self, initial: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -256,44 +256,63 @@ class RoutedLoRALinear(nn.Module):
             return [f.A0 for f in blocks], [f.B0 for f in blocks]
         return [f.A for f in blocks], [f.B for f in blocks]
 
-    def _dense(self, x: torch.Tensor, h_dtype, initial: bool) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, h_dtype) -> torch.Tensor:
         """B_cat (mask ⊙ A_cat x): one low-rank product over the general LoRA and the present pairs."""
-        batch = x.shape[0]
-        mask = self.router.mask(
-            batch, self.r_gen, self.r_spe, self.scaling_gen, self.scaling_spe, x.device, h_dtype
-        )
-        mask = mask.view(batch, *([1] * (x.dim() - 2)), mask.shape[-1])
-        a, b = self._blocks(initial)
-        return F.linear(F.linear(x, torch.cat(a)) * mask, torch.cat(b, dim=1))
+        a, b = self._product_factors()
+        return F.linear(F.linear(x, a) * self._mask(x, h_dtype), b)
 
-    def _dense_inference(self, x: torch.Tensor, h_dtype) -> torch.Tensor:
-        """`_dense` (minus its residual twin) as one product, with the concatenated factors cached.
+    def _product_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_cat, B_cat) of the general LoRA and the present pairs, residual mode folded in.
 
-        Generation calls every layer once per token with the same routing and frozen factors, so
-        the concatenation (and, in residual mode, the second product) need not be redone each time.
-        The cache is keyed by the pairs present and the factors' version counters, so an optimizer
-        step or a load invalidates it.
+        Residual mode needs B (m ⊙ A x) - B0 (m ⊙ A0 x). We compute it as one product of twice the
+        rank, [B - B0, B0] ([m, m] ⊙ [A; A - A0] x), which is the same sum but is *exactly* zero while
+        A == A0 and B == B0 (every term has a zero factor), so at step 0 the student equals the base
+        bitwise, and training pays for one pair of GEMMs instead of two.
         """
-        blocks = [self.general] + [self.specific[self.pairs[p]] for p in self.router.present]
-        tensors = [t for f in blocks for t in (f.A, f.B, f.A0, f.B0) if t is not None]
-        key = (self.router.present, h_dtype, x.device, tuple(t._version for t in tensors))
-        cached = getattr(self, "_inference_cache", None)
-        if cached is None or cached[0] != key:
-            a, b = self._blocks(initial=False)
-            if self.residual:
-                a0, b0 = self._blocks(initial=True)
-                a, b = a + a0, b + [-t for t in b0]
-            cached = (key, torch.cat(a).to(h_dtype), torch.cat(b, dim=1).to(h_dtype))
-            self._inference_cache = cached
-        _, a_cat, b_cat = cached
+        a, b = self._blocks(initial=False)
+        a, b = torch.cat(a), torch.cat(b, dim=1)
+        if not self.residual:
+            return a, b
+        a0, b0 = self._frozen_initial()
+        return torch.cat([a, a - a0]), torch.cat([b - b0, b0], dim=1)
+
+    def _mask(self, x: torch.Tensor, h_dtype) -> torch.Tensor:
+        """The router's per-sample mask, doubled in residual mode, shaped to broadcast over x."""
         batch = x.shape[0]
         mask = self.router.mask(
             batch, self.r_gen, self.r_spe, self.scaling_gen, self.scaling_spe, x.device, h_dtype
         )
         if self.residual:
             mask = torch.cat([mask, mask], dim=1)
-        mask = mask.view(batch, *([1] * (x.dim() - 2)), mask.shape[-1])
-        return F.linear(F.linear(x, a_cat) * mask, b_cat)
+        return mask.view(batch, *([1] * (x.dim() - 2)), mask.shape[-1])
+
+    def _frozen_initial(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cat A0, cat B0) over the general LoRA and the present pairs, cached per routing."""
+        a0, b0 = self._blocks(initial=True)
+        key = (self.router.present, tuple(t._version for t in a0 + b0), a0[0].device)
+        cached = getattr(self, "_initial_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.cat(a0), torch.cat(b0, dim=1))
+            self._initial_cache = cached
+        return cached[1], cached[2]
+
+    def _dense_inference(self, x: torch.Tensor, h_dtype) -> torch.Tensor:
+        """`_dense` with the product's factors cached in the compute dtype.
+
+        Generation calls every layer once per token with the same routing and frozen factors, so
+        the concatenation need not be redone each time. The cache is keyed by the pairs present and
+        the factors' version counters, so an optimizer step or a load invalidates it.
+        """
+        blocks = [self.general] + [self.specific[self.pairs[p]] for p in self.router.present]
+        tensors = [t for f in blocks for t in (f.A, f.B, f.A0, f.B0) if t is not None]
+        key = (self.router.present, h_dtype, x.device, tuple(t._version for t in tensors))
+        cached = getattr(self, "_inference_cache", None)
+        if cached is None or cached[0] != key:
+            a, b = self._product_factors()
+            cached = (key, a.to(h_dtype), b.to(h_dtype))
+            self._inference_cache = cached
+        _, a_cat, b_cat = cached
+        return F.linear(F.linear(x, a_cat) * self._mask(x, h_dtype), b_cat)
 
     def _gathered(self, x: torch.Tensor, h_dtype, initial: bool) -> torch.Tensor:
         """General LoRA as one product; each sample's pair factors gathered into a batched matmul."""
