@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlas_lora.awareness.classify import (
+    GENERAL,
+    auto_lambda,
     classification_summary,
     classify_neurons,
     classify_scores,
     load_classes,
+    resolve_lambda,
     save_classes,
 )
 from mlas_lora.awareness.layer_relevance import select_layers
@@ -336,3 +339,21 @@ def test_embedded_teacher_scores_every_layer(tmp_path):
     assert all(p.grad is None for p in model.parameters())
     save_awareness(scores, tmp_path)
     assert load_awareness(tmp_path).selected_layers == scores.selected_layers
+
+
+@pytest.mark.parametrize("pairs, expected", [(14, 0.2), (4, 0.35385), (2, 0.56923), (1, 1.0)])
+def test_auto_lambda_keeps_the_papers_distance_from_uniform(pairs, expected):
+    assert auto_lambda(pairs) == pytest.approx(expected, abs=1e-5)
+    assert resolve_lambda("auto", pairs) == pytest.approx(expected, abs=1e-5)
+
+
+def test_auto_lambda_at_four_pairs_allows_general_neurons():
+    """0.2 with 4 pairs makes every neuron specific; auto leaves the near-uniform ones general."""
+    phi = torch.tensor([[1.0, 4.0], [1.1, 0.1], [0.9, 0.1], [1.0, 0.1]])  # near-uniform, then peaked
+    assert classify_scores(phi, 0.2).tolist() == [1, 0]
+    assert classify_scores(phi, resolve_lambda("auto", 4)).tolist() == [GENERAL, 0]
+
+
+def test_resolve_lambda_rejects_other_strings():
+    with pytest.raises(MlasLoraError, match="'auto'"):
+        resolve_lambda("half", 4)

@@ -42,6 +42,14 @@ def test_every_problem_is_reported_together(tmp_path):
         assert expected in message
 
 
+def test_lambda_is_a_number_or_auto():
+    assert load_config(ExperimentConfig, None, ["awareness.lam=auto"]).awareness.lam == "auto"
+    assert load_config(ExperimentConfig, None, ["awareness.lam=0.3"]).awareness.lam == 0.3
+    for bad in ("half", "1.5"):
+        with pytest.raises(MlasLoraError, match="awareness.lam must be a number in \\(0, 1\\) or 'auto'"):
+            load_config(ExperimentConfig, None, [f"awareness.lam={bad}"])
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(MlasLoraError, match="config file not found"):
         load_config(ExperimentConfig, tmp_path / "nope.yaml")

@@ -90,3 +90,20 @@ def test_rerun_skips_every_stage(tiny_run):
         and p.name not in ("manifest.json", "config.yaml", "test.json", "significance.json", "stages.json")
     ]
     assert changed == []
+
+
+def test_changing_lambda_reclassifies_without_rescoring(tiny_run, tmp_path):
+    from dataclasses import replace
+
+    config, run, _ = tiny_run
+    from mlas_lora.experiments.data import load_splits
+    from mlas_lora.experiments.pipeline import awareness_stage
+
+    scored_stamp = (run / "awareness/awareness.safetensors").stat().st_mtime_ns
+    auto = replace(config, awareness=replace(config.awareness, lam="auto"))
+    _, classes = awareness_stage(auto, load_splits(auto.data, ("dev",)), run)
+    assert (run / "awareness/awareness.safetensors").stat().st_mtime_ns == scored_stamp
+    meta = json.loads((classes / "classes.json").read_text())
+    assert meta["lambda"] == pytest.approx(0.56923, abs=1e-5)  # auto for 2 pairs
+    _, classes = awareness_stage(config, load_splits(config.data, ("dev",)), run)  # back to 0.2
+    assert json.loads((classes / "classes.json").read_text())["lambda"] == 0.2

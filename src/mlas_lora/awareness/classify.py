@@ -8,6 +8,12 @@ If max_i lambda_i > lambda (strictly) the neuron is specific to pair argmax_i (t
 on ties), otherwise it is language-general. A neuron whose total score is 0 is general. Note that
 max_i lambda_i >= 1/P always, so lambda below 1/P makes every scored neuron specific.
 
+The paper's lambda = 0.2 was set for P = 14 pairs, where it sits a fraction
+c = (0.2 - 1/14) / (1 - 1/14) = 0.138 of the way from the uniform share 1/P to a one-hot share 1.
+With fewer pairs a fixed 0.2 stops meaning anything (for P <= 5 no neuron can be general), so
+`lambda: auto` keeps that fraction instead: lambda(P) = 1/P + c (1 - 1/P), which is 0.2 at P = 14,
+0.354 at P = 4 and 0.569 at P = 2. This rule is ours, not the paper's.
+
 Files written by `save_classes(classes, dir)`:
 
     classes.safetensors   class.{l}.{p}.{in|out}  int64 [features]  (-1 general, else pair index)
@@ -35,6 +41,27 @@ from mlas_lora.stage_files import read_json, require_file
 CLASSES_TENSORS = "classes.safetensors"
 CLASSES_META = "classes.json"
 GENERAL = -1
+
+
+PAPER_LAMBDA, PAPER_PAIRS = 0.2, 14
+
+
+def auto_lambda(num_pairs: int) -> float:
+    """lambda for P pairs at the paper's distance from the uniform share (see the module docstring)."""
+    if num_pairs < 1:
+        raise MlasLoraError(f"auto lambda needs at least one pair, got {num_pairs}")
+    uniform, paper_uniform = 1 / num_pairs, 1 / PAPER_PAIRS
+    fraction = (PAPER_LAMBDA - paper_uniform) / (1 - paper_uniform)
+    return uniform + fraction * (1 - uniform)
+
+
+def resolve_lambda(lam: float | str, num_pairs: int) -> float:
+    """A configured lambda: a number as it is, or 'auto' -> `auto_lambda(num_pairs)`."""
+    if lam == "auto":
+        return round(auto_lambda(num_pairs), 6)
+    if isinstance(lam, bool) or not isinstance(lam, int | float):
+        raise MlasLoraError(f"lambda must be a number in [0, 1] or 'auto', got {lam!r}")
+    return float(lam)
 
 
 def class_key(layer: int, proj: str, side: str) -> str:

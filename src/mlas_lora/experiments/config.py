@@ -82,16 +82,18 @@ class AwarenessConfig:
     """Eq. (1)-(2) and the general/specific split (Sec. 3.1)."""
 
     batch_size: int = 8
-    lam: float = 0.2
-    """lambda: a neuron is specific to pair i when its normalised score share exceeds this."""
+    lam: float | str = 0.2
+    """lambda: a neuron is specific to pair i when its normalised score share exceeds this. 'auto'
+    scales the paper's 0.2 (set for 14 pairs) to the number of pairs (awareness.classify.auto_lambda)."""
     selection: str = "mean"
     """Layer selection over pairs: 'mean' of R over pairs."""
     max_tokens: int = 256
 
     def problems(self) -> list[str]:
         out = []
-        if not 0.0 < self.lam < 1.0:
-            out.append(f"awareness.lam must be in (0, 1), got {self.lam}")
+        number = isinstance(self.lam, int | float) and not isinstance(self.lam, bool)
+        if self.lam != "auto" and not (number and 0.0 < self.lam < 1.0):
+            out.append(f"awareness.lam must be a number in (0, 1) or 'auto', got {self.lam!r}")
         if self.selection not in ("mean",):
             out.append(f"awareness.selection: {self.selection!r} (known: mean)")
         return out

@@ -28,6 +28,9 @@ from mlas_lora.experiments.config import ExperimentConfig, LoraConfig
 from mlas_lora.experiments.data import Splits
 from mlas_lora.models.arch import PROJECTION_PATHS, describe
 
+SEED_DATA_FIELDS = ("corpus", "split_names", "directions", "seed_per_direction")
+"""The data settings the awareness stage reads (the seed sentences); train / test sizes are not."""
+
 
 def stage_key(**parts) -> str:
     return config_hash(parts)
@@ -65,39 +68,42 @@ def model_source(name: str):
 
 def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> tuple[Path, Path]:
     """Score the teacher on each pair's seed sentences, then classify the neurons."""
-    from mlas_lora.awareness.classify import classify_neurons, save_classes
-    from mlas_lora.awareness.scoring import save_awareness, score_teacher
+    from mlas_lora.awareness.classify import classify_neurons, resolve_lambda, save_classes
+    from mlas_lora.awareness.scoring import load_awareness, save_awareness, score_teacher
     from mlas_lora.models.loading import load_config, load_model, resolve_source
 
     scored, classes = run_dir / "awareness", run_dir / "classes"
+    seeds = {k: v for k, v in to_dict(config.data).items() if k in SEED_DATA_FIELDS}
     key = stage_key(
         teacher=config.models.teacher,
         student=config.models.student,
         dtype=config.models.dtype,
-        data=to_dict(config.data),
-        awareness=to_dict(config.awareness),
+        data=seeds,
+        awareness={k: v for k, v in to_dict(config.awareness).items() if k != "lam"},
     )
-    if stage_done(scored, key) and stage_done(classes, key):
-        return scored, classes
-    start = time.perf_counter()
-    student_layers = describe(load_config(*resolve_source(config.models.student))).num_layers
-    teacher, tokenizer = load_model(config.models.teacher, dtype=config.models.dtype)
-    scores = score_teacher(
-        teacher,
-        tokenizer,
-        splits.dev,
-        batch_size=config.awareness.batch_size,
-        dtype=teacher.dtype,
-        num_student_layers=student_layers,
-    )
-    del teacher
-    _fresh(scored)
-    save_awareness(scores, scored)
-    mark_done(scored, key, time.perf_counter() - start)
-    start = time.perf_counter()
-    _fresh(classes)
-    save_classes(classify_neurons(scores, lam=config.awareness.lam), classes)
-    mark_done(classes, key, time.perf_counter() - start)
+    lam = resolve_lambda(config.awareness.lam, len(config.data.directions))
+    classes_key = stage_key(scores=key, lam=lam)
+    if not stage_done(scored, key):
+        start = time.perf_counter()
+        student_layers = describe(load_config(*resolve_source(config.models.student))).num_layers
+        teacher, tokenizer = load_model(config.models.teacher, dtype=config.models.dtype)
+        scores = score_teacher(
+            teacher,
+            tokenizer,
+            splits.dev,
+            batch_size=config.awareness.batch_size,
+            dtype=teacher.dtype,
+            num_student_layers=student_layers,
+        )
+        del teacher
+        _fresh(scored)
+        save_awareness(scores, scored)
+        mark_done(scored, key, time.perf_counter() - start)
+    if not stage_done(classes, classes_key):
+        start = time.perf_counter()
+        _fresh(classes)
+        save_classes(classify_neurons(load_awareness(scored), lam=lam), classes)
+        mark_done(classes, classes_key, time.perf_counter() - start)
     return scored, classes
 
 
@@ -109,7 +115,7 @@ def transfer_stage(config: ExperimentConfig, splits: Splits, run_dir: Path):
     folder = run_dir / "transfer"
     lora = config.lora
     key = stage_key(
-        awareness=json.loads((scored / "stage.json").read_text())["key"],
+        classes=json.loads((classes / "stage.json").read_text())["key"],
         r_gen=lora.r_gen,
         r_spe=lora.r_spe,
         targets=list(lora.targets),

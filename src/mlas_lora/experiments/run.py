@@ -263,7 +263,7 @@ def method_diagnostics(run_dir: Path) -> str:
             f"Note: with {len(pairs)} pairs every neuron's largest share is at least 1/{len(pairs)} = "
             f"{1 / len(pairs):.2f} >= lambda, so no neuron can be general; the general LoRA is then "
             "initialised from the neurons of highest average awareness (the fill-in rule). The paper's "
-            "lambda 0.2 was set for 14 pairs."
+            "lambda 0.2 was set for 14 pairs; `awareness.lam: auto` scales it to the number of pairs."
         )
     subs = moved["submatrices"].values()
     filled = sum(s["filled_rows"] + s["filled_cols"] for s in subs)
