@@ -320,3 +320,37 @@ def test_inference_cache_matches_training_path_and_follows_updates(mode):
     after = logits(routed, [0, 0, 0, 0], inputs)
     assert (after - before).abs().max() > 1e-4
     assert torch.allclose(after, with_grad([0, 0, 0, 0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["add", "residual"])
+def test_merged_pair_equals_routed_pair_and_restores_weights(mode):
+    routed = routed_model()
+    init_from_factors(routed, random_factors(routed), mode=mode, teacher_scale=0.5)
+    with torch.no_grad():  # residual: move away from the snapshot so the merged update is not zero
+        for layer in routed.routed_layers().values():
+            layer.specific["en-fi"].B.add_(0.05)
+    inputs = batch()
+    weights = {k: v.clone() for k, v in routed.model.state_dict().items() if k.endswith("base.weight")}
+    expected = logits(routed, [1, 1, 1, 1], inputs)
+    other = logits(routed, [0, 0, 0, 0], inputs)
+    with routed.merged("en-fi"), torch.no_grad():
+        merged = routed(**inputs).logits  # no routing needed inside
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(merged, other, atol=1e-3)
+    for key, value in routed.model.state_dict().items():
+        if key in weights:
+            assert torch.equal(value, weights[key]), key
+    assert torch.equal(logits(routed, [1, 1, 1, 1], inputs), expected)
+
+
+def test_merged_restores_weights_after_an_error_and_rejects_unknown_pairs():
+    routed = routed_model()
+    init_from_factors(routed, random_factors(routed), mode="add")
+    weight = routed.routed_layers()[(0, "q")].base.weight
+    before = weight.clone()
+    with pytest.raises(RuntimeError, match="boom"), routed.merged("en-de"):
+        assert not torch.equal(weight, before)
+        raise RuntimeError("boom")
+    assert torch.equal(weight, before) and routed.routed_layers()[(0, "q")].merged_pair is None
+    with pytest.raises(MlasLoraError, match="unknown pair 'en-xx'"), routed.merged("en-xx"):
+        pass

@@ -41,17 +41,6 @@ WEIGHTS = "routed_lora.safetensors"
 FORMAT = "mlas-lora-routed/1"
 
 
-def pair_update(layer: RoutedLoRALinear, pair: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B [out, R], A [R, in]) with B A equal to pair's total update of this layer, scalings folded in."""
-    blocks = [(layer.scaling_gen, layer.general), (layer.scaling_spe, layer.specific[pair])]
-    bs = [s * f.B.detach() for s, f in blocks]
-    as_ = [f.A.detach() for _, f in blocks]
-    if layer.residual:
-        bs += [-s * f.B0 for s, f in blocks]
-        as_ += [f.A0 for _, f in blocks]
-    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
-
-
 def serving_rank(rank: int, pad: bool = True) -> int:
     """The rank to export: `rank` itself if vLLM allows it, else (pad) the next allowed one."""
     if rank in VLLM_LORA_RANKS:
@@ -89,7 +78,7 @@ def export_peft_adapters(
     for pair in routed.lora_config.pairs:
         tensors = {}
         for layer in layers.values():
-            b, a = _padded(*pair_update(layer, pair), rank)
+            b, a = _padded(*layer.pair_update(pair), rank)
             prefix = f"base_model.model.{names[id(layer)]}"
             tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
             tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
@@ -135,9 +124,7 @@ def _save_merged(routed: RoutedLoRAModel, pair: str, folder: Path, tokenizer) ->
     routed_names = set(_module_names(routed).values())
     merged = {}
     for layer in routed.routed_layers().values():
-        b, a = pair_update(layer, pair)
-        weight = layer.base.weight
-        merged[id(weight)] = (weight.float() + b.float() @ a.float()).to(weight.dtype)
+        merged[id(layer.base.weight)] = layer.merged_weight(pair)
     state = {}
     for key, tensor in routed.model.state_dict(keep_vars=True).items():
         name = _unrouted_key(key, routed_names)

@@ -210,6 +210,7 @@ class RoutedLoRALinear(nn.Module):
         self.general = LoRAFactors(*shape, config.r_gen, **kw)
         self.specific = nn.ModuleDict({p: LoRAFactors(*shape, config.r_spe, **kw) for p in config.pairs})
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.merged_pair: str | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -236,6 +237,8 @@ class RoutedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.merged_pair is not None:  # the pair's update is in base.weight (RoutedLoRAModel.merged)
+            return y
         autocast = torch.is_autocast_enabled(x.device.type)
         h_dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.general.A.dtype
         x = self.dropout(x)
@@ -248,6 +251,27 @@ class RoutedLoRALinear(nn.Module):
         if self.residual:
             delta = delta - self._gathered(x, h_dtype, initial=True)
         return y + delta.to(y.dtype)
+
+    def pair_update(self, pair: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B [out, R], A [R, in]) with B A equal to `pair`'s whole update of this layer, scalings in B.
+
+        R = r_gen + r_spe, doubled in residual mode, where the frozen reference is subtracted:
+        A = [A_g; A_i; A0_g; A0_i], B = [s_g B_g, s_s B_i, -s_g B0_g, -s_s B0_i].
+        """
+        blocks = [(self.scaling_gen, self.general), (self.scaling_spe, self.specific[pair])]
+        bs = [s * f.B.detach() for s, f in blocks]
+        as_ = [f.A.detach() for _, f in blocks]
+        if self.residual:
+            bs += [-s * f.B0 for s, f in blocks]
+            as_ += [f.A0 for _, f in blocks]
+        return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+
+    @torch.no_grad()
+    def merged_weight(self, pair: str) -> torch.Tensor:
+        """W + B A of `pair` (computed in float32), in the base weight's dtype."""
+        b, a = self.pair_update(pair)
+        weight = self.base.weight
+        return (weight.float() + b.float() @ a.float()).to(weight.dtype)
 
     def _blocks(self, initial: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """A and B of the general LoRA, then of each pair present in the batch (A0 / B0 if initial)."""
@@ -366,6 +390,30 @@ class RoutedLoRAModel(nn.Module):
             yield self
         finally:
             self.router.restore(saved)
+
+    @contextmanager
+    def merged(self, pair: str) -> Iterator[RoutedLoRAModel]:
+        """Inference for one pair at the base model's speed: its update is merged into the weights.
+
+        Inside the block every routed layer computes (W + B A) x with the pair's general + specific
+        update folded into W (in W's dtype, like PEFT's merge) and ignores the routing; on exit the
+        original weights are put back bitwise. Not for training: the LoRAs get no gradient here.
+        """
+        if pair not in self.lora_config.pairs:
+            raise MlasLoraError(f"merged: unknown pair {pair!r}; pairs are {list(self.lora_config.pairs)}")
+        originals = {}
+        try:
+            with torch.no_grad():
+                for layer in self.routed_layers().values():
+                    originals[layer] = layer.base.weight.detach().clone()
+                    layer.base.weight.copy_(layer.merged_weight(pair))
+                    layer.merged_pair = pair
+            yield self
+        finally:
+            with torch.no_grad():
+                for layer, weight in originals.items():
+                    layer.base.weight.copy_(weight)
+                    layer.merged_pair = None
 
     def lora_parameters(self, pair: str | None = None) -> Iterator[nn.Parameter]:
         """Trainable parameters: all of them, or (pair given) the general LoRAs and that pair's."""
