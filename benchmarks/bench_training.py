@@ -84,9 +84,7 @@ def routed_system(args, pairs: list[str]):
     targets = [t for t in PROJECTIONS if t in args.targets.split(",")]
     routed = attach_routed_lora(model, pairs, targets, args.r_gen, args.r_spe, 16.0, 16.0)
     if args.residual:  # residual mode's cost does not depend on where the factors came from
-        for layer in routed.routed_layers().values():
-            for block in (layer.general, *layer.specific.values()):
-                block.snapshot()
+        routed.freeze_initial()
     return routed.train(), list(routed.lora_parameters()), routed.routing, tokenizer
 
 

@@ -186,9 +186,7 @@ def load_routed(model, path) -> RoutedLoRAModel:
             f"{Path(path) / MANIFEST}: saved config {config} does not match the model's {model.lora_config}"
         )
     if manifest["residual"]:
-        for layer in model.routed_layers().values():
-            for block in (layer.general, *layer.specific.values()):
-                block.snapshot()
+        model.freeze_initial()
     _copy_into(model, load_file(str(Path(path) / WEIGHTS)), Path(path) / WEIGHTS)
     model.lora_config = config
     return model

@@ -415,6 +415,12 @@ class RoutedLoRAModel(nn.Module):
                     layer.base.weight.copy_(weight)
                     layer.merged_pair = None
 
+    def freeze_initial(self) -> None:
+        """Residual mode: snapshot every LoRA's current factors as its frozen reference (A0, B0)."""
+        for layer in self.routed_layers().values():
+            for block in (layer.general, *layer.specific.values()):
+                block.snapshot()
+
     def lora_parameters(self, pair: str | None = None) -> Iterator[nn.Parameter]:
         """Trainable parameters: all of them, or (pair given) the general LoRAs and that pair's."""
         for layer in self.routed_layers().values():
@@ -516,9 +522,7 @@ def init_from_factors(
                 block, scaling, torch.as_tensor(b), torch.as_tensor(a), teacher_scale, f"{key} {block_name}"
             )
     if mode == "residual":
-        for layer in routed.values():
-            for block in (layer.general, *layer.specific.values()):
-                block.snapshot()
+        model.freeze_initial()
     model.lora_config = replace(model.lora_config, init=mode)
 
 
