@@ -313,12 +313,16 @@ class RoutedLoRALinear(nn.Module):
     def _frozen_initial(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(cat A0, cat B0) over the general LoRA and the present pairs, cached per routing."""
         a0, b0 = self._blocks(initial=True)
-        key = (self.router.present, tuple(t._version for t in a0 + b0), a0[0].device)
-        cached = getattr(self, "_initial_cache", None)
+        key = (self.router.present, a0[0].device, *(t._version for t in a0 + b0))
+        return self._memo("_initial_cache", key, lambda: (torch.cat(a0), torch.cat(b0, dim=1)))
+
+    def _memo(self, attr: str, key: tuple, build: Callable[[], tuple]) -> tuple:
+        """`build()`, kept in `self.<attr>` and reused while `key` (routing, versions) is unchanged."""
+        cached = getattr(self, attr, None)
         if cached is None or cached[0] != key:
-            cached = (key, torch.cat(a0), torch.cat(b0, dim=1))
-            self._initial_cache = cached
-        return cached[1], cached[2]
+            cached = (key, build())
+            setattr(self, attr, cached)
+        return cached[1]
 
     def _dense_inference(self, x: torch.Tensor, h_dtype) -> torch.Tensor:
         """`_dense` with the product's factors cached in the compute dtype.
@@ -329,13 +333,13 @@ class RoutedLoRALinear(nn.Module):
         """
         blocks = [self.general] + [self.specific[self.pairs[p]] for p in self.router.present]
         tensors = [t for f in blocks for t in (f.A, f.B, f.A0, f.B0) if t is not None]
-        key = (self.router.present, h_dtype, x.device, tuple(t._version for t in tensors))
-        cached = getattr(self, "_inference_cache", None)
-        if cached is None or cached[0] != key:
+        key = (self.router.present, h_dtype, x.device, *(t._version for t in tensors))
+
+        def build():
             a, b = self._product_factors()
-            cached = (key, a.to(h_dtype), b.to(h_dtype))
-            self._inference_cache = cached
-        _, a_cat, b_cat = cached
+            return a.to(h_dtype), b.to(h_dtype)
+
+        a_cat, b_cat = self._memo("_inference_cache", key, build)
         return F.linear(F.linear(x, a_cat) * self._mask(x, h_dtype), b_cat)
 
     def _gathered(self, x: torch.Tensor, h_dtype, initial: bool) -> torch.Tensor:
