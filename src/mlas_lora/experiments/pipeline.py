@@ -84,6 +84,7 @@ def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> 
     )
     lam = resolve_lambda(config.awareness.lam, len(config.data.directions))
     classes_key = stage_key(scores=key, lam=lam)
+    scores = None
     if not stage_done(scored, key):
         start = time.perf_counter()
         student_layers = describe(load_config(*resolve_source(config.models.student))).num_layers
@@ -103,7 +104,8 @@ def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> 
     if not stage_done(classes, classes_key):
         start = time.perf_counter()
         _fresh(classes)
-        save_classes(classify_neurons(load_awareness(scored), lam=lam), classes)
+        scores = scores if scores is not None else load_awareness(scored)  # read only when scoring was skipped
+        save_classes(classify_neurons(scores, lam=lam), classes)
         mark_done(classes, classes_key, time.perf_counter() - start)
     return scored, classes
 
