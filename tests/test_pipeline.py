@@ -92,13 +92,13 @@ def test_rerun_skips_every_stage(tiny_run):
     assert changed == []
 
 
-def test_changing_lambda_reclassifies_without_rescoring(tiny_run, tmp_path):
+def test_changing_lambda_reclassifies_without_rescoring(tiny_run):
     from dataclasses import replace
 
-    config, run, _ = tiny_run
     from mlas_lora.experiments.data import load_splits
     from mlas_lora.experiments.pipeline import awareness_stage
 
+    config, run, _ = tiny_run
     scored_stamp = (run / "awareness/awareness.safetensors").stat().st_mtime_ns
     auto = replace(config, awareness=replace(config.awareness, lam="auto"))
     _, classes = awareness_stage(auto, load_splits(auto.data, ("dev",)), run)
