@@ -34,6 +34,7 @@ from mlas_lora.adapters.routed_lora import attach_routed_lora
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS
 from mlas_lora.prompting import build_prompt, prompt_ids
+from mlas_lora.translation.generate import contiguous_head_input
 
 TARGET = 1.0
 
@@ -81,7 +82,7 @@ def generator(model, batch: dict, new_tokens: int, pad_id: int, **extra):
 
     def run():
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), contiguous_head_input(model):
             out = model.generate(**batch, **kwargs, **extra)
         elapsed = time.perf_counter() - start
         generated = out[:, batch["input_ids"].shape[1] :]

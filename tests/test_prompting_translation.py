@@ -9,7 +9,13 @@ from mlas_lora.languages import Direction, paper_directions, parse_directions
 from mlas_lora.prompting import PromptStyle, build_prompt, training_ids
 from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
 from mlas_lora.translation.baselines import in_context_requests, zero_shot_requests
-from mlas_lora.translation.generate import GenerationConfig, TranslationRequest, clean_output, translate
+from mlas_lora.translation.generate import (
+    GenerationConfig,
+    TranslationRequest,
+    clean_output,
+    contiguous_head_input,
+    translate,
+)
 
 
 def test_directions_parse_and_errors():
@@ -133,3 +139,28 @@ def test_batch_context_receives_pairs_of_each_batch():
         progress=False,
     )
     assert seen == [["en-de", "en-fi"]]
+
+
+def test_generation_feeds_the_head_contiguous_input_and_removes_its_hook():
+    """A frozen head must see a contiguous input at prefill (else matmul copies its weight per row)."""
+    model = tiny_model(seed=1, tie_word_embeddings=False).requires_grad_(False)
+    tok = tiny_tokenizer()
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    batch = tok(["hello there, friend", "a"], return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        plain = model.generate(**batch, **kwargs)
+        assert seen[0] is False, "the test relies on transformers giving the head a strided view at prefill"
+        seen.clear()
+        with contiguous_head_input(model):
+            fixed = model.generate(**batch, **kwargs)
+    assert seen and all(seen)
+    assert torch.equal(plain, fixed)
+    assert not head._forward_pre_hooks, "the pre-hook must be removed on exit"
+    seen.clear()
+    requests = [TranslationRequest("en", "de", s) for s in ["a", "hello there, friend", "xyz 123"]]
+    translate(model, tok, requests, GenerationConfig(batch_size=3, max_new_tokens=2), progress=False)
+    assert seen and all(seen), "translate() must use contiguous_head_input"
+    assert not head._forward_pre_hooks

@@ -73,6 +73,7 @@ def test_only_lora_parameters_are_trainable():
     q = routed.routed_layers()[(1, "q")]
     assert q.general.A.shape == (8, 32) and q.specific["en-zh"].B.shape == (32, 8)
     assert not isinstance(routed.model.model.layers[0].self_attn.q_proj, RoutedLoRALinear)
+    assert routed.get_output_embeddings() is routed.model.lm_head  # for translate()'s head hook
 
 
 def _step(routed, optimizer, pair_ids, inputs, zero_grad_to_none=True):

@@ -375,6 +375,9 @@ class RoutedLoRAModel(nn.Module):
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
 
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
     def routed_layers(self) -> dict[tuple[int, str], RoutedLoRALinear]:
         """(layer index, projection) -> routed layer, in model order."""
         layers = decoder_layers(self.model)
