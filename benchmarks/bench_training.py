@@ -5,9 +5,9 @@
 
 Both systems see the same micro-batches of real training examples (the embedded corpus, featurized
 and collated as the trainer does; each micro-batch mixes the pairs in equal shares) and do what
-`Trainer.train_step` does: forward under bf16 autocast (when the model is bf16), masked next-token
-loss, backward, AdamW step, `zero_grad(set_to_none=True)`. LoRA weights are float32 in both (PEFT's
-`autocast_adapter_dtype`). The steps are interleaved (A B, B A, A B, ...) after warm-up steps, so
+`Trainer.train_step` does: forward under bf16 autocast (when the model is bf16), next-token loss
+on the target tokens (logits only there), backward, AdamW step, `zero_grad(set_to_none=True)`.
+LoRA weights are float32 in both (PEFT's `autocast_adapter_dtype`). The steps are interleaved (A B, B A, A B, ...) after warm-up steps, so
 load on the machine hits both alike; the report gives the median step time of each system, the
 ratio of the medians (the target) and the median of the per-batch ratios (paired, for reference).
 
@@ -29,7 +29,7 @@ from mlas_lora.adapters.routed_lora import attach_routed_lora
 from mlas_lora.data.records import Example
 from mlas_lora.models.arch import PROJECTION_PATHS, PROJECTIONS
 from mlas_lora.training.data import collate, featurize
-from mlas_lora.training.trainer import masked_loss
+from mlas_lora.training.loss import predicting_positions, target_loss
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_PAIRS = "en-cs,en-de,en-et,en-fi"
@@ -109,8 +109,12 @@ def step_runner(model, params, route):
         optimizer.zero_grad(set_to_none=True)
         context = route(batch["pair_ids"]) if route else contextlib.nullcontext()
         with context, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        masked_loss(logits, batch["labels"])[0].backward()
+            logits = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                logits_to_keep=predicting_positions(batch["labels"]),
+            ).logits
+        target_loss(logits, batch["labels"])[0].backward()
         optimizer.step()
         return time.perf_counter() - start
 

@@ -29,7 +29,6 @@ from mlas_lora.awareness.layer_relevance import select_layers
 from mlas_lora.awareness.neuron_awareness import NeuronAwarenessTap, phi_key
 from mlas_lora.awareness.scoring import (
     AwarenessScores,
-    WeightedCrossEntropy,
     activation_gradients,
     load_awareness,
     pair_batches,
@@ -165,18 +164,6 @@ def test_down_input_is_rebuilt_not_held(tokenizer, family):
     assert "phi.0.down.in" not in held and {"phi.0.gate.out", "phi.0.up.out", "phi.1.q.in"} <= held
     assert "phi.1.k.in" not in held  # shared with q: held once
     assert tap._saved == {} and tap.buffers["phi.1.down.in"].sum() > 0
-
-
-def test_weighted_cross_entropy_matches_torch_and_gradcheck():
-    torch.manual_seed(0)
-    logits = torch.randn(70, 50, dtype=torch.float64, requires_grad=True)  # 3 chunks of rows
-    labels, weights = torch.randint(0, 50, (70,)), torch.rand(70, dtype=torch.float64)
-    expected = (F.cross_entropy(logits, labels, reduction="none") * weights).sum()
-    torch.testing.assert_close(WeightedCrossEntropy.apply(logits, labels, weights), expected)
-    assert torch.autograd.gradcheck(lambda x: WeightedCrossEntropy.apply(x, labels, weights), (logits,))
-    half = logits.detach().bfloat16().requires_grad_()
-    WeightedCrossEntropy.apply(half, labels, weights.float()).backward()
-    assert half.grad.dtype == torch.bfloat16
 
 
 def test_padding_and_batching_do_not_change_scores(tokenizer):

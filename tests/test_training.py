@@ -1,6 +1,7 @@
 """The training loop: target-only loss, seeded data order, and resume == uninterrupted run."""
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
@@ -8,7 +9,8 @@ from mlas_lora.data.records import Example
 from mlas_lora.experiments.config import TrainingConfig
 from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
 from mlas_lora.training.data import collate, epoch_batches, featurize
-from mlas_lora.training.trainer import Trainer, masked_loss
+from mlas_lora.training.loss import TokenCrossEntropy, predicting_positions, target_loss
+from mlas_lora.training.trainer import Trainer
 
 PAIRS = ["en-de", "en-fi"]
 EXAMPLES = [Example("en", "de", f"hello {i}", f"hallo {i}") for i in range(12)] + [
@@ -24,13 +26,35 @@ def test_labels_cover_target_only():
     assert feature.input_ids[-len(target) :] == target and feature.pair_index == 0
 
 
-def test_masked_loss_ignores_prompt_and_padding():
-    logits = torch.randn(2, 5, 7)
+def test_target_loss_ignores_prompt_and_padding():
+    full = torch.randn(2, 5, 7)
     labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 3, 4]])
-    loss, sums, counts = masked_loss(logits, labels)
-    by_hand = torch.nn.functional.cross_entropy(logits[0, 1:3], labels[0, 2:4], reduction="sum")
-    assert torch.allclose(sums[0], by_hand) and counts.tolist() == [2, 4]
-    assert torch.allclose(loss, sums.sum() / 6)
+    keep = predicting_positions(labels)
+    assert keep.tolist() == [[False, True, True, False, False], [True, True, True, True, False]]
+    loss, sums, counts = target_loss(full[keep], labels)
+    by_hand = [
+        F.cross_entropy(full[0, 1:3], labels[0, 2:4], reduction="sum"),
+        F.cross_entropy(full[1, :4], labels[1, 1:], reduction="sum"),
+    ]
+    torch.testing.assert_close(sums, torch.stack(by_hand))
+    assert counts.tolist() == [2, 4]
+    torch.testing.assert_close(loss, sums.sum() / 6)
+
+
+def test_token_cross_entropy_matches_torch_and_gradcheck():
+    torch.manual_seed(0)
+    logits = torch.randn(70, 50, dtype=torch.float64, requires_grad=True)  # 3 chunks of rows
+    labels = torch.randint(0, 50, (70,))
+    torch.testing.assert_close(
+        TokenCrossEntropy.apply(logits, labels), F.cross_entropy(logits, labels, reduction="none")
+    )
+    weights = torch.rand(70, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: (TokenCrossEntropy.apply(x, labels) * weights).sum(), (logits,))
+    half = logits.detach().bfloat16().requires_grad_()
+    nll = TokenCrossEntropy.apply(half, labels)
+    assert nll.dtype == torch.float32
+    nll.sum().backward()
+    assert half.grad.dtype == torch.bfloat16
 
 
 def test_epoch_order_is_seeded_and_homogeneous_batches_hold_one_pair():

@@ -47,6 +47,7 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS, decoder_layers
 from mlas_lora.prompting import training_ids
 from mlas_lora.stage_files import read_json, require_file
+from mlas_lora.training.loss import TokenCrossEntropy
 
 AWARENESS_TENSORS = "awareness.safetensors"
 AWARENESS_META = "awareness.json"
@@ -125,7 +126,8 @@ def target_loss(model, batch: Batch) -> torch.Tensor:
     """Sum over sentences of each sentence's mean next-token loss on its target tokens.
 
     Logits are computed only at the positions that predict a target token (a boolean
-    `logits_to_keep`), which spares the vocabulary projection at every prompt position.
+    `logits_to_keep`), which spares the vocabulary projection at every prompt position, and the
+    cross-entropy keeps only those logits (`TokenCrossEntropy`).
     """
     predicts = torch.zeros_like(batch.targets)
     predicts[:, :-1] = batch.targets[:, 1:]
@@ -138,40 +140,7 @@ def target_loss(model, batch: Batch) -> torch.Tensor:
     labels = batch.input_ids[:, 1:][batch.targets[:, 1:]]
     per_row = predicts.sum(1).to(torch.float32)
     weights = (1.0 / per_row)[:, None].expand_as(predicts)[predicts]
-    return WeightedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), labels, weights)
-
-
-class WeightedCrossEntropy(torch.autograd.Function):
-    """sum_r w_r * CE(logits_r, label_r), in float32 (or float64) a few rows at a time, keeping only the logits.
-
-    The plain `F.cross_entropy(logits.float())` keeps a float32 log-softmax of every target
-    position for backward and creates two more float32 tensors of that size in backward (about
-    120 MB each for 8 x 24 targets over a 152k vocabulary); here backward recomputes the softmax
-    chunk by chunk and writes the gradient straight into the logits' dtype.
-    """
-
-    CHUNK = 32
-
-    @staticmethod
-    def forward(ctx, logits, labels, weights):
-        ctx.save_for_backward(logits, labels, weights)
-        compute = torch.promote_types(logits.dtype, torch.float32)
-        total = torch.zeros((), dtype=compute, device=logits.device)
-        for rows in torch.arange(logits.shape[0], device=logits.device).split(WeightedCrossEntropy.CHUNK):
-            chunk = logits[rows].to(compute)
-            nll = chunk.logsumexp(-1) - chunk.gather(1, labels[rows, None]).squeeze(1)
-            total += (nll * weights[rows]).sum()
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        logits, labels, weights = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for rows in torch.arange(logits.shape[0], device=logits.device).split(WeightedCrossEntropy.CHUNK):
-            probs = logits[rows].to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
-            probs[torch.arange(len(rows), device=rows.device), labels[rows]] -= 1
-            grad[rows] = (probs * (weights[rows] * grad_total)[:, None]).to(grad.dtype)
-        return grad, None, None
+    return (TokenCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), labels) * weights).sum()
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 For the routed MLAS-LoRA student, `route(pair_ids)` tells every LoRA layer which pair each row
 of the micro-batch belongs to, so only the general LoRA and that pair's LoRA see the sample.
 The loss is the next-token cross-entropy on target tokens only (mean over the micro-batch's
-target tokens). Checkpoints hold the adapters (safetensors, written by `save_adapters`) and the
+target tokens), with logits computed at the target-predicting positions only (`training.loss`). Checkpoints hold the adapters (safetensors, written by `save_adapters`) and the
 training state (optimizer, scheduler, RNG, data position) apart, as torchtune does; a resumed
 run rebuilds the seeded data order and continues from the exact micro-batch it stopped at.
 """
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -30,6 +29,7 @@ from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.config import TrainingConfig
 from mlas_lora.training.data import Feature, collate, epoch_batches, featurize
+from mlas_lora.training.loss import predicting_positions, target_loss
 
 Route = Callable[[torch.Tensor], contextlib.AbstractContextManager]
 
@@ -46,20 +46,6 @@ def total_steps(n_micro_per_epoch: int, config: TrainingConfig) -> int:
     if config.max_steps is not None:
         return config.max_steps
     return max(1, math.ceil(config.epochs * n_micro_per_epoch / config.grad_accum))
-
-
-def masked_loss(
-    logits: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean next-token loss over target tokens, plus per-row loss sums and token counts (float32)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    per_token = F.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
-    )
-    counts = (shift_labels != -100).sum(dim=1)
-    sums = per_token.sum(dim=1)
-    return sums.sum() / counts.sum().clamp(min=1), sums.detach(), counts
 
 
 def newest_checkpoint(out_dir: Path) -> Path | None:
@@ -138,11 +124,14 @@ class Trainer:
     def _forward(self, batch: dict[str, torch.Tensor]):
         device = self.accelerator.device
         route = self.route(batch["pair_ids"].to(device)) if self.route else contextlib.nullcontext()
+        labels = batch["labels"].to(device)
         with route, self.accelerator.autocast():
             out = self.model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                logits_to_keep=predicting_positions(labels),
             )
-        return masked_loss(out.logits, batch["labels"].to(device))
+        return target_loss(out.logits, labels)
 
     def train_step(self, tracker: _PairLoss) -> float:
         self.optimizer.zero_grad(set_to_none=True)  # pairs absent from this step keep grad None
