@@ -46,7 +46,7 @@ def test_lambda_is_a_number_or_auto():
     assert load_config(ExperimentConfig, None, ["awareness.lam=auto"]).awareness.lam == "auto"
     assert load_config(ExperimentConfig, None, ["awareness.lam=0.3"]).awareness.lam == 0.3
     for bad in ("half", "1.5"):
-        with pytest.raises(MlasLoraError, match="awareness.lam must be a number in \\(0, 1\\) or 'auto'"):
+        with pytest.raises(MlasLoraError, match="awareness.lam must be a number in \\[0, 1\\] or 'auto'"):
             load_config(ExperimentConfig, None, [f"awareness.lam={bad}"])
 
 

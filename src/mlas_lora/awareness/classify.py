@@ -55,13 +55,23 @@ def auto_lambda(num_pairs: int) -> float:
     return uniform + fraction * (1 - uniform)
 
 
+def lambda_problem(lam: object) -> str | None:
+    """What is wrong with a configured lambda ('auto' or a number in [0, 1]), or None if nothing.
+
+    The ends are allowed: 0 makes every scored neuron specific, 1 makes every neuron general.
+    """
+    if lam == "auto":
+        return None
+    if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0.0 <= lam <= 1.0:
+        return f"must be a number in [0, 1] or 'auto', got {lam!r}"
+    return None
+
+
 def resolve_lambda(lam: float | str, num_pairs: int) -> float:
     """A configured lambda: a number as it is, or 'auto' -> `auto_lambda(num_pairs)`."""
-    if lam == "auto":
-        return round(auto_lambda(num_pairs), 6)
-    if isinstance(lam, bool) or not isinstance(lam, int | float):
-        raise MlasLoraError(f"lambda must be a number in [0, 1] or 'auto', got {lam!r}")
-    return float(lam)
+    if problem := lambda_problem(lam):
+        raise MlasLoraError(f"lambda {problem}")
+    return round(auto_lambda(num_pairs), 6) if lam == "auto" else float(lam)
 
 
 def class_key(layer: int, proj: str, side: str) -> str:
@@ -93,8 +103,9 @@ def classify_scores(phi: torch.Tensor, lam: float = 0.2) -> torch.Tensor:
 
 def classify_neurons(scores: AwarenessScores, lam: float = 0.2) -> NeuronClasses:
     """Classify every neuron of every scored layer; lambda is the paper's threshold (default 0.2)."""
-    if not 0.0 <= lam <= 1.0:
-        raise MlasLoraError(f"lambda must be in [0, 1], got {lam}")
+    problem = "'auto' must be resolved first (resolve_lambda)" if lam == "auto" else lambda_problem(lam)
+    if problem:
+        raise MlasLoraError(f"lambda {problem}")
     classes = {}
     for key, phi in scores.phi.items():
         _, layer, proj, side = key.split(".")

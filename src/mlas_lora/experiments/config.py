@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mlas_lora.awareness.classify import lambda_problem
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.languages import Direction
 from mlas_lora.models.arch import PROJECTIONS
@@ -91,9 +92,8 @@ class AwarenessConfig:
 
     def problems(self) -> list[str]:
         out = []
-        number = isinstance(self.lam, int | float) and not isinstance(self.lam, bool)
-        if self.lam != "auto" and not (number and 0.0 < self.lam < 1.0):
-            out.append(f"awareness.lam must be a number in (0, 1) or 'auto', got {self.lam!r}")
+        if problem := lambda_problem(self.lam):
+            out.append(f"awareness.lam {problem}")
         if self.selection not in ("mean",):
             out.append(f"awareness.selection: {self.selection!r} (known: mean)")
         return out
