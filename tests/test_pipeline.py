@@ -107,3 +107,19 @@ def test_changing_lambda_reclassifies_without_rescoring(tiny_run):
     assert meta["lambda"] == pytest.approx(0.56923, abs=1e-5)  # auto for 2 pairs
     _, classes = awareness_stage(config, load_splits(config.data, ("dev",)), run)  # back to 0.2
     assert json.loads((classes / "classes.json").read_text())["lambda"] == 0.2
+
+
+def test_changing_test_sizes_retrains_nothing(tiny_run):
+    from dataclasses import replace
+
+    from mlas_lora.experiments.data import load_splits
+    from mlas_lora.experiments.pipeline import train_key, train_stage
+
+    config, run, _ = tiny_run
+    marker = run / "train-mlas-lora/stage.json"
+    stamp = marker.stat().st_mtime_ns
+    bigger = replace(config, data=replace(config.data, test_per_direction=2, ood_per_direction=None, shots=3))
+    train_stage("mlas-lora", bigger, load_splits(bigger.data, ("train", "dev")), run)
+    assert marker.stat().st_mtime_ns == stamp
+    more_data = replace(config, data=replace(config.data, train_per_direction=8))
+    assert train_key("lora", config) == train_key("lora", bigger) != train_key("lora", more_data)

@@ -32,6 +32,9 @@ from mlas_lora.models.arch import PROJECTION_PATHS, describe
 SEED_DATA_FIELDS = ("corpus", "split_names", "directions", "seed_per_direction")
 """The data settings the awareness stage reads (the seed sentences); train / test sizes are not."""
 
+EVAL_DATA_FIELDS = ("test_per_direction", "ood_per_direction", "min_test_words", "shots")
+"""The data settings only evaluation reads: changing them re-runs no training stage."""
+
 
 def stage_key(**parts) -> str:
     return config_hash(parts)
@@ -214,6 +217,18 @@ def _adapter_io(model, routed: bool) -> tuple[Callable[[Path], None], Callable[[
     return save, load
 
 
+def train_key(system: str, config: ExperimentConfig) -> str:
+    """What a training stage depends on: everything but the evaluation-only data settings."""
+    return stage_key(
+        system=system,
+        models=to_dict(config.models),
+        data={k: v for k, v in to_dict(config.data).items() if k not in EVAL_DATA_FIELDS},
+        lora=to_dict(effective_lora(system, config)),
+        training=to_dict(config.training),
+        awareness=to_dict(config.awareness),
+    )
+
+
 def train_stage(system: str, config: ExperimentConfig, splits: Splits, run_dir: Path):
     """Build and fine-tune one trained system; returns (model, tokenizer, batch_context or None)."""
     from mlas_lora.training.trainer import Trainer, newest_checkpoint
@@ -226,14 +241,7 @@ def train_stage(system: str, config: ExperimentConfig, splits: Splits, run_dir: 
         model, tokenizer = routed_student(config, effective_lora(system, config), pairs, factors)
     else:
         model, tokenizer = peft_student(config)
-    key = stage_key(
-        system=system,
-        models=to_dict(config.models),
-        data=to_dict(config.data),
-        lora=to_dict(effective_lora(system, config)),
-        training=to_dict(config.training),
-        awareness=to_dict(config.awareness),
-    )
+    key = train_key(system, config)
     save, load = _adapter_io(model, routed)
     if stage_done(folder, key):
         load(newest_checkpoint(folder) / "adapters")
