@@ -4,7 +4,8 @@
     memory awareness pass peak RSS / inference peak RSS     target <= 1.3
 
 "plain forward+backward" is the same target-side loss and backward with the same frozen weights
-(activation gradients only), so the time ratio is the cost of the hooks; a training-style
+(activation gradients only, the model's own MLP forward), so the time ratio is the cost of the hooks
+and of recomputing the MLP activation in backward (`scoring_mode`); a training-style
 backward (weight gradients too) is timed for reference. Times are the minimum over interleaved
 repeats in one process (the minimum is the least disturbed by other load on the machine). Memory
 is measured in a fresh subprocess per mode: peak RSS (VmHWM, reset after loading the model so
@@ -31,7 +32,13 @@ import torch
 
 from mlas_lora.awareness.layer_relevance import LayerRelevanceTap
 from mlas_lora.awareness.neuron_awareness import NeuronAwarenessTap
-from mlas_lora.awareness.scoring import Batch, _score_batch, activation_gradients, target_loss
+from mlas_lora.awareness.scoring import (
+    Batch,
+    _score_batch,
+    activation_gradients,
+    scoring_mode,
+    target_loss,
+)
 from mlas_lora.models.arch import decoder_layers
 
 MODES = ("score", "fwdbwd", "train", "infer")
@@ -63,7 +70,7 @@ def runner(model, mode: str):
         taps = LayerRelevanceTap(layers, 1), NeuronAwarenessTap(layers, 1)
 
         def run(batch):
-            with activation_gradients(model):
+            with scoring_mode(model):
                 _score_batch(model, batch, 0, *taps)
 
         return run

@@ -32,8 +32,10 @@ from mlas_lora.awareness.scoring import (
     activation_gradients,
     load_awareness,
     pair_batches,
+    recomputed_mlp_activation,
     save_awareness,
     score_teacher,
+    scoring_mode,
     target_loss,
 )
 from mlas_lora.data.records import Example
@@ -121,7 +123,7 @@ def reference_phi(model, tokenizer, examples):
     return totals
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gemma2"])
 def test_relevance_and_phi_match_independent_computation(tokenizer, family):
     model = teacher(family)
     scores = score(model, tokenizer, batch_size=2)
@@ -164,6 +166,37 @@ def test_down_input_is_rebuilt_not_held(tokenizer, family):
     assert "phi.0.down.in" not in held and {"phi.0.gate.out", "phi.0.up.out", "phi.1.q.in"} <= held
     assert "phi.1.k.in" not in held  # shared with q: held once
     assert tap._saved == {} and tap.buffers["phi.1.down.in"].sum() > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gemma2"])
+def test_scoring_mode_recomputes_the_mlp_activation_instead_of_keeping_it(tokenizer, family):
+    model = teacher(family)
+    batch = pair_batches(tokenizer, SEEDS["en-de"], 3)[0]
+    width = model.config.intermediate_size
+
+    def saved_mlp_wide(context):
+        """How many activations of the MLP's width autograd keeps for backward, and the input's gradient."""
+        count = 0
+
+        def pack(t):
+            nonlocal count
+            count += t.dim() == 3 and t.shape[-1] == width  # [batch, seq, width]; weights are 2-D
+            return t
+
+        with context, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_()
+            out = model(inputs_embeds=hidden, attention_mask=batch.tokens.long()).logits.sum()
+        out.backward()
+        return count, hidden.grad
+
+    plain_count, plain_grad = saved_mlp_wide(activation_gradients(model))
+    light_count, light_grad = saved_mlp_wide(scoring_mode(model))
+    layers = len(decoder_layers(model))
+    assert plain_count == 3 * layers and light_count == 2 * layers  # gate, up (and no longer act(gate))
+    torch.testing.assert_close(light_grad, plain_grad, rtol=1e-5, atol=1e-6)
+    with recomputed_mlp_activation(model) as patched:
+        assert patched == layers
+    assert all("forward" not in vars(layer.mlp) for layer in decoder_layers(model))
 
 
 def test_padding_and_batching_do_not_change_scores(tokenizer):

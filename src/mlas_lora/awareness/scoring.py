@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from mlas_lora.awareness.layer_relevance import LayerRelevanceTap, select_layers
@@ -166,6 +168,55 @@ def activation_gradients(model) -> Iterator[None]:
         model.train(was_training)
 
 
+GATED_MLPS = frozenset({"Qwen2MLP", "LlamaMLP", "Gemma2MLP", "Gemma3MLP", "MistralMLP", "Qwen3MLP"})
+"""MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked by a test)."""
+
+
+def _act_times_up(act: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return act(gate) * up
+
+
+def _light_mlp_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        product = checkpoint(_act_times_up, mlp.act_fn, gate, up, use_reentrant=False)
+        return mlp.down_proj(product)
+
+    return forward
+
+
+@contextlib.contextmanager
+def recomputed_mlp_activation(model) -> Iterator[int]:
+    """Let backward recompute act(gate) in each gated MLP instead of keeping it; yields how many.
+
+    A gated MLP computes down(act(gate(x)) * up(x)). Autograd keeps gate(x) (for act's backward),
+    act(gate(x)) and up(x) (for the product's), three tensors of the MLP width per token and layer,
+    the largest part of what the awareness pass holds. Checkpointing the product keeps only gate(x)
+    and up(x), which the neuron tap holds anyway, and recomputes act(gate(x)) in backward: the
+    gradients are the same, the projections' hooks see the same tensors. Only MLPs whose forward
+    is exactly that (Qwen2, Llama, Gemma2 and others with gate_proj / up_proj / down_proj / act_fn)
+    are changed; the original forwards come back on exit.
+    """
+    patched = []
+    for layer in decoder_layers(model):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and type(mlp).__name__ in GATED_MLPS and "forward" not in vars(mlp):
+            mlp.forward = _light_mlp_forward(mlp)
+            patched.append(mlp)
+    try:
+        yield len(patched)
+    finally:
+        for mlp in patched:
+            del mlp.forward
+
+
+@contextlib.contextmanager
+def scoring_mode(model) -> Iterator[None]:
+    """How the awareness pass runs the teacher: `activation_gradients` + `recomputed_mlp_activation`."""
+    with activation_gradients(model), recomputed_mlp_activation(model):
+        yield
+
+
 def score_teacher(
     model,
     tokenizer,
@@ -191,7 +242,7 @@ def score_teacher(
     ]
     relevance_tap, neuron_tap = LayerRelevanceTap(layers, len(pairs)), NeuronAwarenessTap(layers, len(pairs))
     try:
-        with activation_gradients(model):
+        with scoring_mode(model):
             for pair_index, batch in tqdm(batches, desc="awareness", unit="batch", disable=not progress):
                 _score_batch(model, batch.to(device), pair_index, relevance_tap, neuron_tap)
     finally:
