@@ -33,6 +33,7 @@ from mlas_lora.awareness.scoring import (
     load_awareness,
     pair_batches,
     recomputed_mlp_activation,
+    recomputed_norms,
     save_awareness,
     score_teacher,
     scoring_mode,
@@ -190,13 +191,18 @@ def test_scoring_mode_recomputes_the_mlp_activation_instead_of_keeping_it(tokeni
         return count, hidden.grad
 
     plain_count, plain_grad = saved_mlp_wide(activation_gradients(model))
-    light_count, light_grad = saved_mlp_wide(scoring_mode(model))
+    with activation_gradients(model):
+        light_count, light_grad = saved_mlp_wide(recomputed_mlp_activation(model))
     layers = len(decoder_layers(model))
     assert plain_count == 3 * layers and light_count == 2 * layers  # gate, up (and no longer act(gate))
     torch.testing.assert_close(light_grad, plain_grad, rtol=1e-5, atol=1e-6)
-    with recomputed_mlp_activation(model) as patched:
-        assert patched == layers
-    assert all("forward" not in vars(layer.mlp) for layer in decoder_layers(model))
+    with scoring_mode(model):  # + recomputed norms (checked without the counting hooks, which clash)
+        hidden = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_()
+        model(inputs_embeds=hidden, attention_mask=batch.tokens.long()).logits.sum().backward()
+    torch.testing.assert_close(hidden.grad, plain_grad, rtol=1e-5, atol=1e-6)
+    with recomputed_mlp_activation(model) as mlps, recomputed_norms(model) as norms:
+        assert mlps == layers and norms >= 2 * layers
+    assert all("forward" not in vars(m) for m in model.modules())
 
 
 def test_padding_and_batching_do_not_change_scores(tokenizer):

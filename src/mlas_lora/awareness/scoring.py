@@ -176,6 +176,11 @@ def _act_times_up(act: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch
     return act(gate) * up
 
 
+def _recomputed_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    forward = type(module).forward
+    return lambda x: checkpoint(forward, module, x, use_reentrant=False)
+
+
 def _light_mlp_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
@@ -211,9 +216,31 @@ def recomputed_mlp_activation(model) -> Iterator[int]:
 
 
 @contextlib.contextmanager
+def recomputed_norms(model) -> Iterator[int]:
+    """Let backward recompute each decoder layer's RMS norms; yields how many norms were changed.
+
+    An RMS norm computes in float32, so autograd keeps a float32 copy of its input (twice the size
+    of the bfloat16 input) per norm, token and layer. Checkpointing the norm keeps its input only
+    and recomputes the rest in backward; gradients are the same.
+    """
+    patched = []
+    for layer in decoder_layers(model):
+        for norm in layer.children():
+            if type(norm).__name__.endswith("RMSNorm") and "forward" not in vars(norm):
+                norm.forward = _recomputed_forward(norm)
+                patched.append(norm)
+    try:
+        yield len(patched)
+    finally:
+        for norm in patched:
+            del norm.forward
+
+
+@contextlib.contextmanager
 def scoring_mode(model) -> Iterator[None]:
-    """How the awareness pass runs the teacher: `activation_gradients` + `recomputed_mlp_activation`."""
-    with activation_gradients(model), recomputed_mlp_activation(model):
+    """How the awareness pass runs the teacher: activation gradients only, MLP activation and norms
+    recomputed in backward (`activation_gradients`, `recomputed_mlp_activation`, `recomputed_norms`)."""
+    with activation_gradients(model), recomputed_mlp_activation(model), recomputed_norms(model):
         yield
 
 
