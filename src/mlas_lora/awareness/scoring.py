@@ -176,6 +176,18 @@ def _act_times_up(act: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch
     return act(gate) * up
 
 
+@contextlib.contextmanager
+def _instance_forwards(replacements: list[tuple[nn.Module, Callable]]) -> Iterator[int]:
+    """Give each module its own forward inside the block (yields how many); class forwards after."""
+    for module, forward in replacements:
+        module.forward = forward
+    try:
+        yield len(replacements)
+    finally:
+        for module, _ in replacements:
+            del module.forward
+
+
 def _recomputed_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     forward = type(module).forward
     return lambda x: checkpoint(forward, module, x, use_reentrant=False)
@@ -202,17 +214,10 @@ def recomputed_mlp_activation(model) -> Iterator[int]:
     is exactly that (Qwen2, Llama, Gemma2 and others with gate_proj / up_proj / down_proj / act_fn)
     are changed; the original forwards come back on exit.
     """
-    patched = []
-    for layer in decoder_layers(model):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is not None and type(mlp).__name__ in GATED_MLPS and "forward" not in vars(mlp):
-            mlp.forward = _light_mlp_forward(mlp)
-            patched.append(mlp)
-    try:
-        yield len(patched)
-    finally:
-        for mlp in patched:
-            del mlp.forward
+    mlps = [getattr(layer, "mlp", None) for layer in decoder_layers(model)]
+    chosen = [m for m in mlps if type(m).__name__ in GATED_MLPS and "forward" not in vars(m)]
+    with _instance_forwards([(mlp, _light_mlp_forward(mlp)) for mlp in chosen]) as count:
+        yield count
 
 
 @contextlib.contextmanager
@@ -223,17 +228,14 @@ def recomputed_norms(model) -> Iterator[int]:
     of the bfloat16 input) per norm, token and layer. Checkpointing the norm keeps its input only
     and recomputes the rest in backward; gradients are the same.
     """
-    patched = []
-    for layer in decoder_layers(model):
-        for norm in layer.children():
-            if type(norm).__name__.endswith("RMSNorm") and "forward" not in vars(norm):
-                norm.forward = _recomputed_forward(norm)
-                patched.append(norm)
-    try:
-        yield len(patched)
-    finally:
-        for norm in patched:
-            del norm.forward
+    norms = [
+        norm
+        for layer in decoder_layers(model)
+        for norm in layer.children()
+        if type(norm).__name__.endswith("RMSNorm") and "forward" not in vars(norm)
+    ]
+    with _instance_forwards([(norm, _recomputed_forward(norm)) for norm in norms]) as count:
+        yield count
 
 
 @contextlib.contextmanager
