@@ -4,9 +4,9 @@
     memory awareness pass peak RSS / inference peak RSS     target <= 1.3
 
 "plain forward+backward" is the same target-side loss and backward with the same frozen weights
-(activation gradients only, the model's own MLP forward), so the time ratio is the cost of the hooks
-and of recomputing the MLP activation in backward (`scoring_mode`); a training-style
-backward (weight gradients too) is timed for reference. Times are the minimum over interleaved
+(activation gradients only, the model's own MLP and norm forwards), so the time ratio is the cost
+of the hooks and of recomputing the MLP activation and the norms in backward (`scoring_mode`); a
+training-style backward (weight gradients too) is timed for reference. Times are the minimum over interleaved
 repeats in one process (the minimum is the least disturbed by other load on the machine). Memory
 is measured in a fresh subprocess per mode: peak RSS (VmHWM, reset after loading the model so
 that loading spikes do not count), and the part above the RSS of the loaded model.

@@ -7,8 +7,8 @@ Both systems see the same micro-batches of real training examples (the embedded 
 and collated as the trainer does; each micro-batch mixes the pairs in equal shares) and do what
 `Trainer.train_step` does: forward under bf16 autocast (when the model is bf16), next-token loss
 on the target tokens (logits only there), backward, AdamW step, `zero_grad(set_to_none=True)`.
-LoRA weights are float32 in both (PEFT's `autocast_adapter_dtype`). The steps are interleaved (A B, B A, A B, ...) after warm-up steps, so
-load on the machine hits both alike; the report gives the median step time of each system, the
+LoRA weights are float32 in both (PEFT's `autocast_adapter_dtype`). The steps are interleaved
+(A B, B A, A B, ...) after warm-up steps, so load on the machine hits both alike; the report gives the median step time of each system, the
 ratio of the medians (the target) and the median of the per-batch ratios (paired, for reference).
 
     python benchmarks/bench_training.py --tiny
@@ -29,7 +29,7 @@ from mlas_lora.adapters.routed_lora import attach_routed_lora
 from mlas_lora.data.records import Example
 from mlas_lora.models.arch import PROJECTION_PATHS, PROJECTIONS
 from mlas_lora.training.data import collate, featurize
-from mlas_lora.training.loss import predicting_positions, target_loss
+from mlas_lora.training.loss import IGNORE, predicting_positions, target_loss
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_PAIRS = "en-cs,en-de,en-et,en-fi"
@@ -112,7 +112,7 @@ def step_runner(model, params, route):
             logits = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
-                logits_to_keep=predicting_positions(batch["labels"]),
+                logits_to_keep=predicting_positions(batch["labels"] != IGNORE),
             ).logits
         target_loss(logits, batch["labels"])[0].backward()
         optimizer.step()

@@ -29,7 +29,7 @@ def test_labels_cover_target_only():
 def test_target_loss_ignores_prompt_and_padding():
     full = torch.randn(2, 5, 7)
     labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 3, 4]])
-    keep = predicting_positions(labels)
+    keep = predicting_positions(labels != -100)
     assert keep.tolist() == [[False, True, True, False, False], [True, True, True, True, False]]
     loss, sums, counts = target_loss(full[keep], labels)
     by_hand = [

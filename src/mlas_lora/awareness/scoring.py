@@ -49,7 +49,7 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS, decoder_layers
 from mlas_lora.prompting import training_ids
 from mlas_lora.stage_files import read_json, require_file
-from mlas_lora.training.loss import TokenCrossEntropy
+from mlas_lora.training.loss import TokenCrossEntropy, predicting_positions
 
 AWARENESS_TENSORS = "awareness.safetensors"
 AWARENESS_META = "awareness.json"
@@ -131,8 +131,7 @@ def target_loss(model, batch: Batch) -> torch.Tensor:
     `logits_to_keep`), which spares the vocabulary projection at every prompt position, and the
     cross-entropy keeps only those logits (`TokenCrossEntropy`).
     """
-    predicts = torch.zeros_like(batch.targets)
-    predicts[:, :-1] = batch.targets[:, 1:]
+    predicts = predicting_positions(batch.targets)
     logits = model(
         input_ids=batch.input_ids,
         attention_mask=batch.tokens.long(),

@@ -107,9 +107,8 @@ def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> 
     if not stage_done(classes, classes_key):
         start = time.perf_counter()
         _fresh(classes)
-        scores = (
-            scores if scores is not None else load_awareness(scored)
-        )  # read only when scoring was skipped
+        if scores is None:  # scoring was skipped: read its files
+            scores = load_awareness(scored)
         save_classes(classify_neurons(scores, lam=lam), classes)
         mark_done(classes, classes_key, time.perf_counter() - start)
     return scored, classes

@@ -44,10 +44,13 @@ class TokenCrossEntropy(torch.autograd.Function):
         return grad, None
 
 
-def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
-    """[batch, seq] bool: positions whose next token is a target (pass as `logits_to_keep`)."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE
+def predicting_positions(targets: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool: positions whose next token is a target (pass as `logits_to_keep`).
+
+    `targets` is the [batch, seq] bool mask of target tokens (`labels != IGNORE` for labels).
+    """
+    keep = torch.zeros_like(targets, dtype=torch.bool)
+    keep[:, :-1] = targets[:, 1:]
     return keep
 
 
@@ -56,7 +59,7 @@ def target_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean next-token loss over the target tokens, plus per-row loss sums and token counts (float32).
 
-    `logits` are [targets, vocab], the model's output at `predicting_positions(labels)` in row-major
+    `logits` are [targets, vocab], the model's output at `predicting_positions(labels != IGNORE)`, in row-major
     order (what a boolean `logits_to_keep` returns); `labels` are [batch, seq] with IGNORE off target.
     """
     shifted = labels[:, 1:]

@@ -3,9 +3,10 @@
 For the routed MLAS-LoRA student, `route(pair_ids)` tells every LoRA layer which pair each row
 of the micro-batch belongs to, so only the general LoRA and that pair's LoRA see the sample.
 The loss is the next-token cross-entropy on target tokens only (mean over the micro-batch's
-target tokens), with logits computed at the target-predicting positions only (`training.loss`). Checkpoints hold the adapters (safetensors, written by `save_adapters`) and the
-training state (optimizer, scheduler, RNG, data position) apart, as torchtune does; a resumed
-run rebuilds the seeded data order and continues from the exact micro-batch it stopped at.
+target tokens), with logits computed at the target-predicting positions only (`training.loss`).
+Checkpoints hold the adapters (safetensors, written by `save_adapters`) and the training state
+(optimizer, scheduler, RNG, data position) apart, as torchtune does; a resumed run rebuilds the seeded data
+order and continues from the exact micro-batch it stopped at.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.config import TrainingConfig
 from mlas_lora.training.data import Feature, collate, epoch_batches, featurize
-from mlas_lora.training.loss import predicting_positions, target_loss
+from mlas_lora.training.loss import IGNORE, predicting_positions, target_loss
 
 Route = Callable[[torch.Tensor], contextlib.AbstractContextManager]
 
@@ -129,7 +130,7 @@ class Trainer:
             out = self.model(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
-                logits_to_keep=predicting_positions(labels),
+                logits_to_keep=predicting_positions(labels != IGNORE),
             )
         return target_loss(out.logits, labels)
 
