@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import builtins
+import itertools
 import json
 import sys
 import types
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,7 +23,7 @@ def write(path, text):
 
 def test_tsv_reads_pairs_and_skips_blank_lines(tmp_path):
     path = write(tmp_path / "d.tsv", "Hello world\tHallo Welt\n\n Good day \tGuten Tag\n")
-    assert read_tsv(path, "en-de") == [
+    assert list(read_tsv(path, "en-de")) == [
         Example("en", "de", "Hello world", "Hallo Welt"),
         Example("en", "de", "Good day", "Guten Tag"),
     ]
@@ -30,14 +32,14 @@ def test_tsv_reads_pairs_and_skips_blank_lines(tmp_path):
 def test_tsv_line_without_tab_names_file_and_line(tmp_path):
     path = write(tmp_path / "d.tsv", "a\tb\nno tab here\n")
     with pytest.raises(MlasLoraError, match=r"d\.tsv, line 2: expected 'source<TAB>reference'.*1 field"):
-        read_tsv(path, "en-de")
+        list(read_tsv(path, "en-de"))
 
 
 def test_tsv_extra_column_and_empty_field_are_errors(tmp_path):
     with pytest.raises(MlasLoraError, match="line 1:.*3 field"):
-        read_tsv(write(tmp_path / "a.tsv", "a\tb\tc\n"), "en-de")
+        list(read_tsv(write(tmp_path / "a.tsv", "a\tb\tc\n"), "en-de"))
     with pytest.raises(MlasLoraError, match="line 1:"):
-        read_tsv(write(tmp_path / "b.tsv", "a\t \n"), "en-de")
+        list(read_tsv(write(tmp_path / "b.tsv", "a\t \n"), "en-de"))
 
 
 def test_jsonl_hf_translation_layout(tmp_path):
@@ -46,7 +48,7 @@ def test_jsonl_hf_translation_layout(tmp_path):
         {"translation": {"en": "Two", "de": "Zwei"}},
     ]
     path = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
-    assert read_jsonl(path, "de-en") == [
+    assert list(read_jsonl(path, "de-en")) == [
         Example("de", "en", "Eine Katze", "One cat"),
         Example("de", "en", "Zwei", "Two"),
     ]
@@ -55,16 +57,16 @@ def test_jsonl_hf_translation_layout(tmp_path):
 def test_jsonl_bad_json_names_line(tmp_path):
     path = write(tmp_path / "d.jsonl", '{"translation": {"en": "a", "de": "b"}}\n{oops\n')
     with pytest.raises(MlasLoraError, match=r"d\.jsonl, line 2: not valid JSON"):
-        read_jsonl(path, "en-de")
+        list(read_jsonl(path, "en-de"))
 
 
 def test_jsonl_missing_language_key_names_line_and_key(tmp_path):
     path = write(tmp_path / "d.jsonl", '{"translation": {"en": "a", "fr": "b"}}\n')
     with pytest.raises(MlasLoraError, match=r"line 1: .*missing or empty language key\(s\) \['de'\]"):
-        read_jsonl(path, "en-de")
+        list(read_jsonl(path, "en-de"))
     path = write(tmp_path / "e.jsonl", '["not", "an", "object"]\n')
     with pytest.raises(MlasLoraError, match=r"line 1: .*\['en', 'de'\]"):
-        read_jsonl(path, "en-de")
+        list(read_jsonl(path, "en-de"))
 
 
 def test_aligned_from_prefix_and_from_source_file(tmp_path):
@@ -74,22 +76,24 @@ def test_aligned_from_prefix_and_from_source_file(tmp_path):
         Example("en", "de", "Open the file", "Datei öffnen"),
         Example("en", "de", "Close it", "Schließen"),
     ]
-    assert read_aligned(tmp_path / "t", "en-de") == expected
-    assert read_aligned(tmp_path / "t.en", "en-de") == expected
-    assert read_aligned(tmp_path / "t.de", "de-en")[0] == Example("de", "en", "Datei öffnen", "Open the file")
+    assert list(read_aligned(tmp_path / "t", "en-de")) == expected
+    assert list(read_aligned(tmp_path / "t.en", "en-de")) == expected
+    assert list(read_aligned(tmp_path / "t.de", "de-en"))[0] == Example(
+        "de", "en", "Datei öffnen", "Open the file"
+    )
 
 
 def test_aligned_length_mismatch_names_both_files_and_counts(tmp_path):
     write(tmp_path / "t.en", "a\nb\nc\n")
     write(tmp_path / "t.de", "x\ny\n")
     with pytest.raises(MlasLoraError, match=r"t\.en has 3 lines, .*t\.de has 2 lines"):
-        read_aligned(tmp_path / "t", "en-de")
+        list(read_aligned(tmp_path / "t", "en-de"))
 
 
 def test_aligned_missing_file(tmp_path):
     write(tmp_path / "t.en", "a\n")
     with pytest.raises(MlasLoraError, match=r"t\.de does not exist"):
-        read_aligned(tmp_path / "t", "en-de")
+        list(read_aligned(tmp_path / "t", "en-de"))
 
 
 def test_read_examples_dispatches_on_form(tmp_path):
@@ -99,25 +103,25 @@ def test_read_examples_dispatches_on_form(tmp_path):
     write(tmp_path / "c.de", "Hallo\n")
     expected = [Example("en", "de", "Hi there", "Hallo")]
     for spec in ("a.tsv", "b.jsonl", "c", "c.en"):
-        assert read_examples(tmp_path / spec, "en-de") == expected
+        assert list(read_examples(tmp_path / spec, "en-de")) == expected
     with pytest.raises(MlasLoraError, match=r"cannot read data spec .*nothing\.en and nothing\.fi"):
-        read_examples(tmp_path / "nothing", "en-fi")
+        list(read_examples(tmp_path / "nothing", "en-fi"))
 
 
 def test_empty_corpus_is_an_error(tmp_path):
     for name in ("e.tsv", "e.jsonl"):
         with pytest.raises(MlasLoraError, match="holds no examples"):
-            read_examples(write(tmp_path / name, "\n\n"), "en-de")
+            list(read_examples(write(tmp_path / name, "\n\n"), "en-de"))
     write(tmp_path / "e.en", "")
     write(tmp_path / "e.de", "")
     with pytest.raises(MlasLoraError, match="holds no examples"):
-        read_examples(tmp_path / "e", "en-de")
+        list(read_examples(tmp_path / "e", "en-de"))
 
 
 def test_unknown_language_lists_supported_codes(tmp_path):
     path = write(tmp_path / "a.tsv", "a\tb\n")
     with pytest.raises(MlasLoraError, match=r"unknown language code 'xx'; supported: cs \(Czech\)"):
-        read_examples(path, "en-xx")
+        list(read_examples(path, "en-xx"))
 
 
 def _without_datasets(monkeypatch):
@@ -137,9 +141,9 @@ def test_hf_without_datasets_installed_says_how_to_install(monkeypatch):
     with pytest.raises(
         MlasLoraError, match=r"'wmt18' .*needs the optional `datasets` package: pip install 'mlas-lora\[hf\]'"
     ):
-        read_hf("wmt18", "de-en", "test", "de-en")
+        list(read_hf("wmt18", "de-en", "test", "de-en"))
     with pytest.raises(MlasLoraError, match="needs the optional `datasets`"):
-        read_examples("hf:wmt18:de-en:test", "de-en")
+        list(read_examples("hf:wmt18:de-en:test", "de-en"))
 
 
 def _fake_datasets(monkeypatch, load):
@@ -154,7 +158,7 @@ def test_hf_offline_failure_is_a_clear_error(monkeypatch):
     with pytest.raises(
         MlasLoraError, match=r"cannot load .*'wmt18'.*ConnectionError: Couldn't reach .*Offline\?"
     ) as err:
-        read_hf("wmt18", "de-en", "test", "de-en")
+        list(read_hf("wmt18", "de-en", "test", "de-en"))
     assert "long trace" not in str(err.value)
 
 
@@ -164,9 +168,66 @@ def test_hf_translation_and_flores_layouts(monkeypatch):
         "flores": [{"id": 1, "sentence_deu_Latn": "Guten Tag", "sentence_eng_Latn": "Good day"}],
     }
     _fake_datasets(monkeypatch, lambda name, config, split: tables[name])
-    assert read_hf("wmt18", "de-en", "test", "de-en") == [Example("de", "en", "Hallo Welt", "Hello world")]
-    assert read_examples("hf:flores::devtest", "en-de") == [Example("en", "de", "Good day", "Guten Tag")]
+    assert list(read_hf("wmt18", "de-en", "test", "de-en")) == [
+        Example("de", "en", "Hallo Welt", "Hello world")
+    ]
+    assert list(read_examples("hf:flores::devtest", "en-de")) == [
+        Example("en", "de", "Good day", "Guten Tag")
+    ]
     with pytest.raises(MlasLoraError, match=r"row 0: no text for \['zh'\]"):
-        read_hf("flores", None, "devtest", "en-zh")
+        list(read_hf("flores", None, "devtest", "en-zh"))
     with pytest.raises(MlasLoraError, match="expected hf:NAME:CONFIG:SPLIT"):
-        read_examples("hf:wmt18", "de-en")
+        list(read_examples("hf:wmt18", "de-en"))
+
+
+def _many_lines_then_a_bad_one(path, good: int, row, bad: str):
+    with path.open("w", encoding="utf-8") as file:
+        file.writelines(row(i) + "\n" for i in range(good))
+        file.write(bad + "\n")
+    return path
+
+
+def test_readers_stream_lazily(tmp_path):
+    """The first k examples come out without the reader reaching the file's malformed last line;
+    a missing file and misaligned files still fail at the call."""
+    tsv = _many_lines_then_a_bad_one(tmp_path / "d.tsv", 5000, lambda i: f"src {i}\ttgt {i}", "no tab")
+    jsonl = _many_lines_then_a_bad_one(
+        tmp_path / "d.jsonl",
+        5000,
+        lambda i: json.dumps({"translation": {"en": f"s{i}", "de": f"t{i}"}}),
+        "{oops",
+    )
+    _many_lines_then_a_bad_one(tmp_path / "a.en", 5000, lambda i: f"src {i}", "orphan")
+    _many_lines_then_a_bad_one(tmp_path / "a.de", 5000, lambda i: f"tgt {i}", "")
+    for stream in (
+        read_tsv(tsv, "en-de"),
+        read_jsonl(jsonl, "en-de"),
+        read_aligned(tmp_path / "a", "en-de"),
+        read_examples(tsv, "en-de"),
+    ):
+        assert isinstance(stream, Iterator)
+        first = list(itertools.islice(stream, 3))
+        assert [e.reference[-1] for e in first] == ["0", "1", "2"]
+        with pytest.raises(MlasLoraError, match="line 5001"):
+            list(stream)  # the rest of the file is read only now
+    # what can be checked before reading still raises at the call
+    with pytest.raises(MlasLoraError, match=r"missing\.tsv does not exist"):
+        read_tsv(tmp_path / "missing.tsv", "en-de")
+    write(tmp_path / "t.en", "a\nb\nc\n")
+    write(tmp_path / "t.de", "x\ny\n")
+    with pytest.raises(MlasLoraError, match="differ in length"):
+        read_aligned(tmp_path / "t", "en-de")
+
+
+def test_hf_rows_become_examples_one_at_a_time(monkeypatch):
+    read = []
+
+    def rows():
+        for i in range(1000):
+            read.append(i)
+            yield {"translation": {"de": f"Satz {i}", "en": f"Sentence {i}"}}
+
+    _fake_datasets(monkeypatch, lambda name, config, split: rows())
+    stream = read_hf("wmt18", "de-en", "train", "de-en")
+    assert next(stream) == Example("de", "en", "Satz 0", "Sentence 0")
+    assert read == [0]

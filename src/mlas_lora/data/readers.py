@@ -1,14 +1,21 @@
-"""Readers that turn parallel-data files into `Example` lists for one translation direction.
+"""Readers that stream parallel-data files as `Example`s of one translation direction.
 
 Formats: TSV (`source<TAB>reference`), JSONL in the Hugging Face translation layout
 (`{"translation": {"en": ..., "de": ...}}`), aligned plain text (`name.en` + `name.de`, one
 segment per line), Hugging Face `datasets` (optional extra), and the embedded corpus. Every
 problem a user can fix is a `MlasLoraError` naming the file and line.
+
+Each reader returns an iterator that reads a line when the next example is asked for, so a
+WMT18 training set (millions of rows per direction) never sits in a Python list; take a sample
+with `data.sampling`. What can be checked before reading (the file exists, aligned files have the
+same number of lines, the dataset loads) raises at the call; a bad line raises when it is reached,
+and a source without a single example raises at its end.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mlas_lora.data.records import Example
@@ -32,23 +39,41 @@ def _direction(direction: str | Direction) -> Direction:
     return direction if isinstance(direction, Direction) else Direction.parse(direction)
 
 
-def _lines(path: str | Path) -> list[str]:
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise MlasLoraError(f"parallel data file {path} does not exist")
-    return path.read_text(encoding="utf-8").splitlines()
+    return path
 
 
-def _nonempty(examples: list[Example], where: str) -> list[Example]:
-    if not examples:
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines without their line ends, read one at a time (\\n, \\r\\n or \\r ends)."""
+    with path.open(encoding="utf-8") as file:
+        for line in file:
+            yield line.rstrip("\r\n")
+
+
+def _count_lines(path: Path) -> int:
+    with path.open(encoding="utf-8") as file:
+        return sum(1 for _ in file)
+
+
+def _nonempty(examples: Iterable[Example], where: str) -> Iterator[Example]:
+    empty = True
+    for example in examples:
+        empty = False
+        yield example
+    if empty:
         raise MlasLoraError(f"{where} holds no examples")
-    return examples
 
 
-def read_tsv(path: str | Path, direction: str | Direction) -> list[Example]:
+def read_tsv(path: str | Path, direction: str | Direction) -> Iterator[Example]:
     """One `source<TAB>reference` pair per line; blank lines are skipped."""
-    d = _direction(direction)
-    examples = []
+    d, path = _direction(direction), _existing(path)
+    return _nonempty(_tsv_examples(path, d), str(path))
+
+
+def _tsv_examples(path: Path, d: Direction) -> Iterator[Example]:
     for lineno, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
@@ -58,14 +83,16 @@ def read_tsv(path: str | Path, direction: str | Direction) -> list[Example]:
                 f"{path}, line {lineno}: expected 'source<TAB>reference' (2 non-empty tab-separated "
                 f"fields), found {len(fields)} field(s): {line[:60]!r}"
             )
-        examples.append(Example(d.src, d.tgt, fields[0].strip(), fields[1].strip()))
-    return _nonempty(examples, str(path))
+        yield Example(d.src, d.tgt, fields[0].strip(), fields[1].strip())
 
 
-def read_jsonl(path: str | Path, direction: str | Direction) -> list[Example]:
+def read_jsonl(path: str | Path, direction: str | Direction) -> Iterator[Example]:
     """One `{"translation": {src: ..., tgt: ...}}` object per line; blank lines are skipped."""
-    d = _direction(direction)
-    examples = []
+    d, path = _direction(direction), _existing(path)
+    return _nonempty(_jsonl_examples(path, d), str(path))
+
+
+def _jsonl_examples(path: Path, d: Direction) -> Iterator[Example]:
     for lineno, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
@@ -80,8 +107,7 @@ def read_jsonl(path: str | Path, direction: str | Direction) -> list[Example]:
                 f'{path}, line {lineno}: expected {{"translation": {{"{d.src}": ..., "{d.tgt}": ...}}}}, '
                 f"missing or empty language key(s) {missing}"
             )
-        examples.append(Example(d.src, d.tgt, pair[d.src].strip(), pair[d.tgt].strip()))
-    return _nonempty(examples, str(path))
+        yield Example(d.src, d.tgt, pair[d.src].strip(), pair[d.tgt].strip())
 
 
 def aligned_paths(prefix_or_src_path: str | Path, direction: str | Direction) -> tuple[Path, Path]:
@@ -92,29 +118,38 @@ def aligned_paths(prefix_or_src_path: str | Path, direction: str | Direction) ->
     return Path(f"{prefix}.{d.src}"), Path(f"{prefix}.{d.tgt}")
 
 
-def read_aligned(prefix_or_src_path: str | Path, direction: str | Direction) -> list[Example]:
-    """Line i of `prefix.src` is translated by line i of `prefix.tgt`."""
+def read_aligned(prefix_or_src_path: str | Path, direction: str | Direction) -> Iterator[Example]:
+    """Line i of `prefix.src` is translated by line i of `prefix.tgt`.
+
+    The line counts are compared before the first example (one streaming pass over each file), so
+    a misaligned pair of files is an error even when only a sample of it is read.
+    """
     d = _direction(direction)
-    src_path, tgt_path = aligned_paths(prefix_or_src_path, d)
-    sources, references = _lines(src_path), _lines(tgt_path)
-    if len(sources) != len(references):
+    src_path, tgt_path = (_existing(p) for p in aligned_paths(prefix_or_src_path, d))
+    n_src, n_tgt = _count_lines(src_path), _count_lines(tgt_path)
+    if n_src != n_tgt:
         raise MlasLoraError(
-            f"aligned files differ in length: {src_path} has {len(sources)} lines, "
-            f"{tgt_path} has {len(references)} lines"
+            f"aligned files differ in length: {src_path} has {n_src} lines, {tgt_path} has {n_tgt} lines"
         )
-    examples = []
-    for lineno, (s, r) in enumerate(zip(sources, references, strict=True), start=1):
+    return _nonempty(_aligned_examples(src_path, tgt_path, d), f"{src_path} / {tgt_path}")
+
+
+def _aligned_examples(src_path: Path, tgt_path: Path, d: Direction) -> Iterator[Example]:
+    pairs = zip(_lines(src_path), _lines(tgt_path), strict=True)
+    for lineno, (s, r) in enumerate(pairs, start=1):
         if bool(s.strip()) != bool(r.strip()):
             raise MlasLoraError(
                 f"{src_path} / {tgt_path}, line {lineno}: one side is empty, the other is not"
             )
         if s.strip():
-            examples.append(Example(d.src, d.tgt, s.strip(), r.strip()))
-    return _nonempty(examples, f"{src_path} / {tgt_path}")
+            yield Example(d.src, d.tgt, s.strip(), r.strip())
 
 
-def read_hf(name: str, config: str | None, split: str, direction: str | Direction) -> list[Example]:
+def read_hf(name: str, config: str | None, split: str, direction: str | Direction) -> Iterator[Example]:
     """Rows of a Hugging Face dataset: the `translation` layout (WMT) or FLORES `sentence_<code>` columns.
+
+    The dataset is loaded (downloaded, or memory-mapped from the cache) at the call; rows become
+    examples one at a time as they are read.
 
     `datasets` is an optional extra; without it, or when the dataset cannot be reached (offline,
     wrong name/config/split), the error says so and how to proceed instead of a stack trace.
@@ -136,7 +171,7 @@ def read_hf(name: str, config: str | None, split: str, direction: str | Directio
             f"cannot load {where}: {type(err).__name__}: {reason}. Offline? Use a cached copy "
             "(HF_DATASETS_OFFLINE=1) or export the data to a .tsv / .jsonl file"
         ) from None
-    return _nonempty([_hf_example(row, i, d, where) for i, row in enumerate(rows)], where)
+    return _nonempty((_hf_example(row, i, d, where) for i, row in enumerate(rows)), where)
 
 
 def _hf_example(row: dict, index: int, d: Direction, where: str) -> Example:
@@ -149,8 +184,8 @@ def _hf_example(row: dict, index: int, d: Direction, where: str) -> Example:
     return Example(d.src, d.tgt, pair[d.src].strip(), pair[d.tgt].strip())
 
 
-def read_examples(spec: str | Path, direction: str | Direction) -> list[Example]:
-    """Examples from a config's data spec, chosen by its form.
+def read_examples(spec: str | Path, direction: str | Direction) -> Iterator[Example]:
+    """Examples from a config's data spec, chosen by its form, as a stream.
 
     - `path.tsv` or `path.jsonl`: by suffix;
     - `prefix` or `prefix.<src>` with `prefix.<src>` and `prefix.<tgt>` beside it: aligned text;
@@ -169,7 +204,7 @@ def read_examples(spec: str | Path, direction: str | Direction) -> list[Example]
     if text.startswith("embedded:"):
         from mlas_lora.data.embedded import load_embedded  # the corpus module is heavier; load on use
 
-        return _nonempty(load_embedded(d, text.split(":", 1)[1]), text)
+        return _nonempty(iter(load_embedded(d, text.split(":", 1)[1])), text)
     path = Path(text)
     if path.suffix == ".tsv":
         return read_tsv(path, d)

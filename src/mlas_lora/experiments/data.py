@@ -1,4 +1,10 @@
-"""The splits an experiment uses, from the embedded corpus or from a folder of TSV files."""
+"""The splits an experiment uses, from the embedded corpus, a folder of TSV files or a reader spec.
+
+Splits larger than their `*_per_direction` are read as streams and sampled (`data.sample`): a
+seeded reservoir keeps N rows uniformly at random in O(N) memory, in corpus order. The validation
+split, on which hyper-parameters are chosen, is carved from dev after the seed sentences, so it
+shares no source sentence with them; the test split may come from its own corpus (`test_corpus`).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlas_lora.data.records import Example
+from mlas_lora.data.sampling import take
 from mlas_lora.experiments.config import DataConfig
 from mlas_lora.languages import Direction
 
-SPLITS = ("train", "dev", "test", "ood")
+SPLITS = ("train", "dev", "valid", "test", "ood")
 
 
 @dataclass
@@ -18,6 +25,7 @@ class Splits:
 
     train: dict[str, list[Example]] = field(default_factory=dict)
     dev: dict[str, list[Example]] = field(default_factory=dict)
+    valid: dict[str, list[Example]] = field(default_factory=dict)
     test: dict[str, list[Example]] = field(default_factory=dict)
     ood: dict[str, list[Example]] = field(default_factory=dict)
 
@@ -29,6 +37,7 @@ def _limit(config: DataConfig, split: str) -> int | None:
     return {
         "train": config.train_per_direction,
         "dev": config.seed_per_direction,
+        "valid": config.valid_per_direction,
         "test": config.test_per_direction,
         "ood": config.ood_per_direction,
     }[split]
@@ -38,49 +47,97 @@ def _from_embedded(direction: Direction, split: str, config: DataConfig) -> list
     from mlas_lora.data.embedded import load_embedded
 
     min_words = config.min_test_words if split in ("test", "ood") else 0
-    return load_embedded(direction, split, limit=_limit(config, split), min_words=min_words, seed=0)
+    return load_embedded(direction, split, limit=_limit(config, split), min_words=min_words, seed=config.seed)
+
+
+def _corpus_of(split: str, config: DataConfig) -> tuple[str, dict[str, str]]:
+    """The corpus a split is read from and its split names: `test_corpus` for test where set."""
+    if split == "test" and config.test_corpus:
+        return config.test_corpus, {"test": config.test_split}
+    return config.corpus, config.split_names
 
 
 def corpus_spec(direction: Direction, split: str, config: DataConfig) -> str | None:
-    """The reader spec of one split: `corpus` as a template, or `{corpus}/{split}.{src}-{tgt}.tsv`.
+    """The reader spec of one split: its corpus as a template, or `{corpus}/{split}.{src}-{tgt}.tsv`.
 
     Template fields: {src}, {tgt}, {xx} (the non-English side), {split} (mapped through
-    `split_names`), e.g. `hf:wmt18:{xx}-en:{split}` for WMT18 through Hugging Face datasets.
+    `split_names`, or `test_split` in `test_corpus`), e.g. `hf:wmt18:{xx}-en:{split}` for WMT18
+    through Hugging Face datasets. Valid is carved from dev, so its spec is dev's.
     """
-    name = config.split_names.get(split, split)
+    split = "dev" if split == "valid" else split
+    corpus, names = _corpus_of(split, config)
+    name = names.get(split, split)
     if not name:
         return None
-    if "{" not in config.corpus:
-        return str(Path(config.corpus) / f"{name}.{direction}.tsv")
+    if "{" not in corpus:
+        return str(Path(corpus) / f"{name}.{direction}.tsv")
     xx = direction.tgt if direction.src == "en" else direction.src
-    return config.corpus.format(src=direction.src, tgt=direction.tgt, xx=xx, split=name)
+    return corpus.format(src=direction.src, tgt=direction.tgt, xx=xx, split=name)
 
 
 def _english_side(example: Example) -> str:
     return example.reference if example.tgt_lang == "en" else example.source
 
 
+def _long_enough(example: Example, config: DataConfig) -> bool:
+    return len(_english_side(example).split()) >= config.min_test_words
+
+
+def sample_seed(config: DataConfig, split: str, direction: Direction) -> str:
+    """The seed of one split's sample; `en-de` and `de-en` share it, so they draw the same rows."""
+    return f"{config.seed}/{split}/{'-'.join(sorted((direction.src, direction.tgt)))}"
+
+
 def _from_spec(direction: Direction, split: str, config: DataConfig) -> list[Example]:
     from mlas_lora.data.readers import read_examples
 
     spec = corpus_spec(direction, split, config)
-    if spec is None or (split == "ood" and spec.endswith(".tsv") and not Path(spec).is_file()):
+    limit = _limit(config, split)
+    if spec is None or limit == 0 or (split == "ood" and spec.endswith(".tsv") and not Path(spec).is_file()):
         return []
     examples = read_examples(spec, direction)
     if split in ("test", "ood"):
-        examples = [e for e in examples if len(_english_side(e).split()) >= config.min_test_words]
-    limit = _limit(config, split)
-    return examples if limit is None else examples[:limit]
+        examples = (e for e in examples if _long_enough(e, config))
+    return take(examples, limit, config.sample, sample_seed(config, split, direction))
+
+
+def _valid(direction: Direction, config: DataConfig, seeds: list[Example]) -> list[Example]:
+    """Validation segments: dev minus the seed sentences, >= min_test_words, sampled like the rest."""
+    from mlas_lora.data.readers import read_examples
+
+    if config.corpus == "embedded":
+        from mlas_lora.data.embedded import load_embedded
+
+        dev = iter(load_embedded(direction, "dev", min_words=config.min_test_words))
+    else:
+        spec = corpus_spec(direction, "valid", config)
+        if spec is None:
+            return []
+        dev = (e for e in read_examples(spec, direction) if _long_enough(e, config))
+    seen = {e.source for e in seeds}
+    rest = (e for e in dev if e.source not in seen)
+    return take(rest, config.valid_per_direction, config.sample, sample_seed(config, "valid", direction))
+
+
+def _read_split(direction: Direction, split: str, config: DataConfig) -> list[Example]:
+    embedded = _corpus_of(split, config)[0] == "embedded"
+    return (_from_embedded if embedded else _from_spec)(direction, split, config)
 
 
 def load_splits(config: DataConfig, splits=SPLITS) -> Splits:
-    """Load every requested split for every configured direction."""
-    reader = _from_embedded if config.corpus == "embedded" else _from_spec
+    """Load every requested split for every configured direction (valid reads the seeds of dev)."""
     out = Splits()
+    skipped = {"ood": config.ood_per_direction == 0, "valid": not config.valid_per_direction}
     for split in splits:
-        if split == "ood" and config.ood_per_direction == 0:
+        if skipped.get(split):
             continue
         for name in config.directions:
             direction = Direction.parse(name)
-            out.get(split)[str(direction)] = reader(direction, split, config)
+            if split == "valid":
+                seeds = out.dev.get(str(direction))
+                if seeds is None:
+                    seeds = _read_split(direction, "dev", config)
+                out.valid[str(direction)] = _valid(direction, config, seeds)
+            else:
+                out.get(split)[str(direction)] = _read_split(direction, split, config)
     return out
