@@ -9,6 +9,7 @@ from mlas_lora.adapters import routed_lora
 from mlas_lora.adapters.routed_lora import RoutedLoRALinear, attach_routed_lora, init_from_factors
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
+from mlas_lora.transfer.svd_init import svd_factors
 
 PAIRS = ("en-de", "en-fi", "en-zh")
 FAMILIES = ("qwen2", "llama", "gemma2")
@@ -157,6 +158,59 @@ def test_add_mode_equals_hand_computed_update():
     with torch.no_grad(), routed.routing([2, 2]):
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
     assert routed.lora_config.init == "add"
+
+
+def svd_teacher_factors(routed, seed=2):
+    """Eq. (7)-(8) factors (B = U_r S_r, A = V_r^T) of one random 'teacher submatrix' per LoRA."""
+    gen = torch.Generator().manual_seed(seed)
+    factors, subs = {}, {}
+    for key, layer in routed.routed_layers().items():
+        for name, rank in (("general", layer.r_gen), *((p, layer.r_spe) for p in PAIRS)):
+            subs[key, name] = torch.randn(layer.base.weight.shape, generator=gen)
+            b, a, _ = svd_factors(subs[key, name], rank)
+            factors.setdefault(key, {})[name] = (b, a)
+    return factors, subs
+
+
+@pytest.mark.parametrize("mode", ["add", "residual"])
+@pytest.mark.parametrize("teacher_scale", [1.0, 0.1])
+def test_init_keeps_eq8_factors_exactly(mode, teacher_scale):
+    """A = V_r^T (orthonormal rows) and B = U_r S_r teacher_scale / (alpha / r), against a fresh SVD.
+
+    Scalings 4 (general) and 0.5 (specific), so a fold that split the constant between A and B, or
+    left it out, fails; the initial update is teacher_scale x the rank-r SVD of the submatrix.
+    """
+    routed = routed_model(r_gen=8, r_spe=4, alpha_gen=32, alpha_spe=2)
+    factors, subs = svd_teacher_factors(routed)
+    init_from_factors(routed, factors, mode=mode, teacher_scale=teacher_scale)
+    for (key, name), sub in subs.items():
+        layer = routed.routed_layers()[key]
+        block, scaling = (layer.general, 4.0) if name == "general" else (layer.specific[name], 0.5)
+        rank, constant = block.A.shape[0], teacher_scale / scaling
+        b, a = factors[key][name]
+        assert torch.equal(block.A, a) and torch.equal(block.B, b * constant)
+        u, s, vh = (t.float() for t in torch.linalg.svd(sub.double(), full_matrices=False))
+        sign = torch.sign((block.A * vh[:rank]).sum(dim=1))  # singular vectors are unique up to sign
+        torch.testing.assert_close(block.A @ block.A.T, torch.eye(rank), atol=1e-5, rtol=0)
+        torch.testing.assert_close(block.A, sign[:, None] * vh[:rank], atol=5e-5, rtol=0)
+        torch.testing.assert_close(block.B / constant, sign * u[:, :rank] * s[:rank], atol=3e-4, rtol=0)
+        torch.testing.assert_close(
+            scaling * block.B @ block.A,
+            teacher_scale * (u[:, :rank] * s[:rank]) @ vh[:rank],
+            atol=3e-4,
+            rtol=0,
+        )
+        if mode == "residual":
+            assert torch.equal(block.A0, block.A) and torch.equal(block.B0, block.B)
+
+
+def test_init_with_teacher_scale_zero_keeps_a_and_zeroes_b():
+    routed = routed_model(alpha_gen=32)
+    factors, _ = svd_teacher_factors(routed)
+    init_from_factors(routed, factors, mode="add", teacher_scale=0.0)
+    layer = routed.routed_layers()[(1, "down")]
+    assert torch.equal(layer.general.A, factors[(1, "down")]["general"][1])
+    assert torch.equal(layer.specific["en-fi"].B, torch.zeros_like(layer.specific["en-fi"].B))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

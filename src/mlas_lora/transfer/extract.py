@@ -10,6 +10,13 @@ awareness averaged over all pairs; for pair i's LoRA the candidates are the neur
 pair i ranked by pair i's awareness. When a set holds fewer neurons than needed, the best
 remaining neurons by the same ranking fill it, and the count is recorded ("filled").
 
+Fill rules (`FILL_RULES`, config `lora.fill_rule`). A pair with few specific neurons fills from the
+top of its own ranking, which largely overlaps the general init's choice, so the two LoRAs would
+start from nearly the same teacher component. `ranked` (the default) fills by the ranking alone;
+`exclude-general` fills from the neurons the general init of the same matrix side did not choose,
+and takes general ones only when too few others remain (the record then says how many). The pair's
+own specific neurons always come first, even those the general init took by its own fill.
+
 Head rule (attention). The teacher and student differ in heads and head_dim (Qwen2.5-1.5B -> 0.5B:
 q 12 x 128 -> 14 x 64, k/v 2 x 128 -> 2 x 64), so rows of q/k/v and columns of o are chosen with
 the head structure in mind ("gqa-rotary"):
@@ -26,6 +33,11 @@ the head structure in mind ("gqa-rotary"):
   heads per group). Chosen slots are ordered by (teacher head, slot rank).
 * The o projection's columns (its input is the concatenated heads) follow the rule of q's rows,
   scored by o's own input awareness.
+* Under `exclude-general`, a rotary pair holding dims the general init chose (and that are not the
+  pair's candidates) ranks after every other pair with as many candidate dims, and a slot's key
+  counts those dims too (after its candidate count), so a pair's slots take the general init's dims
+  where the group has too few others (1.5B -> 0.5B q: 768 dims a group, 448 chosen by each init, so
+  >= 128 shared), or where a slot taken for its candidate dims carries them along.
 * If the kv group counts differ, a head_dim is odd, the student head_dim exceeds the teacher's, or a
   group has too few slots, the side falls back to plain ranking and the rule says why.
 
@@ -36,6 +48,7 @@ indices (q/k/v/gate/up columns, o/down rows) and MLP-intermediate indices use pl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +59,8 @@ from mlas_lora.models.arch import ArchInfo
 
 PLAIN = "plain"
 HEAD_RULE = "gqa-rotary"
+RANKED, EXCLUDE_GENERAL = "ranked", "exclude-general"
+FILL_RULES = (RANKED, EXCLUDE_GENERAL)
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,7 @@ class Selection:
     n_filled: int  # chosen neurons outside the candidate set
     score: float  # sum of the ranking scores of the chosen neurons
     rule: str  # "plain", "gqa-rotary", or "plain (<why the head rule did not apply>)"
+    n_filled_avoided: int = 0  # filled neurons taken from `avoid` for lack of others
 
 
 @dataclass(frozen=True)
@@ -67,10 +83,14 @@ class HeadLayout:
     head_dim: int
 
 
-def rank_indices(scores: Tensor, candidates_mask: Tensor, k: int) -> tuple[Tensor, int]:
+def rank_indices(
+    scores: Tensor, candidates_mask: Tensor, k: int, avoid: Tensor | None = None
+) -> tuple[Tensor, int]:
     """The k best indices: candidates by descending score, then the best others fill; sorted.
 
-    Ties go to the lower index, so the choice is deterministic. Returns (indices, n_filled).
+    `avoid` (a mask) pushes non-candidates to the end of the fill: they are taken only when the
+    other neurons run out. Ties go to the lower index, so the choice is deterministic. Returns
+    (indices, n_filled).
     """
     n = scores.numel()
     if not 0 <= k <= n:
@@ -78,10 +98,18 @@ def rank_indices(scores: Tensor, candidates_mask: Tensor, k: int) -> tuple[Tenso
     if not torch.isfinite(scores).all():
         raise MlasLoraError("awareness scores contain NaN or inf; recompute the awareness stage")
     by_score = torch.sort(scores, descending=True, stable=True).indices
-    outsider = (~candidates_mask[by_score]).to(torch.int8)
-    order = by_score[torch.sort(outsider, stable=True).indices]
+    tier = fill_tier(candidates_mask, avoid)[by_score]
+    order = by_score[torch.sort(tier, stable=True).indices]
     n_filled = max(0, k - int(candidates_mask.sum()))
     return torch.sort(order[:k]).values, n_filled
+
+
+def fill_tier(candidates_mask: Tensor, avoid: Tensor | None) -> Tensor:
+    """0 for candidates, 1 for other neurons, 2 for non-candidates in `avoid`: the order of the fill."""
+    outsider = (~candidates_mask).to(torch.int8)
+    if avoid is None:
+        return outsider
+    return outsider + (outsider.bool() & avoid).to(torch.int8)
 
 
 def extract_submatrix(weight: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -112,36 +140,50 @@ def head_rule_fallback(teacher: HeadLayout, student: HeadLayout) -> str | None:
     return None
 
 
-def _head_slots(scores: Tensor, mask: Tensor, start: int, t_dim: int, s_dim: int) -> list:
-    """Slots of one teacher head: ((candidate count, score), rows laid out as a student head)."""
+def _head_slots(scores: Tensor, mask: Tensor, avoided: Tensor, start: int, t_dim: int, s_dim: int) -> list:
+    """Slots of one teacher head: ((candidates, -avoided, score), rows laid out as a student head).
+
+    `avoided` marks the non-candidate dims the fill should avoid (all False under the ranked rule).
+    """
     t_half, s_half = t_dim // 2, s_dim // 2
     first = start + torch.arange(t_half)
     pair_score = scores[first] + scores[first + t_half]
     pair_cand = mask[first].to(torch.int64) + mask[first + t_half].to(torch.int64)
+    pair_avoided = avoided[first].to(torch.int64) + avoided[first + t_half].to(torch.int64)
     order = torch.sort(pair_score, descending=True, stable=True).indices
+    order = order[torch.sort(pair_avoided[order], stable=True).indices]
     order = order[torch.sort(pair_cand[order], descending=True, stable=True).indices]
     slots = []
     for j in range(t_half // s_half):
         picked = order[j * s_half : (j + 1) * s_half]
         dims = torch.sort(first[picked]).values
-        key = (int(pair_cand[picked].sum()), float(pair_score[picked].sum()))
+        key = (
+            int(pair_cand[picked].sum()),
+            -int(pair_avoided[picked].sum()),
+            float(pair_score[picked].sum()),
+        )
         slots.append((key, torch.cat([dims, dims + t_half])))
     return slots
 
 
-def select_head_rows(scores: Tensor, mask: Tensor, teacher: HeadLayout, student: HeadLayout) -> Selection:
+def select_head_rows(
+    scores: Tensor, mask: Tensor, teacher: HeadLayout, student: HeadLayout, avoid: Tensor | None = None
+) -> Selection:
     """The head rule (module docstring): best slots of each kv group, one slot per student head."""
+    avoided = fill_tier(mask, avoid) == 2
     chosen = []
     for g in range(teacher.groups):
         offers = []
         for t in range(g * teacher.heads, (g + 1) * teacher.heads):
-            slots = _head_slots(scores, mask, t * teacher.head_dim, teacher.head_dim, student.head_dim)
+            slots = _head_slots(
+                scores, mask, avoided, t * teacher.head_dim, teacher.head_dim, student.head_dim
+            )
             offers += [(key, (t, j), rows) for j, (key, rows) in enumerate(slots)]
-        best = sorted(offers, key=lambda o: (-o[0][0], -o[0][1], o[1]))[: student.heads]
+        best = sorted(offers, key=lambda o: (-o[0][0], -o[0][1], -o[0][2], o[1]))[: student.heads]
         chosen += [rows for _, _, rows in sorted(best, key=lambda o: o[1])]
     indices = torch.cat(chosen)
     n_filled = int((~mask[indices]).sum())
-    return Selection(indices, n_filled, float(scores[indices].sum()), HEAD_RULE)
+    return Selection(indices, n_filled, float(scores[indices].sum()), HEAD_RULE, int(avoided[indices].sum()))
 
 
 def is_head_side(proj: str, side: str) -> bool:
@@ -150,13 +192,26 @@ def is_head_side(proj: str, side: str) -> bool:
 
 
 def select_side(
-    proj: str, side: str, scores: Tensor, mask: Tensor, teacher: ArchInfo, student: ArchInfo
+    proj: str,
+    side: str,
+    scores: Tensor,
+    mask: Tensor,
+    teacher: ArchInfo,
+    student: ArchInfo,
+    avoid: Tensor | None = None,
 ) -> Selection:
-    """Eq. (4) (side "out", rows) or Eq. (5) (side "in", columns) for one projection and one init."""
+    """Eq. (4) (side "out", rows) or Eq. (5) (side "in", columns) for one projection and one init.
+
+    avoid: neurons the fill takes last (the general init's choice under `exclude-general`).
+    """
     axis = {"out": 0, "in": 1}[side]
     n_teacher = teacher.projection_shape(proj)[axis]
     k = student.projection_shape(proj)[axis]
-    if scores.shape != (n_teacher,) or mask.shape != (n_teacher,):
+    if (
+        scores.shape != (n_teacher,)
+        or mask.shape != (n_teacher,)
+        or (avoid is not None and avoid.shape != mask.shape)
+    ):
         raise MlasLoraError(
             f"{proj}.{side}: expected awareness and classes of shape ({n_teacher},), "
             f"got {tuple(scores.shape)} and {tuple(mask.shape)}"
@@ -166,10 +221,11 @@ def select_side(
         t_layout, s_layout = head_layouts(proj, teacher, student)
         reason = head_rule_fallback(t_layout, s_layout)
         if reason is None:
-            return select_head_rows(scores, mask, t_layout, s_layout)
+            return select_head_rows(scores, mask, t_layout, s_layout, avoid)
         rule = f"{PLAIN} ({reason})"
-    indices, n_filled = rank_indices(scores, mask, k)
-    return Selection(indices, n_filled, float(scores[indices].sum()), rule)
+    indices, n_filled = rank_indices(scores, mask, k, avoid)
+    n_avoided = 0 if avoid is None else int((avoid & ~mask)[indices].sum())
+    return Selection(indices, n_filled, float(scores[indices].sum()), rule, n_avoided)
 
 
 def general_ranking(phi: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
@@ -180,3 +236,79 @@ def general_ranking(phi: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
 def specific_ranking(phi: Tensor, classes: Tensor, pair_index: int) -> tuple[Tensor, Tensor]:
     """Scores and candidates of pair i's init: pair i's awareness, neurons specific to pair i."""
     return phi[pair_index], classes == pair_index
+
+
+def index_mask(indices: Tensor, n: int) -> Tensor:
+    """Bool mask [n] that is True at `indices` (the fill's `avoid` from another init's choice)."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[indices] = True
+    return mask
+
+
+def overlap(indices: Tensor, reference: Tensor, candidates_mask: Tensor) -> dict:
+    """How many of `indices` the reference choice also holds: count, fraction, and how many of those
+    came from the fill (non-candidates) rather than from the init's own neurons."""
+    shared = torch.isin(indices, reference)
+    in_fill = int((shared & ~candidates_mask[indices]).sum())
+    count = int(shared.sum())
+    return {"count": count, "fraction": count / max(indices.numel(), 1), "in_fill": in_fill}
+
+
+SIDES = {"out": "rows", "in": "cols"}
+
+
+def choose_init(
+    proj: str,
+    sides: dict[str, tuple[Tensor, Tensor]],
+    general: dict[str, Selection],
+    fill_rule: str,
+    teacher: ArchInfo,
+    student: ArchInfo,
+) -> dict[str, Selection]:
+    """Eq. (4)-(5) for one init: its rows (side "out") and columns (side "in").
+
+    sides: side -> (scores, candidates); general: the general init's choice (empty when choosing
+    the general init itself), which a pair's fill avoids under `exclude-general`.
+    """
+    chosen = {}
+    for side in SIDES:
+        scores, mask = sides[side]
+        avoid = None
+        if general and fill_rule == EXCLUDE_GENERAL:
+            avoid = index_mask(general[side].indices, mask.numel())
+        chosen[side] = select_side(proj, side, scores, mask, teacher, student, avoid)
+    return chosen
+
+
+def overlap_record(
+    chosen: dict[str, Selection], general: dict[str, Selection], sides: dict, fill_rule: str
+) -> dict:
+    """transfer.json fields of a pair's init: overlap with the general init per side, and the fill
+    rule as it applied (with how many fill neurons had to come from the general choice)."""
+    record = {}
+    for side, axis in SIDES.items():
+        record[f"overlap_{axis}"] = overlap(chosen[side].indices, general[side].indices, sides[side][1])
+        forced, why = chosen[side].n_filled_avoided, "too few others"
+        if chosen[side].rule == HEAD_RULE:
+            why = "too few others in the chosen head slots"
+        note = f" ({forced} filled from the general init's choice: {why})" if forced else ""
+        record[f"fill_rule_{axis}"] = fill_rule + note
+    return record
+
+
+def overlap_summary(submatrices: dict, pairs: Sequence[str], targets: Sequence[str]) -> dict:
+    """{pair: {proj: {"rows": f, "cols": f}}}: mean over layers of the overlap fractions.
+
+    A fraction is the share of a pair's chosen rows (columns) that the general init of the same
+    matrix also chose; submatrices are transfer.json's records keyed `{layer}.{proj}.{name}`.
+    """
+    summary = {}
+    for pair in pairs:
+        for proj in targets:
+            recs = [r for k, r in submatrices.items() if k.split(".")[1:] == [proj, pair]]
+            if recs:
+                summary.setdefault(pair, {})[proj] = {
+                    axis: sum(r[f"overlap_{axis}"]["fraction"] for r in recs) / len(recs)
+                    for axis in SIDES.values()
+                }
+    return summary
