@@ -25,7 +25,7 @@ from mlas_lora.awareness.classify import (
     resolve_lambda,
     save_classes,
 )
-from mlas_lora.awareness.layer_relevance import select_layers
+from mlas_lora.awareness.layer_relevance import READINGS, select_layers
 from mlas_lora.awareness.neuron_awareness import NeuronAwarenessTap, phi_key
 from mlas_lora.awareness.scoring import (
     AwarenessScores,
@@ -80,8 +80,19 @@ def sentence_ids(tokenizer, example):
     return torch.tensor([prompt + target]), len(prompt)
 
 
-def reference_relevance(model, tokenizer, seeds):
-    """Eq. (1) per pair: mean over sentences of the mean over tokens of ||A_{i+1} - A_i||_1."""
+def source_positions(tokenizer, prompt: list[int], source: str) -> slice:
+    """Where the source's ids sit in the prompt ids (last occurrence; the tiny tokenizer is byte-level)."""
+    ids = tokenizer(source, add_special_tokens=False)["input_ids"]
+    starts = [i for i in range(len(prompt) - len(ids) + 1) if prompt[i : i + len(ids)] == ids]
+    return slice(starts[-1], starts[-1] + len(ids))
+
+
+def reference_relevance(model, tokenizer, seeds, reading="all"):
+    """Eq. (1) per pair: mean over sentences of the mean over tokens of ||A_{i+1} - A_i||_1.
+
+    `all` runs prompt + target; `prompt` and `source` run the prompt *alone* (no target) and average
+    over all of its tokens or over the source segment's.
+    """
     base = model.model
     norm, base.norm = base.norm, nn.Identity()
     rows = []
@@ -89,9 +100,19 @@ def reference_relevance(model, tokenizer, seeds):
         for examples in seeds.values():
             per_sentence = []
             for example in examples:
-                hidden = model(sentence_ids(tokenizer, example)[0], output_hidden_states=True).hidden_states
+                prompt, target = training_ids(tokenizer, example)
+                ids = prompt + target if reading == "all" else prompt
+                where = (
+                    source_positions(tokenizer, prompt, example.source)
+                    if reading == "source"
+                    else slice(None)
+                )
+                hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
                 per_sentence.append(
-                    [(hidden[i + 1] - hidden[i]).abs().sum(-1).mean() for i in range(len(hidden) - 1)]
+                    [
+                        (hidden[i + 1] - hidden[i])[0, where].abs().sum(-1).mean()
+                        for i in range(len(hidden) - 1)
+                    ]
                 )
             rows.append(torch.tensor(per_sentence).mean(0))
     base.norm = norm
@@ -128,9 +149,16 @@ def reference_phi(model, tokenizer, examples):
 def test_relevance_and_phi_match_independent_computation(tokenizer, family):
     model = teacher(family)
     scores = score(model, tokenizer, batch_size=2)
-    torch.testing.assert_close(
-        scores.relevance, reference_relevance(model, tokenizer, SEEDS), rtol=1e-5, atol=1e-6
-    )
+    for reading in READINGS:
+        torch.testing.assert_close(
+            scores.relevance_by_reading[reading],
+            reference_relevance(model, tokenizer, SEEDS, reading),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert scores.relevance_reading == "source"
+    assert torch.equal(scores.relevance, scores.relevance_by_reading["source"])
+    assert not torch.allclose(scores.relevance_by_reading["source"], scores.relevance_by_reading["all"])
     for pair_index, examples in enumerate(SEEDS.values()):
         expected = reference_phi(model, tokenizer, examples)
         assert set(expected) == set(scores.phi)
@@ -302,7 +330,7 @@ def test_classify_neurons_masks_and_summary():
     assert summary["per_projection"]["down"]["specific"]["en-ru"] == 2
     assert summary["per_projection"]["k"] == {"general": 0, "specific": dict.fromkeys(classes.pairs, 0)}
     table = classification_summary(classes).splitlines()
-    assert table[0] == "lambda = 0.2"
+    assert table[0] == "lambda = 0.2, normalize = none"
     assert table[-1].split() == ["total", "2", "6", "0", "2", "0", "0", "4"]
     assert classify_neurons(hand_made_scores(), lam=0.6).summary["total"]["general"] == 6
     with pytest.raises(MlasLoraError):

@@ -14,13 +14,23 @@ With fewer pairs a fixed 0.2 stops meaning anything (for P <= 5 no neuron can be
 `lambda: auto` keeps that fraction instead: lambda(P) = 1/P + c (1 - 1/P), which is 0.2 at P = 14,
 0.354 at P = 4 and 0.569 at P = 2. This rule is ours, not the paper's.
 
+Per-pair normalisation (`normalize`, before the shares are taken). Phi sums |dL/dh * h| over a
+pair's seed tokens, so raw sums favour a pair whose sentences tokenise longer (Estonian, Finnish) or
+whose loss is higher: it would own more neurons for that alone. So each pair's Phi is first made
+comparable:
+
+    none     raw sums (the reading before this option existed)
+    tokens   Phi_i / (real tokens scored for pair i): the mean per token (default)
+    total    Phi_i / sum_j Phi_i,j over the neurons of that matrix side: every pair has the same
+             total, so a constant factor on one pair's loss changes nothing
+
 Files written by `save_classes(classes, dir)`:
 
     classes.safetensors   class.{l}.{p}.{in|out}  int64 [features]  (-1 general, else pair index)
-    classes.json          {"lambda": 0.2, "pairs": [...], "summary": {...}}
+    classes.json          {"lambda": 0.2, "normalize": "tokens", "pairs": [...], "summary": {...}}
 
-The summary counts neurons per (matrix, side) coordinate: since q/k/v (and gate/up) share one
-input score, a shared input neuron is counted once for each matrix that reads it.
+The summary counts NEURON_DEFINITION's neurons: only in the teacher layers Eq. (1) kept, and an
+input read by several projections (q/k/v read one tensor, gate/up another) once, under q / gate.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlas_lora.awareness.neuron_awareness import SIDES
+from mlas_lora.awareness.neuron_awareness import SIDES, phi_key
 from mlas_lora.awareness.scoring import AwarenessScores
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS
@@ -41,6 +51,13 @@ from mlas_lora.stage_files import read_json, require_file
 CLASSES_TENSORS = "classes.safetensors"
 CLASSES_META = "classes.json"
 GENERAL = -1
+NORMALIZATIONS = ("none", "tokens", "total")
+NEURON_DEFINITION = (
+    "a neuron is one coordinate of an activation that a projection reads (in) or writes (out), in the "
+    "teacher layers kept by Eq. (1); an input read by several projections (q/k/v, gate/up) is counted once"
+)
+SHARED_INPUTS = {"k": "q", "v": "q", "up": "gate"}
+"""Projections whose input is (in Qwen2, Llama, Gemma2) the same tensor as another's: counted under it."""
 
 
 PAPER_LAMBDA, PAPER_PAIRS = 0.2, 14
@@ -86,6 +103,7 @@ class NeuronClasses:
     lam: float
     classes: dict[str, torch.Tensor]  # class_key -> int64 [features]
     summary: dict
+    normalize: str = "none"
 
     def of(self, layer: int, proj: str, side: str) -> torch.Tensor:
         return self.classes[class_key(layer, proj, side)]
@@ -101,21 +119,82 @@ def classify_scores(phi: torch.Tensor, lam: float = 0.2) -> torch.Tensor:
     return torch.where(specific, owner, torch.full_like(owner, GENERAL))
 
 
-def classify_neurons(scores: AwarenessScores, lam: float = 0.2) -> NeuronClasses:
-    """Classify every neuron of every scored layer; lambda is the paper's threshold (default 0.2)."""
+def pair_divisors(scores: AwarenessScores, normalize: str) -> torch.Tensor | None:
+    """float64 [P] per-pair divisors of the `tokens` normalisation (None for `none` / `total`)."""
+    if normalize not in NORMALIZATIONS:
+        raise MlasLoraError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if normalize != "tokens":
+        return None
+    missing = [p for p in scores.pairs if scores.num_tokens.get(p, 0) <= 0]
+    if missing:
+        raise MlasLoraError(
+            f"normalize 'tokens' needs the scored token count of every pair; missing for {missing} "
+            "(awareness files from an older version: re-run the awareness stage)"
+        )
+    return torch.tensor([float(scores.num_tokens[p]) for p in scores.pairs], dtype=torch.float64)
+
+
+def normalize_phi(phi: torch.Tensor, normalize: str, divisors: torch.Tensor | None = None) -> torch.Tensor:
+    """Phi [P, N] made comparable across pairs (module docstring), in float64."""
+    phi = phi.to(torch.float64)
+    if normalize == "tokens":
+        return phi / divisors.to(phi.device)[:, None]
+    if normalize == "total":
+        total = phi.sum(1, keepdim=True)
+        return phi / torch.where(total > 0, total, torch.ones_like(total))
+    if normalize != "none":
+        raise MlasLoraError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    return phi
+
+
+def classify_neurons(scores: AwarenessScores, lam: float = 0.2, normalize: str = "none") -> NeuronClasses:
+    """Classify every neuron of every scored layer; lambda is the paper's threshold (default 0.2).
+
+    `normalize` makes each pair's Phi comparable first (module docstring); the summary counts only
+    the selected layers' neurons, each once (NEURON_DEFINITION).
+    """
     problem = "'auto' must be resolved first (resolve_lambda)" if lam == "auto" else lambda_problem(lam)
     if problem:
         raise MlasLoraError(f"lambda {problem}")
+    divisors = pair_divisors(scores, normalize)
     classes = {}
     for key, phi in scores.phi.items():
         _, layer, proj, side = key.split(".")
-        classes[class_key(int(layer), proj, side)] = classify_scores(phi, lam)
-    return NeuronClasses(list(scores.pairs), lam, classes, summarise(classes, scores.pairs))
+        classes[class_key(int(layer), proj, side)] = classify_scores(
+            normalize_phi(phi, normalize, divisors), lam
+        )
+    counted = counted_keys(scores)
+    summary = summarise({k: v for k, v in classes.items() if k in counted}, scores.pairs)
+    return NeuronClasses(list(scores.pairs), lam, classes, summary, normalize)
+
+
+def counted_keys(scores: AwarenessScores) -> set[str]:
+    """class keys of NEURON_DEFINITION's neurons: selected layers, a shared input once (under q / gate).
+
+    An input is treated as shared only where its scores equal the owner's bit for bit, which is how
+    the awareness tap records a tensor read by several projections.
+    """
+    keys = set()
+    for layer in scores.selected_layers:
+        for proj in PROJECTIONS:
+            owner = SHARED_INPUTS.get(proj)
+            for side in SIDES:
+                if side == "in" and owner is not None:
+                    mine, theirs = (
+                        scores.phi.get(phi_key(layer, proj, side)),
+                        scores.phi.get(phi_key(layer, owner, side)),
+                    )
+                    if mine is not None and theirs is not None and torch.equal(mine, theirs):
+                        continue
+                if phi_key(layer, proj, side) in scores.phi:
+                    keys.add(class_key(layer, proj, side))
+    return keys
 
 
 def summarise(classes: dict[str, torch.Tensor], pairs: list[str]) -> dict:
     """Counts of general and per-pair specific neurons: in total, per layer and per projection."""
     summary = {
+        "neuron": NEURON_DEFINITION,
         "total": _empty(pairs),
         "per_layer": {},
         "per_projection": {p: _empty(pairs) for p in PROJECTIONS},
@@ -151,7 +230,7 @@ def classification_summary(classes: NeuronClasses) -> str:
     rows += [[f"proj {proj}", *_cells(c, pairs)] for proj, c in summary["per_projection"].items()]
     rows.append(["total", *_cells(summary["total"], pairs)])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [f"lambda = {classes.lam}"]
+    lines = [f"lambda = {classes.lam}, normalize = {classes.normalize}", f"({NEURON_DEFINITION})"]
     for row in [header, *rows]:
         lines.append(
             "  ".join(
@@ -175,7 +254,12 @@ def save_classes(classes: NeuronClasses, directory: str | Path) -> Path:
         {k: v.to(torch.int64).contiguous() for k, v in classes.classes.items()},
         str(directory / CLASSES_TENSORS),
     )
-    meta = {"lambda": classes.lam, "pairs": classes.pairs, "summary": classes.summary}
+    meta = {
+        "lambda": classes.lam,
+        "normalize": classes.normalize,
+        "pairs": classes.pairs,
+        "summary": classes.summary,
+    }
     (directory / CLASSES_META).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
@@ -197,4 +281,6 @@ def load_classes(directory: str | Path) -> NeuronClasses:
         raise MlasLoraError(
             f"{tensor_path}: {out_of_range[:5]} hold class ids outside -1..{len(meta['pairs']) - 1}"
         )
-    return NeuronClasses(list(meta["pairs"]), float(meta["lambda"]), classes, meta["summary"])
+    return NeuronClasses(
+        list(meta["pairs"]), float(meta["lambda"]), classes, meta["summary"], meta.get("normalize", "none")
+    )

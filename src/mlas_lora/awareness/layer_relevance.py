@@ -6,8 +6,15 @@ A_i is the hidden state entering decoder layer i (A_0 is the embedding output, a
 scaling the family applies) and A_{i+1} the state leaving it, so every decoder layer gets one score:
 how much it rewrites the residual stream for that language pair. Per sentence the reduction is:
 
-    sum over hidden units -> mean over the sentence's real tokens (prompt and target, padding
-    excluded) -> mean over sentences.
+    sum over hidden units -> mean over the sentence's tokens of one *reading* -> mean over sentences.
+
+Readings (which tokens a sentence's R averages over; all come from the same pass):
+
+    source   the source segment's tokens inside the translation prompt (the default: the paper
+             scores "the forward pass of a source sentence x_s"; with causal attention these
+             positions do not see the target, so this equals a forward pass of the prompt alone)
+    prompt   every prompt token (instruction, chat template and source; no target)
+    all      prompt and reference target (the reading used before the paper's was made the default)
 
 The student has fewer layers (L) than the teacher; the L teacher layers with the highest relevance
 are kept in their original order and mapped in order onto student layers 0..L-1.
@@ -23,30 +30,37 @@ from torch import nn
 from mlas_lora.errors import MlasLoraError
 
 SELECTION_MODES = ("mean", "pair")
+READINGS = ("source", "prompt", "all")
+"""Which tokens of a seed sentence Eq. (1) averages over (module docstring); `source` is the paper's."""
 
 
 class LayerRelevanceTap:
-    """Forward hooks on the decoder layers that accumulate Eq. (1) sums per pair.
+    """Forward hooks on the decoder layers that accumulate Eq. (1) sums per pair, for every reading.
 
-    Call `start_batch(pair_index, token_mask)` before each forward; `relevance()` gives R [P, N].
-    The sums are in float32 whatever the model dtype; the difference is taken in float32 too, since
-    a bfloat16 subtraction of two nearby residual states would lose most of the signal.
+    Call `start_batch(pair_index, masks)` before each forward, with `masks` {reading: bool [B, T]}
+    (or one bool [B, T] tensor, the `all` reading); `relevance(reading)` gives R [P, N]. The sums
+    are in float32 whatever the model dtype; the difference is taken in float32 too, since a
+    bfloat16 subtraction of two nearby residual states would lose most of the signal.
     """
 
     def __init__(self, layers: nn.ModuleList, num_pairs: int):
-        device = next(layers[0].parameters()).device
-        self.sums = torch.zeros(num_pairs, len(layers), dtype=torch.float32, device=device)
+        self.device = next(layers[0].parameters()).device
+        self.shape = (num_pairs, len(layers))
+        self.sums: dict[str, torch.Tensor] = {}
         self.sentences = torch.zeros(num_pairs, dtype=torch.float64)
-        self._pair, self._mask = 0, None
+        self._pair, self._masks = 0, {}
         self._handles = [
             layer.register_forward_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)
         ]
 
-    def start_batch(self, pair_index: int, token_mask: torch.Tensor) -> None:
-        """token_mask: bool [B, T], True on real tokens."""
+    def start_batch(self, pair_index: int, masks: dict[str, torch.Tensor] | torch.Tensor) -> None:
+        """masks: {reading: bool [B, T]} marking the tokens each reading averages over."""
+        masks = masks if isinstance(masks, dict) else {"all": masks}
         self._pair = pair_index
-        self._mask = token_mask.to(torch.float32)
-        self.sentences[pair_index] += token_mask.shape[0]
+        self._masks = {name: m.to(torch.float32) for name, m in masks.items()}
+        for name in masks:
+            self.sums.setdefault(name, torch.zeros(self.shape, dtype=torch.float32, device=self.device))
+        self.sentences[pair_index] += next(iter(masks.values())).shape[0]
 
     def _hook(self, index: int):
         def hook(module, args, kwargs, output):
@@ -54,15 +68,20 @@ class LayerRelevanceTap:
             hidden_out = output[0] if isinstance(output, tuple) else output
             with torch.no_grad():
                 per_token = (hidden_out.detach().float() - hidden_in.detach().float()).abs_().sum(-1)
-                per_sentence = (per_token * self._mask).sum(1) / self._mask.sum(1)
-                self.sums[self._pair, index] += per_sentence.sum()
+                for name, mask in self._masks.items():
+                    per_sentence = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+                    self.sums[name][self._pair, index] += per_sentence.sum()
 
         return hook
 
-    def relevance(self) -> torch.Tensor:
-        """R [P, N] (float32, CPU): the mean over sentences; pairs with no sentence stay 0."""
+    def relevance(self, reading: str = "all") -> torch.Tensor:
+        """R [P, N] (float32, CPU) of one reading: the mean over sentences; pairs with none stay 0."""
+        if reading not in self.sums:
+            raise MlasLoraError(
+                f"no relevance was accumulated for reading {reading!r} (have {list(self.sums)})"
+            )
         counts = self.sentences.clamp(min=1).to(torch.float32)[:, None]
-        return self.sums.cpu() / counts
+        return self.sums[reading].cpu() / counts
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -1,8 +1,11 @@
 """The awareness pass: Eq. (1) layer relevance and Eq. (2) neuron awareness from one pass per batch.
 
 For each language pair the teacher reads the pair's seed sentences in the training prompt format
-(`mlas_lora.prompting.training_ids`: prompt then ` reference<eos>`), right-padded so that real
-tokens keep positions 0..n-1 exactly as when a sentence is run alone. One forward (with hooks on
+(`mlas_lora.prompting.training_ids`: prompt then ` reference<eos>`, cut to `max_tokens` as training
+cuts them), right-padded so that real tokens keep positions 0..n-1 exactly as when a sentence is run
+alone. Eq. (1) averages over the tokens of its configured reading (`layer_relevance.READINGS`; the
+default, `source`, is the paper's: the source segment inside the prompt, which cannot see the target
+under causal attention); every reading is accumulated in the same pass and saved. One forward (with hooks on
 the decoder layers for Eq. 1 and on the projections for Eq. 2) and one backward of the target-side
 loss per batch give both scores; all weights are frozen, so backward computes activation
 gradients only. Every teacher layer is scored: the layer selection needs R from the same pass and
@@ -15,14 +18,21 @@ and so the scores, independent of batch size and of what it is batched with.
 Files written by `save_awareness(scores, dir)` (read by the extraction stage):
 
     awareness.safetensors
-        relevance           float32 [P, num_teacher_layers]      R_i(s,t), Eq. (1)
+        relevance           float32 [P, num_teacher_layers]      R_i(s,t), Eq. (1), configured reading
+        relevance.{reading} float32 [P, num_teacher_layers]      the same for source / prompt / all
         phi.{l}.{p}.in      float32 [P, in_features]             Eq. (2), input side of projection p
         phi.{l}.{p}.out     float32 [P, out_features]            Eq. (2), output side
         for every teacher layer l and p in q, k, v, o, gate, up, down; rows follow `pairs`.
     awareness.json
         {"pairs": [...], "num_teacher_layers": N, "selected_layers": [...],
          "selection_mode": "mean" | "pair", "selection_pair": null | "en-de",
-         "num_sentences": {pair: n}, "dtype": "bfloat16", "reduction": "..."}
+         "num_sentences": {pair: n}, "num_tokens": {pair: n}, "num_target_tokens": {pair: n},
+         "relevance_reading": "source", "selected_layers_by_reading": {reading: [...]},
+         "dtype": "bfloat16", "reduction": "..."}
+
+`num_tokens` are the real tokens whose |dL/dh * h| were summed into a pair's Phi: classification
+divides by them (`awareness.normalize: tokens`), so a pair whose sentences tokenise longer does not
+own more neurons for that alone.
 
 `selected_layers` are teacher layer indices in ascending order; teacher layer selected_layers[k]
 maps onto student layer k.
@@ -33,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,21 +52,23 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from mlas_lora.awareness.layer_relevance import LayerRelevanceTap, select_layers
+from mlas_lora.awareness.layer_relevance import READINGS, LayerRelevanceTap, select_layers
 from mlas_lora.awareness.neuron_awareness import NeuronAwarenessTap, phi_key
 from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS, decoder_layers
-from mlas_lora.prompting import training_ids
+from mlas_lora.prompting import PromptStyle, build_prompt, training_ids, uses_chat
 from mlas_lora.stage_files import read_json, require_file
+from mlas_lora.training.data import fit_to_budget
 from mlas_lora.training.loss import TokenCrossEntropy, predicting_positions
 
 AWARENESS_TENSORS = "awareness.safetensors"
 AWARENESS_META = "awareness.json"
 
 REDUCTION = (
-    "relevance: L1 norm over hidden units of (layer output - layer input), mean over real tokens "
-    "(prompt+target, padding excluded), mean over sentences; A_0 = embedding output. "
+    "relevance: L1 norm over hidden units of (layer output - layer input), mean over the tokens of "
+    "the reading (source: the source segment in the prompt; prompt; all: prompt+target; padding "
+    "excluded), mean over sentences; A_0 = embedding output. "
     "phi: |dL/dh * h| summed over sentences and real tokens; L = per-sentence mean target-token "
     "cross-entropy, summed over the batch; q/k/v and gate/up share one input score"
 )
@@ -75,6 +87,20 @@ class AwarenessScores:
     selection_mode: str = "mean"
     selection_pair: str | None = None
     reduction: str = REDUCTION
+    num_tokens: dict[str, int] = field(default_factory=dict)
+    """Real tokens summed into each pair's Phi (prompt + target); the `tokens` normalisation's divisor."""
+    num_target_tokens: dict[str, int] = field(default_factory=dict)
+    relevance_reading: str = "all"
+    """Which tokens `relevance` averages over (layer_relevance.READINGS); older files hold `all`."""
+    relevance_by_reading: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def selected_by_reading(self) -> dict[str, list[int]]:
+        """The top-L layers (same L and mode as `selected_layers`) under every saved reading."""
+        k = len(self.selected_layers)
+        return {
+            name: select_layers(r, k, self.selection_mode, self.selection_pair, self.pairs)
+            for name, r in self.relevance_by_reading.items()
+        }
 
     @property
     def num_teacher_layers(self) -> int:
@@ -91,35 +117,102 @@ class AwarenessScores:
 
 @dataclass(frozen=True)
 class Batch:
-    """Right-padded token ids; `tokens` marks real tokens and `targets` the target-side tokens."""
+    """Right-padded token ids; `tokens` marks real tokens, `targets` the target-side tokens and
+    `sources` the source segment's tokens inside the prompt (None: the whole prompt)."""
 
     input_ids: torch.Tensor  # long [B, T]
     tokens: torch.Tensor  # bool [B, T]
     targets: torch.Tensor  # bool [B, T]
+    sources: torch.Tensor | None = None  # bool [B, T]
 
     def to(self, device) -> Batch:
-        return Batch(self.input_ids.to(device), self.tokens.to(device), self.targets.to(device))
+        sources = None if self.sources is None else self.sources.to(device)
+        return Batch(self.input_ids.to(device), self.tokens.to(device), self.targets.to(device), sources)
+
+    def readings(self) -> dict[str, torch.Tensor]:
+        """{reading: bool [B, T]}: the tokens each Eq. (1) reading averages over."""
+        prompt = self.tokens & ~self.targets
+        return {
+            "source": prompt if self.sources is None else self.sources,
+            "prompt": prompt,
+            "all": self.tokens,
+        }
 
 
-def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
-    """Concatenate (prompt_ids, target_ids) pairs and right-pad them into one batch."""
-    width = max(len(p) + len(t) for p, t in encoded)
+@dataclass(frozen=True)
+class SeedIds:
+    """One seed sentence as token ids: prompt, target, and where the source sits in the prompt."""
+
+    prompt: list[int]
+    target: list[int]
+    source_span: tuple[int, int]  # [start, end) in prompt positions
+
+
+def source_span(
+    tokenizer, prompt_text: str, source: str, prompt: list[int], style: PromptStyle
+) -> tuple[int, int]:
+    """[start, end) of the prompt tokens that overlap the source's characters (its last occurrence).
+
+    Uses the tokenizer's character offsets; where it has none, or they do not reproduce `prompt`,
+    the whole prompt is the span.
+    """
+    start_char = prompt_text.rfind(source)
+    whole = (0, len(prompt))
+    if start_char < 0 or not source or not getattr(tokenizer, "is_fast", False):
+        return whole
+    encoded = tokenizer(
+        prompt_text, add_special_tokens=not uses_chat(tokenizer, style), return_offsets_mapping=True
+    )
+    if list(encoded["input_ids"]) != list(prompt):
+        return whole
+    end_char = start_char + len(source)
+    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end_char and b > start_char]
+    return (inside[0], inside[-1] + 1) if inside else whole
+
+
+def seed_ids(
+    tokenizer, example: Example, max_tokens: int | None = None, style: PromptStyle | None = None
+) -> SeedIds:
+    """Prompt and target ids as training sees them (cut to `max_tokens` the same way), source span."""
+    style = style or PromptStyle()
+    prompt, target = training_ids(tokenizer, example, style)
+    text = build_prompt(tokenizer, example.src_lang, example.tgt_lang, example.source, style=style)
+    start, end = source_span(tokenizer, text, example.source, prompt, style)
+    if max_tokens is not None:
+        cut_prompt, target = fit_to_budget(prompt, target, max_tokens)
+        cut = len(prompt) - len(cut_prompt)
+        prompt, start, end = cut_prompt, max(0, start - cut), max(0, end - cut)
+        if start >= end:
+            start, end = 0, len(prompt)
+    return SeedIds(prompt, target, (start, end))
+
+
+def collate(encoded: Sequence[SeedIds | tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    """Concatenate (prompt, target) ids and right-pad them into one batch (SeedIds keep their source span)."""
+    encoded = [e if isinstance(e, SeedIds) else SeedIds(e[0], e[1], (0, len(e[0]))) for e in encoded]
+    width = max(len(e.prompt) + len(e.target) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     tokens = torch.zeros(len(encoded), width, dtype=torch.bool)
-    targets = torch.zeros_like(tokens)
-    for row, (prompt, target) in enumerate(encoded):
-        if not target:
+    targets, sources = torch.zeros_like(tokens), torch.zeros_like(tokens)
+    for row, e in enumerate(encoded):
+        if not e.target:
             raise MlasLoraError("a seed example has an empty target after tokenisation; Eq. (2) needs one")
-        n = len(prompt) + len(target)
-        ids[row, :n] = torch.tensor(prompt + target)
+        n = len(e.prompt) + len(e.target)
+        ids[row, :n] = torch.tensor(e.prompt + e.target)
         tokens[row, :n] = True
-        targets[row, len(prompt) : n] = True
-    return Batch(ids, tokens, targets)
+        targets[row, len(e.prompt) : n] = True
+        sources[row, e.source_span[0] : e.source_span[1]] = True
+    return Batch(ids, tokens, targets, sources)
 
 
-def pair_batches(tokenizer, examples: Sequence[Example], batch_size: int) -> list[Batch]:
+def pair_batches(
+    tokenizer, examples: Sequence[Example], batch_size: int, max_tokens: int | None = None
+) -> list[Batch]:
     """Batches of one pair's seeds, longest first so that batches hold similar lengths."""
-    encoded = sorted((training_ids(tokenizer, ex) for ex in examples), key=lambda e: -len(e[0]) - len(e[1]))
+    encoded = sorted(
+        (seed_ids(tokenizer, ex, max_tokens) for ex in examples),
+        key=lambda e: -len(e.prompt) - len(e.target),
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return [collate(encoded[i : i + batch_size], pad_id or 0) for i in range(0, len(encoded), batch_size)]
 
@@ -253,21 +346,33 @@ def score_teacher(
     dtype: torch.dtype | None = torch.bfloat16,
     num_student_layers: int | None = None,
     progress: bool = True,
+    relevance_reading: str = "source",
+    max_tokens: int | None = None,
 ) -> AwarenessScores:
     """Run the awareness pass over every pair's seed sentences (Eq. 1 and Eq. 2, Sec. 3.1).
 
     `seeds` maps a pair name ("en-de") to its seed examples. `dtype` is the compute dtype; a model
     in another dtype is cast in place (None keeps the model's dtype). Scores accumulate in float32.
-    `num_student_layers` sets the top-L selection by mean relevance (None keeps every layer).
+    `num_student_layers` sets the top-L selection by mean relevance (None keeps every layer) under
+    `relevance_reading` (layer_relevance.READINGS); `max_tokens` cuts each seed as training does.
     """
+    if relevance_reading not in READINGS:
+        raise MlasLoraError(f"relevance_reading must be one of {READINGS}, got {relevance_reading!r}")
     pairs = _check_seeds(seeds)
     if dtype is not None and model.dtype != dtype:
         model.to(dtype)
     layers = decoder_layers(model)
     device = model.get_input_embeddings().weight.device
     batches = [
-        (i, b) for i, pair in enumerate(pairs) for b in pair_batches(tokenizer, seeds[pair], batch_size)
+        (i, b)
+        for i, pair in enumerate(pairs)
+        for b in pair_batches(tokenizer, seeds[pair], batch_size, max_tokens)
     ]
+    tokens = {pair: 0 for pair in pairs}
+    target_tokens = dict(tokens)
+    for i, b in batches:
+        tokens[pairs[i]] += int(b.tokens.sum())
+        target_tokens[pairs[i]] += int(b.targets.sum())
     relevance_tap, neuron_tap = LayerRelevanceTap(layers, len(pairs)), NeuronAwarenessTap(layers, len(pairs))
     try:
         with scoring_mode(model):
@@ -276,7 +381,8 @@ def score_teacher(
     finally:
         relevance_tap.remove()
         neuron_tap.remove()
-    relevance = relevance_tap.relevance()
+    by_reading = {name: relevance_tap.relevance(name) for name in READINGS}
+    relevance = by_reading[relevance_reading]
     chosen = select_layers(relevance, num_student_layers or len(layers))
     return AwarenessScores(
         pairs=pairs,
@@ -285,11 +391,15 @@ def score_teacher(
         num_sentences={pair: len(seeds[pair]) for pair in pairs},
         dtype=str(model.dtype).removeprefix("torch."),
         selected_layers=chosen,
+        num_tokens=tokens,
+        num_target_tokens=target_tokens,
+        relevance_reading=relevance_reading,
+        relevance_by_reading=by_reading,
     )
 
 
 def _score_batch(model, batch: Batch, pair_index: int, relevance_tap, neuron_tap) -> None:
-    relevance_tap.start_batch(pair_index, batch.tokens)
+    relevance_tap.start_batch(pair_index, batch.readings())
     neuron_tap.start_batch(pair_index, batch.tokens)
     try:
         target_loss(model, batch).backward()
@@ -315,6 +425,7 @@ def save_awareness(scores: AwarenessScores, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {"relevance": scores.relevance.float().contiguous()}
+    tensors.update({f"relevance.{k}": v.float().clone() for k, v in scores.relevance_by_reading.items()})
     tensors.update({key: value.float().contiguous() for key, value in scores.phi.items()})
     save_file(tensors, str(directory / AWARENESS_TENSORS))
     meta = {
@@ -324,6 +435,10 @@ def save_awareness(scores: AwarenessScores, directory: str | Path) -> Path:
         "selection_mode": scores.selection_mode,
         "selection_pair": scores.selection_pair,
         "num_sentences": scores.num_sentences,
+        "num_tokens": scores.num_tokens,
+        "num_target_tokens": scores.num_target_tokens,
+        "relevance_reading": scores.relevance_reading,
+        "selected_layers_by_reading": scores.selected_by_reading(),
         "dtype": scores.dtype,
         "reduction": scores.reduction,
     }
@@ -338,6 +453,7 @@ def load_awareness(directory: str | Path) -> AwarenessScores:
     meta = read_json(directory / AWARENESS_META, "awareness")
     tensors = load_file(str(tensor_path))
     relevance = tensors.pop("relevance", None)
+    by_reading = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("relevance.")}
     _check_loaded(meta, relevance, tensors, tensor_path)
     return AwarenessScores(
         pairs=list(meta["pairs"]),
@@ -349,6 +465,10 @@ def load_awareness(directory: str | Path) -> AwarenessScores:
         selection_mode=meta.get("selection_mode", "mean"),
         selection_pair=meta.get("selection_pair"),
         reduction=meta.get("reduction", REDUCTION),
+        num_tokens={k: int(v) for k, v in meta.get("num_tokens", {}).items()},
+        num_target_tokens={k: int(v) for k, v in meta.get("num_target_tokens", {}).items()},
+        relevance_reading=meta.get("relevance_reading", "all"),
+        relevance_by_reading=by_reading,
     )
 
 

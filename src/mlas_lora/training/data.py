@@ -24,6 +24,12 @@ class Feature:
     pair_index: int
 
 
+def fit_to_budget(prompt: list[int], target: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+    """At most `max_tokens` ids: an over-long example keeps the end of the prompt, the start of the target."""
+    target = target[: max(1, max_tokens // 2)] if len(prompt) + len(target) > max_tokens else target
+    return prompt[-(max_tokens - len(target)) :], target
+
+
 def featurize(
     tokenizer, examples: list[Example], pairs: list[str], max_tokens: int, style: PromptStyle | None = None
 ) -> list[Feature]:
@@ -32,9 +38,7 @@ def featurize(
     style = style or PromptStyle()
     features = []
     for example in examples:
-        prompt, target = training_ids(tokenizer, example, style)
-        target = target[: max(1, max_tokens // 2)] if len(prompt) + len(target) > max_tokens else target
-        prompt = prompt[-(max_tokens - len(target)) :]
+        prompt, target = fit_to_budget(*training_ids(tokenizer, example, style), max_tokens)
         features.append(Feature(prompt + target, [-100] * len(prompt) + target, index[example.pair]))
     return features
 

@@ -13,7 +13,9 @@ else the index of the pair in awareness.json's `pairs`) + classes.json.
 Outputs: factors.safetensors (`{l}.{p}.{name}.B` [m, r], `.A` [r, n], float32; l is the student
 layer, name is "general" or a pair), indices.safetensors (`{l}.{p}.{name}.rows` / `.cols`, int64:
 the teacher indices each submatrix was cut from) and transfer.json (pairs, ranks, targets, layer map,
-one record per submatrix: awareness score, filled counts, head rule, energy kept).
+fill rule, one record per submatrix: awareness score, filled counts, head rule, energy kept, and for
+a pair its overlap with the general init's rows / columns; `overlap_with_general` averages those
+fractions over layers per pair and projection).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mlas_lora.awareness.classify import normalize_phi
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import (
     PROJECTION_PATHS,
@@ -40,9 +43,13 @@ from mlas_lora.models.arch import (
 )
 from mlas_lora.stage_files import read_json, require_file
 from mlas_lora.transfer.extract import (
+    FILL_RULES,
+    RANKED,
+    choose_init,
     extract_submatrix,
     general_ranking,
-    select_side,
+    overlap_record,
+    overlap_summary,
     specific_ranking,
 )
 from mlas_lora.transfer.svd_init import svd_factors
@@ -89,12 +96,27 @@ class AwarenessInputs:
                 f"{awareness_dir}/awareness.json pairs {self.pairs}"
             )
         self.classes_info = classes_info
+        self.normalize = classes_info.get("normalize", "none")
+        tokens = info.get("num_tokens") or {}
+        self._divisors = None
+        if self.normalize == "tokens":
+            if any(tokens.get(p, 0) <= 0 for p in self.pairs):
+                raise MlasLoraError(
+                    f"{classes_dir}/classes.json normalises by tokens but {awareness_dir}/awareness.json "
+                    "has no token counts: re-run the awareness stage"
+                )
+            self._divisors = torch.tensor([float(tokens[p]) for p in self.pairs], dtype=torch.float64)
         self._phi = _open(self.phi_path, "awareness")
         self._cls = _open(self.cls_path, "classify")
 
     def side(self, layer: int, proj: str, side: str) -> tuple[Tensor, Tensor]:
-        """(Phi [P, N] float32, class [N] int64) of one side of a teacher projection."""
-        phi = _get(self._phi, self.phi_path, f"phi.{layer}.{proj}.{side}").to(torch.float32)
+        """(Phi [P, N] float32, class [N] int64) of one side of a teacher projection.
+
+        Phi is normalised per pair as the classes were (classes.json `normalize`), so the general
+        ranking's mean over pairs weighs every pair as the classification did.
+        """
+        raw = _get(self._phi, self.phi_path, f"phi.{layer}.{proj}.{side}")
+        phi = normalize_phi(raw, self.normalize, self._divisors).to(torch.float32)
         cls = _get(self._cls, self.cls_path, f"class.{layer}.{proj}.{side}").to(torch.int64)
         if phi.ndim != 2 or phi.shape[0] != len(self.pairs) or cls.shape != phi.shape[1:]:
             raise MlasLoraError(
@@ -166,9 +188,13 @@ def _arch(model_or_path) -> ArchInfo:
     return describe(model_or_path)
 
 
-def _check_plan(inputs: AwarenessInputs, pairs, teacher: ArchInfo, student: ArchInfo, targets, ranks) -> None:
+def _check_plan(
+    inputs: AwarenessInputs, pairs, teacher: ArchInfo, student: ArchInfo, targets, ranks, fill_rule=RANKED
+) -> None:
     """Gather every problem with the requested transfer into one error, before any work is done."""
     problems = [f"unknown pair {p!r} (awareness has {inputs.pairs})" for p in pairs if p not in inputs.pairs]
+    if fill_rule not in FILL_RULES:
+        problems.append(f"unknown fill rule {fill_rule!r} (known: {', '.join(FILL_RULES)})")
     problems += [
         f"unknown target {t!r} (known: {', '.join(PROJECTIONS)})" for t in targets if t not in PROJECTIONS
     ]
@@ -203,12 +229,17 @@ def _inits(inputs: AwarenessInputs, layer: int, proj: str, pairs: Sequence[str])
     return inits
 
 
-def _one_projection(weight, inits, proj, teacher, student, ranks, device=None) -> tuple[dict, dict, dict]:
-    """Eq. (4)-(5) then (7)-(8) for every init of one projection: (factors, indices, records)."""
-    factors, indices, records = {}, {}, {}
+def _one_projection(
+    weight, inits, proj, teacher, student, ranks, device=None, fill_rule=RANKED
+) -> tuple[dict, dict, dict]:
+    """Eq. (4)-(5) then (7)-(8) for every init of one projection: (factors, indices, records).
+
+    The general init comes first (`_inits`), so each pair's choice can be set against it.
+    """
+    factors, indices, records, general = {}, {}, {}, {}
     for name, sides in inits.items():
-        rows = select_side(proj, "out", *sides["out"], teacher, student)
-        cols = select_side(proj, "in", *sides["in"], teacher, student)
+        chosen = choose_init(proj, sides, general, fill_rule, teacher, student)
+        rows, cols = chosen["out"], chosen["in"]
         sub = extract_submatrix(weight, rows.indices.to(weight.device), cols.indices.to(weight.device))
         b, a, energy = svd_factors(sub if device is None else sub.to(device), ranks[name])
         factors[name], indices[name] = (b.cpu(), a.cpu()), (rows.indices, cols.indices)
@@ -224,6 +255,10 @@ def _one_projection(weight, inits, proj, teacher, student, ranks, device=None) -
             "head_rule_cols": cols.rule,
             "energy_kept": energy,
         }
+        if name == GENERAL:
+            general = chosen
+        else:
+            records[name].update(overlap_record(chosen, general, sides, fill_rule))
     return factors, indices, records
 
 
@@ -238,21 +273,24 @@ def transfer_factors(
     targets: Sequence[str] = PROJECTIONS,
     progress: bool = True,
     device: str | torch.device | None = None,
+    fill_rule: str = RANKED,
 ) -> Factors:
     """Eq. (4)-(8) for every selected layer: the general and per-pair LoRA inits of the student.
 
     teacher: a transformers model or a checkpoint directory (read lazily, layer by layer);
     student: a model, config or checkpoint directory (only its shapes are used); pairs: the
     pairs to build specific inits for (None: all pairs of awareness.json); device: where the SVDs
-    run (None: where the teacher weight is; factors always come back on CPU). The general ranking
-    averages the awareness over all pairs of awareness.json, the set the classes were built on.
+    run (None: where the teacher weight is; factors always come back on CPU); fill_rule: how a
+    pair's too-small neuron set is filled (extract.FILL_RULES). The general ranking averages the
+    awareness over all pairs of awareness.json, the set the classes were built on.
     """
     inputs = AwarenessInputs(awareness_dir, classes_dir)
     weights, s_info = _teacher_weights(teacher), _arch(student)
     pairs, targets = list(inputs.pairs if pairs is None else pairs), list(targets)
     ranks = {GENERAL: r_gen, **dict.fromkeys(pairs, r_spe)}
-    _check_plan(inputs, pairs, weights.info, s_info, targets, {"r_gen": r_gen, "r_spe": r_spe})
+    _check_plan(inputs, pairs, weights.info, s_info, targets, {"r_gen": r_gen, "r_spe": r_spe}, fill_rule)
     out = Factors(meta=_meta(inputs, pairs, r_gen, r_spe, targets, weights.info, s_info))
+    out.meta["fill_rule"] = fill_rule
     layer_map = list(enumerate(inputs.selected_layers))
     for s_layer, t_layer in tqdm(layer_map, desc="transfer", unit="layer", disable=not progress):
         for proj in targets:
@@ -264,12 +302,13 @@ def transfer_factors(
                 )
             inits = _inits(inputs, t_layer, proj, pairs)
             factors, indices, records = _one_projection(
-                weight, inits, proj, weights.info, s_info, ranks, device
+                weight, inits, proj, weights.info, s_info, ranks, device, fill_rule
             )
             out.tensors[(s_layer, proj)], out.indices[(s_layer, proj)] = factors, indices
             for name, record in records.items():
                 out.meta["submatrices"][f"{s_layer}.{proj}.{name}"] = {"teacher_layer": t_layer, **record}
             del weight
+    out.meta["overlap_with_general"] = overlap_summary(out.meta["submatrices"], pairs, targets)
     return out
 
 
@@ -364,10 +403,21 @@ def run_transfer(
     targets=PROJECTIONS,
     progress: bool = True,
     device=None,
+    fill_rule: str = RANKED,
 ) -> Factors:
     """transfer_factors then save_factors: the stage's entry point."""
     factors = transfer_factors(
-        teacher, student, awareness_dir, classes_dir, pairs, r_gen, r_spe, targets, progress, device
+        teacher,
+        student,
+        awareness_dir,
+        classes_dir,
+        pairs,
+        r_gen,
+        r_spe,
+        targets,
+        progress,
+        device,
+        fill_rule,
     )
     save_factors(factors, out_dir)
     return factors
