@@ -12,7 +12,7 @@ from mlas_lora.testing.tiny import save_tiny
 WORDS = ["open", "file", "save", "close", "print", "page", "table", "chart", "cell", "sheet"]
 
 
-def _write_corpus(folder, directions, n_train=12, n_dev=4, n_test=3):
+def _write_corpus(folder, directions, n_train=12, n_dev=6, n_test=3):
     folder.mkdir()
     for direction in directions:
         for split, n, offset in (("train", n_train, 0), ("dev", n_dev, 100), ("test", n_test, 200)):
@@ -32,7 +32,8 @@ def tiny_run(tmp_path_factory):
     student = save_tiny(root / "student", role="student", seed=2)
     config = config_from_dict(ExperimentConfig, {
         "name": "tiny", "output_dir": str(root / "run"), "systems": ["zero-shot", "lora", "mlas-lora"],
-        "data": {"corpus": str(root / "corpus"), "directions": directions, "seed_per_direction": 4},
+        "data": {"corpus": str(root / "corpus"), "directions": directions, "seed_per_direction": 4,
+                 "valid_per_direction": 2},
         "models": {"teacher": str(teacher), "student": str(student), "dtype": "float32"},
         "generation": {"batch_size": 4, "max_new_tokens": 4},
         "evaluation": {"metrics": ["bleu", "chrf"], "bootstrap_samples": 20},
@@ -66,7 +67,9 @@ def test_report_holds_every_system_and_direction(tiny_run):
     for system in ("zero-shot", "lora", "mlas-lora"):
         assert f"| {system} |" in text
     assert "mlas-lora | lora | en-de | BLEU" in text
-    assert "Neurons (lambda 0.2): general 0" in text and "no neuron can be general" in text
+    assert "Neurons (lambda 0.2, Phi normalised per pair by `tokens`; a neuron is one coordinate" in text
+    assert "): general 0, specific" in text and "no neuron can be general" in text
+    assert "reading `source`" in text and "Seed tokens scored per pair (Eq. 2): en-de " in text
     records = json.loads((run / "results/test.json").read_text())["records"]
     assert {(r["system"], r["direction"], r["metric"]) for r in records} == {
         (s, d, m)
@@ -87,7 +90,8 @@ def test_rerun_skips_every_stage(tiny_run):
         p
         for p, t in stamps.items()
         if p.stat().st_mtime_ns != t
-        and p.name not in ("manifest.json", "config.yaml", "test.json", "significance.json", "stages.json")
+        and p.name
+        not in ("manifest.json", "config.yaml", "test.json", "valid.json", "significance.json", "stages.json")
     ]
     assert changed == []
 
@@ -105,8 +109,13 @@ def test_changing_lambda_reclassifies_without_rescoring(tiny_run):
     assert (run / "awareness/awareness.safetensors").stat().st_mtime_ns == scored_stamp
     meta = json.loads((classes / "classes.json").read_text())
     assert meta["lambda"] == pytest.approx(0.56923, abs=1e-5)  # auto for 2 pairs
-    _, classes = awareness_stage(config, load_splits(config.data, ("dev",)), run)  # back to 0.2
-    assert json.loads((classes / "classes.json").read_text())["lambda"] == 0.2
+    total = replace(config, awareness=replace(config.awareness, normalize="total"))
+    _, classes = awareness_stage(total, load_splits(total.data, ("dev",)), run)
+    assert (run / "awareness/awareness.safetensors").stat().st_mtime_ns == scored_stamp
+    assert json.loads((classes / "classes.json").read_text())["normalize"] == "total"
+    _, classes = awareness_stage(config, load_splits(config.data, ("dev",)), run)  # back to 0.2, tokens
+    meta = json.loads((classes / "classes.json").read_text())
+    assert meta["lambda"] == 0.2 and meta["normalize"] == "tokens"
 
 
 def test_changing_test_sizes_retrains_nothing(tiny_run):
@@ -123,3 +132,45 @@ def test_changing_test_sizes_retrains_nothing(tiny_run):
     assert marker.stat().st_mtime_ns == stamp
     more_data = replace(config, data=replace(config.data, train_per_direction=8))
     assert train_key("lora", config) == train_key("lora", bigger) != train_key("lora", more_data)
+
+
+def test_valid_split_is_translated_scored_and_reported(tiny_run):
+    """Hyper-parameters are chosen on valid (dev minus the seeds): it gets hyps, results and bootstrap rows."""
+    from mlas_lora.experiments.data import load_splits
+
+    config, run, report = tiny_run
+    splits = load_splits(config.data, ("dev", "valid"))
+    for direction in ("en-de", "en-fi"):
+        rows = (run / f"hyps/mlas-lora/valid.{direction}.jsonl").read_text().splitlines()[1:]
+        sources = [json.loads(row)["source"] for row in rows]
+        assert sources == [e.source for e in splits.valid[direction]] and len(sources) == 2
+        assert not set(sources) & {e.source for e in splits.dev[direction]}
+    records = json.loads((run / "results/valid.json").read_text())["records"]
+    assert {(r["system"], r["direction"]) for r in records} == {
+        (s, d) for s in ("zero-shot", "lora", "mlas-lora") for d in ("en-de", "en-fi")
+    }
+    text = report.read_text()
+    assert text.index("## Validation (for choosing hyper-parameters)") < text.index("## In-domain test")
+    assert "| mlas-lora | lora | en-de (valid) | BLEU |" in text
+
+
+def test_trained_systems_are_evaluated_unmerged_unless_asked(tiny_run):
+    """The LoRA baseline reaches translation as a PeftModel with its adapter unmerged (exact)."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+
+    from mlas_lora.experiments.data import load_splits
+    from mlas_lora.experiments.pipeline import train_stage
+    from mlas_lora.experiments.run import system_key
+
+    config, run, _ = tiny_run
+    splits = load_splits(config.data, ("train", "dev"))
+    model, _, context = train_stage("lora", config, splits, run)
+    assert isinstance(model, PeftModel) and context is None
+    assert any(getattr(m, "merged", None) is False for m in model.modules() if hasattr(m, "lora_A"))
+    merging = replace(config, evaluation=replace(config.evaluation, merge="weights"))
+    model, _, _ = train_stage("lora", merging, splits, run)
+    assert not isinstance(model, PeftModel)
+    assert system_key("lora", config) != system_key("lora", merging)
+    assert system_key("zero-shot", config) == system_key("zero-shot", merging)

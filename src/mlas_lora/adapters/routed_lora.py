@@ -211,6 +211,8 @@ class RoutedLoRALinear(nn.Module):
         self.specific = nn.ModuleDict({p: LoRAFactors(*shape, config.r_spe, **kw) for p in config.pairs})
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged_pair: str | None = None
+        self.merged_copy: torch.Tensor | None = None
+        """W + B A in a wider dtype than W's (RoutedLoRAModel.merged with a dtype), else None."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -236,6 +238,10 @@ class RoutedLoRALinear(nn.Module):
         return self.general, self.specific[pair]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_copy is not None:  # RoutedLoRAModel.merged(pair, dtype): W + B A kept wide
+            w = self.merged_copy
+            bias = None if self.base.bias is None else self.base.bias.to(w.dtype)
+            return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
         y = self.base(x)
         if self.merged_pair is not None:  # the pair's update is in base.weight (RoutedLoRAModel.merged)
             return y
@@ -267,11 +273,15 @@ class RoutedLoRALinear(nn.Module):
         return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 
     @torch.no_grad()
-    def merged_weight(self, pair: str) -> torch.Tensor:
-        """W + B A of `pair` (computed in float32), in the base weight's dtype."""
+    def merged_weight(self, pair: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W + B A of `pair` (computed in float32), in `dtype` (default: the base weight's dtype).
+
+        In bfloat16 (about 3 significant digits) a small update B A is partly rounded away: the
+        merged layer is then not the trained one.
+        """
         b, a = self.pair_update(pair)
         weight = self.base.weight
-        return (weight.float() + b.float() @ a.float()).to(weight.dtype)
+        return (weight.float() + b.float() @ a.float()).to(dtype or weight.dtype)
 
     def _blocks(self, initial: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """A and B of the general LoRA, then of each pair present in the batch (A0 / B0 if initial)."""
@@ -399,12 +409,15 @@ class RoutedLoRAModel(nn.Module):
             self.router.restore(saved)
 
     @contextmanager
-    def merged(self, pair: str) -> Iterator[RoutedLoRAModel]:
-        """Inference for one pair at the base model's speed: its update is merged into the weights.
+    def merged(self, pair: str, dtype: torch.dtype | None = None) -> Iterator[RoutedLoRAModel]:
+        """Inference for one pair with its update merged into the weights; routing is ignored inside.
 
-        Inside the block every routed layer computes (W + B A) x with the pair's general + specific
-        update folded into W (in W's dtype, like PEFT's merge) and ignores the routing; on exit the
-        original weights are put back bitwise. Not for training: the LoRAs get no gradient here.
+        dtype None: every routed layer computes (W + B A) x with the pair's general + specific update
+        folded into W in W's dtype (like PEFT's merge), at the base model's speed; in bfloat16 a small
+        update is partly rounded away, so this is *not* the trained function (see README). A wider
+        dtype (float32) keeps W + B A in a copy of that dtype and computes those layers in it: exact,
+        but twice the weight bytes per step. On exit the original weights are put back bitwise.
+        Not for training: the LoRAs get no gradient here.
         """
         if pair not in self.lora_config.pairs:
             raise MlasLoraError(f"merged: unknown pair {pair!r}; pairs are {list(self.lora_config.pairs)}")
@@ -412,15 +425,19 @@ class RoutedLoRAModel(nn.Module):
         try:
             with torch.no_grad():
                 for layer in self.routed_layers().values():
+                    layer.merged_pair = pair
+                    if dtype is not None and dtype != layer.base.weight.dtype:
+                        layer.merged_copy = layer.merged_weight(pair, dtype)
+                        continue
                     originals[layer] = layer.base.weight.detach().clone()
                     layer.base.weight.copy_(layer.merged_weight(pair))
-                    layer.merged_pair = pair
             yield self
         finally:
             with torch.no_grad():
-                for layer, weight in originals.items():
-                    layer.base.weight.copy_(weight)
-                    layer.merged_pair = None
+                for layer in self.routed_layers().values():
+                    if layer in originals:
+                        layer.base.weight.copy_(originals[layer])
+                    layer.merged_pair, layer.merged_copy = None, None
 
     def freeze_initial(self) -> None:
         """Residual mode: snapshot every LoRA's current factors as its frozen reference (A0, B0)."""
@@ -507,7 +524,9 @@ def init_from_factors(
     """Set the LoRAs from teacher factors: factors[(layer, proj)] = {"general": (B, A), "en-de": (B, A)}.
 
     B is [out, r], A is [r, in] in the student's projection shape. `add` (Eq. 9 literally): at step 0
-    the student computes W + teacher_scale (B_gen A_gen + B_pair A_pair). `residual`: the same
+    the student computes W + teacher_scale (B_gen A_gen + B_pair A_pair): each LoRA's A is the given
+    A (Eq. 8: V_r^T) unchanged, and its B the given B times teacher_scale / (alpha / r), which the
+    LoRA scaling alpha / r undoes (`_set_effective`). `residual`: the same
     trainable factors, but their initial values are also frozen as A0 / B0 and subtracted, so at
     step 0 the student equals the base exactly (see the module docstring). Layers or pairs missing
     from `factors` keep their current (PEFT-like) init.
@@ -547,20 +566,19 @@ def _block(layer: RoutedLoRALinear, key, name: str) -> tuple[LoRAFactors, float]
 def _set_effective(
     block: LoRAFactors, scaling: float, b: torch.Tensor, a: torch.Tensor, scale: float, where: str
 ):
-    """Set (A, B) so that scaling * B A == scale * b a, splitting the factor evenly between A and B."""
+    """Eq. (8) kept exactly: A = a (V_r^T, orthonormal rows), B = (scale / scaling) b (U_r S_r).
+
+    The one constant c = teacher_scale / (alpha / r) sits in B alone, so the initial update
+    scaling * B A = teacher_scale * U_r S_r V_r^T is teacher_scale times the rank-r SVD of the
+    teacher submatrix, and A keeps unit-norm rows whatever the scalings (teacher_scale 0: B = 0).
+    """
     if tuple(b.shape) != tuple(block.B.shape) or tuple(a.shape) != tuple(block.A.shape):
         raise MlasLoraError(
             f"init_from_factors: {where}: expected B {tuple(block.B.shape)} and A "
             f"{tuple(block.A.shape)}, got B {tuple(b.shape)} and A {tuple(a.shape)}"
         )
-    c = scale / scaling
-    if c == 0:  # keep A trainable-informative and B zero, as PEFT's init does
-        block.A.copy_(a)
-        block.B.zero_()
-        return
-    root = math.sqrt(abs(c))
-    block.A.copy_(a.to(block.A.dtype) * root)
-    block.B.copy_(b.to(block.B.dtype) * (root if c > 0 else -root))
+    block.A.copy_(a.to(block.A.dtype))
+    block.B.copy_((b * (scale / scaling)).to(block.B.dtype))
 
 
 def load_routed_for_inference(model: nn.Module, path) -> tuple[RoutedLoRAModel, Callable]:

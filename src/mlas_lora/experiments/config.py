@@ -36,14 +36,35 @@ class DataConfig:
     """Training pairs per direction (None = all)."""
     seed_per_direction: int = 1000
     """Seed sentences per direction for awareness scoring (the dev split; the paper used 1,000)."""
+    valid_per_direction: int = 0
+    """Validation segments per direction, for choosing hyper-parameters (0 = none): carved from the
+    dev split of `corpus`, disjoint from the seed sentences, >= min_test_words English words."""
     test_per_direction: int | None = None
     ood_per_direction: int | None = 0
     """Out-of-domain test segments per direction (0 = skip, None = all)."""
     min_test_words: int = 4
+    """Valid, test and OOD segments keep those whose English side has at least this many words."""
     shots: int = 5
+    sample: str = "random"
+    """How a split larger than its `*_per_direction` is cut: 'random' (uniform, seeded by `seed`, read
+    as a stream: the paper's random 200k pairs and 1k seeds) or 'first' (the first N rows). The
+    embedded corpus keeps its own seeded subset (`load_embedded`) for train, dev, test and ood."""
+    seed: int = 0
+    """Seed of the random samples; both directions of a language pair draw the same rows."""
+    test_corpus: str | None = None
+    """Where the test split comes from, if not from `corpus` (same forms as `corpus`), e.g. FLORES-200
+    devtest while training on WMT18 (the paper's A.5 check). Train, dev, valid and ood stay in `corpus`."""
+    test_split: str = "test"
+    """The test split's name in `test_corpus` (FLORES-200: devtest)."""
 
     def problems(self) -> list[str]:
+        from mlas_lora.data.sampling import SAMPLING
+
         out = []
+        if self.sample not in SAMPLING:
+            out.append(f"data.sample: {self.sample!r} (known: {', '.join(SAMPLING)})")
+        if not isinstance(self.valid_per_direction, int) or self.valid_per_direction < 0:
+            out.append(f"data.valid_per_direction must be an int >= 0, got {self.valid_per_direction!r}")
         for d in self.directions:
             try:
                 Direction.parse(d)
@@ -62,20 +83,31 @@ class ModelsConfig:
     """'auto' (bfloat16 where the CPU supports it), 'bfloat16', 'float32' or 'float16'."""
 
 
+MERGE_MODES = ("none", "weights")
+
+
 @dataclass
 class EvaluationConfig:
     metrics: list[str] = field(default_factory=lambda: ["bleu", "chrf", "meteor"])
     comet_model: str | None = None
     bootstrap_samples: int = 1000
     baseline_for_significance: str = "lora"
+    merge: str = "none"
+    """How a trained system is run while its test sets are translated: 'none' (adapters unmerged:
+    exactly the trained function, the default) or 'weights' (each pair's update merged into the base
+    weights in their own dtype, at the base model's speed; in bfloat16 a small update is partly
+    rounded away, so the evaluated model is not the trained one: the default before it was measured)."""
 
     def problems(self) -> list[str]:
         known = {"bleu", "chrf", "meteor", "comet"}
-        return [
+        out = [
             f"evaluation.metrics: unknown metric {m!r} (known: {sorted(known)})"
             for m in self.metrics
             if m not in known
         ]
+        if self.merge not in MERGE_MODES:
+            out.append(f"evaluation.merge: {self.merge!r} (known: {', '.join(MERGE_MODES)})")
+        return out
 
 
 @dataclass
@@ -88,14 +120,33 @@ class AwarenessConfig:
     scales the paper's 0.2 (set for 14 pairs) to the number of pairs (awareness.classify.auto_lambda)."""
     selection: str = "mean"
     """Layer selection over pairs: 'mean' of R over pairs."""
+    relevance_reading: str = "source"
+    """Which tokens Eq. (1) averages over: 'source' (the source segment in the translation prompt, the
+    paper's "forward pass of a source sentence"), 'prompt' (the whole prompt) or 'all' (prompt and
+    reference target, this project's reading before the paper's became the default)."""
+    normalize: str = "tokens"
+    """How each pair's Phi is made comparable before the shares of Sec. 3.1: 'tokens' (mean per scored
+    token), 'total' (every pair the same total per matrix side) or 'none' (raw sums)."""
     max_tokens: int = 256
+    """Seed sentences are cut to this many tokens (prompt end + target start), as training cuts them."""
 
     def problems(self) -> list[str]:
+        from mlas_lora.awareness.classify import NORMALIZATIONS
+        from mlas_lora.awareness.layer_relevance import READINGS
+
         out = []
         if problem := lambda_problem(self.lam):
             out.append(f"awareness.lam {problem}")
         if self.selection not in ("mean",):
             out.append(f"awareness.selection: {self.selection!r} (known: mean)")
+        if self.relevance_reading not in READINGS:
+            out.append(
+                f"awareness.relevance_reading: {self.relevance_reading!r} (known: {', '.join(READINGS)})"
+            )
+        if self.normalize not in NORMALIZATIONS:
+            out.append(f"awareness.normalize: {self.normalize!r} (known: {', '.join(NORMALIZATIONS)})")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 2:
+            out.append(f"awareness.max_tokens must be an int >= 2, got {self.max_tokens!r}")
         return out
 
 
@@ -116,8 +167,16 @@ class LoraConfig:
     in the README put residual slightly ahead (28.03 vs 27.55; 29.48 vs 29.33 at 300 segments). All
     within noise, so no mode is better on our data; the default was not changed."""
     teacher_scale: float = 1.0
+    """The initial update of each LoRA is teacher_scale x the rank-r SVD of its teacher submatrix:
+    A = V_r^T, B = U_r S_r teacher_scale / (alpha / r) (Eq. 8 with one constant in B)."""
+    fill_rule: str = "ranked"
+    """How a pair whose specific neurons are too few fills its rows / columns: 'ranked' (the best of
+    its own ranking, often the general init's neurons) or 'exclude-general' (the best of those the
+    general init of that matrix did not choose). To be chosen on the validation split."""
 
     def problems(self) -> list[str]:
+        from mlas_lora.transfer.extract import FILL_RULES
+
         out = [
             f"lora.targets: unknown projection {t!r} (known: {PROJECTIONS})"
             for t in self.targets
@@ -127,6 +186,8 @@ class LoraConfig:
             out.append(f"lora.init_mode: {self.init_mode!r} (known: add, residual)")
         if self.r_gen < 1 or self.r_spe < 1:
             out.append("lora.r_gen and lora.r_spe must be >= 1")
+        if self.fill_rule not in FILL_RULES:
+            out.append(f"lora.fill_rule: {self.fill_rule!r} (known: {', '.join(FILL_RULES)})")
         return out
 
 

@@ -25,15 +25,40 @@ from pathlib import Path
 import torch
 
 from mlas_lora.config import config_hash, to_dict
-from mlas_lora.experiments.config import ExperimentConfig, LoraConfig
+from mlas_lora.experiments.config import DataConfig, ExperimentConfig, LoraConfig
 from mlas_lora.experiments.data import Splits
 from mlas_lora.models.arch import PROJECTION_PATHS, describe
 
 SEED_DATA_FIELDS = ("corpus", "split_names", "directions", "seed_per_direction")
 """The data settings the awareness stage reads (the seed sentences); train / test sizes are not."""
 
-EVAL_DATA_FIELDS = ("test_per_direction", "ood_per_direction", "min_test_words", "shots")
+CLASSIFY_ONLY = ("lam", "normalize")
+"""Awareness settings only the classify stage reads: changing them does not re-score the teacher."""
+
+EVAL_DATA_FIELDS = (
+    "valid_per_direction",
+    "test_per_direction",
+    "ood_per_direction",
+    "min_test_words",
+    "shots",
+    "test_corpus",
+    "test_split",
+)
 """The data settings only evaluation reads: changing them re-runs no training stage."""
+
+
+def seed_data_settings(data: DataConfig) -> dict:
+    """The data settings that pick the seed sentences: the data part of the awareness stage's key.
+
+    `sample` and `seed` enter only where they act (a non-embedded corpus, or a data seed other than
+    0), so the keys of embedded runs made before those fields existed stay valid.
+    """
+    settings = {k: v for k, v in to_dict(data).items() if k in SEED_DATA_FIELDS}
+    if data.corpus != "embedded":
+        settings.update(sample=data.sample, seed=data.seed)
+    elif data.seed != 0:
+        settings["seed"] = data.seed
+    return settings
 
 
 def stage_key(**parts) -> str:
@@ -77,16 +102,16 @@ def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> 
     from mlas_lora.models.loading import load_config, load_model, resolve_source
 
     scored, classes = run_dir / "awareness", run_dir / "classes"
-    seeds = {k: v for k, v in to_dict(config.data).items() if k in SEED_DATA_FIELDS}
+    seeds = seed_data_settings(config.data)
     key = stage_key(
         teacher=config.models.teacher,
         student=config.models.student,
         dtype=config.models.dtype,
         data=seeds,
-        awareness={k: v for k, v in to_dict(config.awareness).items() if k != "lam"},
+        awareness={k: v for k, v in to_dict(config.awareness).items() if k not in CLASSIFY_ONLY},
     )
     lam = resolve_lambda(config.awareness.lam, len(config.data.directions))
-    classes_key = stage_key(scores=key, lam=lam)
+    classes_key = stage_key(scores=key, lam=lam, normalize=config.awareness.normalize)
     scores = None
     if not stage_done(scored, key):
         start = time.perf_counter()
@@ -99,6 +124,8 @@ def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> 
             batch_size=config.awareness.batch_size,
             dtype=teacher.dtype,
             num_student_layers=student_layers,
+            relevance_reading=config.awareness.relevance_reading,
+            max_tokens=config.awareness.max_tokens,
         )
         del teacher
         _fresh(scored)
@@ -109,7 +136,7 @@ def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> 
         _fresh(classes)
         if scores is None:  # scoring was skipped: read its files
             scores = load_awareness(scored)
-        save_classes(classify_neurons(scores, lam=lam), classes)
+        save_classes(classify_neurons(scores, lam=lam, normalize=config.awareness.normalize), classes)
         mark_done(classes, classes_key, time.perf_counter() - start)
     return scored, classes
 
@@ -126,6 +153,7 @@ def transfer_stage(config: ExperimentConfig, splits: Splits, run_dir: Path):
         r_gen=lora.r_gen,
         r_spe=lora.r_spe,
         targets=list(lora.targets),
+        fill_rule=lora.fill_rule,
     )
     if not stage_done(folder, key):
         start = time.perf_counter()
@@ -140,6 +168,7 @@ def transfer_stage(config: ExperimentConfig, splits: Splits, run_dir: Path):
             config.lora.r_gen,
             config.lora.r_spe,
             tuple(config.lora.targets),
+            fill_rule=lora.fill_rule,
         )
         mark_done(folder, key, time.perf_counter() - start)
     return load_factors(folder)
@@ -267,20 +296,21 @@ def train_stage(system: str, config: ExperimentConfig, splits: Splits, run_dir: 
         trainer.fit(resume="auto")
         mark_done(folder, key, time.perf_counter() - start)
     model.eval()
-    if not routed:  # one LoRA for every pair: merged, it decodes at the base model's speed
-        return model.merge_and_unload(), tokenizer, None
+    if not routed:  # PEFT keeps the adapter unmerged unless asked (see evaluation.merge)
+        return (model.merge_and_unload() if config.evaluation.merge == "weights" else model), tokenizer, None
     export_stage(model, config, run_dir / f"adapters-{system}")
     return model, tokenizer, model.routing
 
 
-def _pair_scope(model, context, examples):
-    """How a trained system decodes a one-pair test set: merged for that pair where it is routed.
+def _pair_scope(model, context, examples, merge: str = "none"):
+    """How a trained system decodes a one-pair test set: routed and unmerged, or merged (`weights`).
 
-    The routed model's mixed-pair path costs about twice the base model per token; a test set holds
-    one pair, so its update is merged into the weights for the set (as the LoRA baseline is merged).
+    Unmerged (the default), the evaluated function is the trained one: the LoRA factors stay in
+    float32 beside the frozen bfloat16 weights. `weights` folds the pair's update into the base
+    weights for the set (base-model speed), where bfloat16 rounds a small update partly away.
     """
     pairs = {example.pair for example in examples}
-    if context is None or len(pairs) != 1:
+    if context is None or len(pairs) != 1 or merge != "weights":
         return contextlib.nullcontext(), context
     return model.merged(pairs.pop()), None
 
@@ -305,7 +335,7 @@ def trained_translator(system: str, splits: Splits, config: ExperimentConfig, ru
     gen = config.generation
 
     def run(examples, split: str) -> list[str]:
-        scope, batch_context = _pair_scope(model, context, examples)
+        scope, batch_context = _pair_scope(model, context, examples, config.evaluation.merge)
         with scope:
             return translate(
                 model,

@@ -21,6 +21,14 @@ from mlas_lora.experiments.data import Splits, load_splits
 from mlas_lora.translation.baselines import in_context_requests, zero_shot_requests
 from mlas_lora.translation.generate import translate
 
+EVAL_SPLITS = ("valid", "test", "ood")
+"""The translated splits, in order: valid (where hyper-parameters are chosen), then test and OOD."""
+SPLIT_TITLES = {
+    "valid": "Validation (for choosing hyper-parameters)",
+    "test": "In-domain test (embedded / configured test split)",
+    "ood": "Out-of-domain test",
+}
+
 
 def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -103,7 +111,7 @@ def translate_all(system: str, translator: Translator, splits: Splits, store: Hy
     """Hypotheses for every evaluated split and direction, reusing cached ones; returns seconds spent."""
     outputs: dict[tuple[str, str], list[str]] = {}
     seconds = 0.0
-    for split in ("test", "ood"):
+    for split in EVAL_SPLITS:
         for direction, examples in splits.get(split).items():
             if not examples:
                 continue
@@ -197,7 +205,10 @@ def system_key(system: str, config: ExperimentConfig) -> str:
     }
     if system not in ("zero-shot", "in-context"):
         parts.update(
-            lora=to_dict(config.lora), training=to_dict(config.training), awareness=to_dict(config.awareness)
+            lora=to_dict(config.lora),
+            training=to_dict(config.training),
+            awareness=to_dict(config.awareness),
+            merge=config.evaluation.merge,
         )
     return config_hash(parts)
 
@@ -217,7 +228,7 @@ def run_experiment(config: ExperimentConfig, force: bool = False) -> Path:
         key = system_key(system, config)
         cached = all(
             store.load(system, sp, d, key) is not None
-            for sp in ("test", "ood")
+            for sp in EVAL_SPLITS
             for d, ex in splits.get(sp).items()
             if ex
         )
@@ -245,19 +256,40 @@ def _timing_table(timings: dict, stages: dict) -> str:
 
 
 def method_diagnostics(run_dir: Path) -> str:
-    """What the awareness and transfer stages found: layer selection, neuron classes, fill-ins."""
+    """What the awareness and transfer stages found: layer selection, neuron classes, fill-ins, and
+    how much each pair's init overlaps the general init."""
     classes, transfer = run_dir / "classes" / "classes.json", run_dir / "transfer" / "transfer.json"
     if not (classes.is_file() and transfer.is_file()):
         return ""
     meta, moved = json.loads(classes.read_text()), json.loads(transfer.read_text())
     total, pairs = meta["summary"]["total"], meta["pairs"]
+    scored = run_dir / "awareness" / "awareness.json"
+    awareness = json.loads(scored.read_text()) if scored.is_file() else {}
     lines = [
         "## What the teacher analysis found\n",
-        f"Teacher layers kept (Eq. 1), in order onto the student's: {list(moved['layer_map'].values())}.",
-        f"Neurons (lambda {meta['lambda']}): general {total['general']}, specific "
-        + ", ".join(f"{p} {total['specific'][p]}" for p in pairs)
-        + ".",
+        f"Teacher layers kept (Eq. 1, reading `{awareness.get('relevance_reading', 'all')}`), in order onto "
+        f"the student's: {list(moved['layer_map'].values())}.",
     ]
+    by_reading = awareness.get("selected_layers_by_reading") or {}
+    if len(by_reading) > 1:
+        lines.append(
+            "The same selection under every Eq. (1) reading: "
+            + "; ".join(f"{name} {layers}" for name, layers in by_reading.items())
+            + "."
+        )
+    if awareness.get("num_tokens"):
+        lines.append(
+            "Seed tokens scored per pair (Eq. 2): "
+            + ", ".join(f"{p} {n}" for p, n in awareness["num_tokens"].items())
+            + "."
+        )
+    neuron = meta["summary"].get("neuron", "each (matrix, side) coordinate of every scored layer")
+    lines.append(
+        f"Neurons (lambda {meta['lambda']}, Phi normalised per pair by `{meta.get('normalize', 'none')}`; "
+        f"{neuron}): general {total['general']}, specific "
+        + ", ".join(f"{p} {total['specific'][p]}" for p in pairs)
+        + "."
+    )
     if meta["lambda"] <= 1 / len(pairs):
         lines.append(
             f"Note: with {len(pairs)} pairs every neuron's largest share is at least 1/{len(pairs)} = "
@@ -273,7 +305,27 @@ def method_diagnostics(run_dir: Path) -> str:
         f"Rows/columns filled from outside their neuron set: {filled / chosen:.1%}; "
         f"SVD energy kept at rank r: mean {sum(energy) / len(energy):.3f}."
     )
+    if table := overlap_table(moved):
+        lines += ["", table]
     return "\n".join(lines) + "\n"
+
+
+def overlap_table(transfer: dict) -> str:
+    """Markdown table: per pair, the mean share of its init's rows / columns the general init also chose."""
+    summary = transfer.get("overlap_with_general")
+    if not summary:  # transfer.json written before overlaps were recorded
+        return ""
+    lines = [
+        f"Overlap of each pair's init with the general init (fill rule `{transfer.get('fill_rule')}`; "
+        "mean over layers and projections of the share of the pair's rows / columns):",
+        "",
+        "| pair | rows | cols |",
+        "| --- | ---: | ---: |",
+    ]
+    for pair, by_proj in summary.items():
+        rows, cols = (sum(v[axis] for v in by_proj.values()) / len(by_proj) for axis in ("rows", "cols"))
+        lines.append(f"| {pair} | {rows:.1%} | {cols:.1%} |")
+    return "\n".join(lines)
 
 
 def write_report(config: ExperimentConfig, run_dir: Path, splits: Splits, all_outputs, timings) -> Path:
@@ -288,11 +340,10 @@ def write_report(config: ExperimentConfig, run_dir: Path, splits: Splits, all_ou
             records.setdefault(split, []).extend(rows)
         unavailable.update(missing)
     sections = [f"# {config.name}\n", f"Config hash `{config_hash(config)}`; run directory `{run_dir}`.\n"]
-    titles = {"test": "In-domain test (embedded / configured test split)", "ood": "Out-of-domain test"}
     for split, rows in records.items():
         write_results(rows, run_dir / "results" / f"{split}.json")
         n = {d: len(ex) for d, ex in splits.get(split).items()}
-        sections.append(f"## {titles[split]}: segments per direction {n}\n")
+        sections.append(f"## {SPLIT_TITLES[split]}: segments per direction {n}\n")
         for metric in config.evaluation.metrics:
             if metric not in unavailable:
                 sections.append(f"### {metric}\n\n" + markdown_table(rows, metric, config.systems, list(n)))
