@@ -174,3 +174,13 @@ def test_trained_systems_are_evaluated_unmerged_unless_asked(tiny_run):
     assert not isinstance(model, PeftModel)
     assert system_key("lora", config) != system_key("lora", merging)
     assert system_key("zero-shot", config) == system_key("zero-shot", merging)
+
+
+def test_training_logs_the_update_norm_every_step(tiny_run):
+    _, run, _ = tiny_run
+    lora = json.loads((run / "train-lora/train_log.json").read_text())["history"]
+    routed = json.loads((run / "train-mlas-lora/train_log.json").read_text())["history"]
+    assert [set(r["update_norm"]) for r in lora] == [{"all"}] * len(lora) and lora[-1]["update_norm"][
+        "all"
+    ] > 0
+    assert all(set(r["update_norm"]) == {"en-de", "en-fi"} for r in routed)

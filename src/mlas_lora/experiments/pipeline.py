@@ -245,6 +245,13 @@ def _adapter_io(model, routed: bool) -> tuple[Callable[[Path], None], Callable[[
     return save, load
 
 
+def _update_norms(model, routed: bool) -> Callable[[], dict[str, float]]:
+    """||Delta W|| / ||W|| per pair (routed) or of the one LoRA, logged every step (Trainer.history)."""
+    from mlas_lora.adapters.update_norms import peft_update_norms, routed_update_norms
+
+    return routed_update_norms(model) if routed else peft_update_norms(model)
+
+
 def train_key(system: str, config: ExperimentConfig) -> str:
     """What a training stage depends on: everything but the evaluation-only data settings."""
     return stage_key(
@@ -292,6 +299,7 @@ def train_stage(system: str, config: ExperimentConfig, splits: Splits, run_dir: 
             save,
             load,
             bf16=_bf16(model),
+            update_norms=_update_norms(model, routed),
         )
         trainer.fit(resume="auto")
         mark_done(folder, key, time.perf_counter() - start)

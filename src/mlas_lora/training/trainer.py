@@ -87,12 +87,16 @@ class Trainer:
         save_adapters: Callable[[Path], None],
         load_adapters: Callable[[Path], None],
         bf16: bool = False,
+        update_norms: Callable[[], dict[str, float]] | None = None,
     ):
+        """`update_norms`, if given, is called after every optimizer step and its {name: ||Delta W|| /
+        ||W||} goes into that step's history record (`adapters.update_norms`)."""
         if not examples:
             raise MlasLoraError("no training examples")
         self.config, self.out_dir, self.route, self.pairs = config, Path(out_dir), route, pairs
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.save_adapters, self.load_adapters = save_adapters, load_adapters
+        self.update_norms = update_norms
         self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
         self.features: list[Feature] = featurize(tokenizer, examples, pairs, config.max_tokens)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -187,7 +191,10 @@ class Trainer:
         bar = tqdm(total=self.steps, initial=self.step, desc="train", disable=not progress, unit="step")
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
             loss = self.train_step(tracker)
-            self.history.append({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+            if self.update_norms is not None:
+                record["update_norm"] = self.update_norms()
+            self.history.append(record)
             bar.set_postfix({p: f"{v:.3f}" for p, v in tracker.means().items()})
             bar.update(1)
             if self.step % self.config.checkpoint_every == 0 or self.step == self.steps:
