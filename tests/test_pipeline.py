@@ -184,3 +184,31 @@ def test_training_logs_the_update_norm_every_step(tiny_run):
         "all"
     ] > 0
     assert all(set(r["update_norm"]) == {"en-de", "en-fi"} for r in routed)
+
+
+def test_learning_curve_scores_every_checkpoint_and_resumes(tiny_run):
+    from mlas_lora.experiments.curve import leader_by_step, learning_curve
+
+    config, run, _ = tiny_run
+    png = learning_curve(config, ["lora", "mlas-lora"], segments=2)
+    assert png.is_file() and png.stat().st_size > 0 and (run / "curve/curve.csv").is_file()
+    results = json.loads((run / "curve/curve.json").read_text())
+    assert set(results["lora"]["points"]) == {"0", "1", "2"} == set(results["mlas-lora"]["points"])
+    # step 0 of LoRA (B = 0) is the untuned student: the zero-shot system's validation hypotheses
+    zero = {
+        d: [
+            json.loads(line)["hypothesis"]
+            for line in (run / f"hyps/zero-shot/valid.{d}.jsonl").read_text().splitlines()[1:]
+        ]
+        for d in ("en-de", "en-fi")
+    }
+    from mlas_lora.experiments.curve import _score
+    from mlas_lora.experiments.data import load_splits
+
+    valid = load_splits(config.data, ("dev", "valid")).valid
+    assert results["lora"]["points"]["0"]["chrf"] == pytest.approx(_score(zero, valid)["chrf"])
+    stamp = (run / "curve/curve.json").stat().st_mtime_ns
+    learning_curve(config, ["lora"], segments=2)  # every point cached: nothing translated again
+    again = json.loads((run / "curve/curve.json").read_text())
+    assert again["lora"] == results["lora"] and (run / "curve/curve.json").stat().st_mtime_ns != stamp
+    assert [step for step, _, _ in leader_by_step(results)] == [0, 1, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -150,6 +151,24 @@ def _train(args) -> None:
             print(f"{system}: PEFT adapters (one per pair) in {run_dir / f'adapters-{system}'}")
 
 
+def _curve(args) -> None:
+    from mlas_lora.config import load_config
+    from mlas_lora.experiments.config import ExperimentConfig
+    from mlas_lora.experiments.curve import leader_by_step, learning_curve
+
+    config = load_config(ExperimentConfig, args.config, args.overrides)
+    systems = (
+        args.systems.split(",")
+        if args.systems
+        else [s for s in config.systems if s not in ("zero-shot", "in-context")]
+    )
+    png = learning_curve(config, systems, args.segments)
+    results = json.loads((png.parent / "curve.json").read_text())
+    for step, system, score in leader_by_step({s: results[s] for s in systems}):
+        print(f"step {step}: {system} leads (valid chrF++ {score:.2f})")
+    print(f"{png}; numbers in {png.parent / 'curve.csv'}")
+
+
 def _experiment_parser(sub, name: str, text: str, func):
     stage = sub.add_parser(name, help=text)
     stage.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
@@ -206,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         stage = _experiment_parser(sub, name, text, _train)
         stage.add_argument("--system", help="only this system (e.g. mlas-lora)")
         stage.add_argument("--merge", action="store_true", help="also write merged full weights per pair")
+
+    curve = _experiment_parser(
+        sub, "curve", "validation BLEU / chrF++ of trained systems at every checkpoint (+ PNG)", _curve
+    )
+    curve.add_argument("--systems", help="comma-separated trained systems (default: all of the config)")
+    curve.add_argument("--segments", type=int, default=25, help="validation segments per direction")
 
     run = sub.add_parser("run", help="run every stage of an experiment config and print the report")
     run.add_argument("config", help="YAML file, e.g. configs/demo.yaml")

@@ -264,18 +264,25 @@ def train_key(system: str, config: ExperimentConfig) -> str:
     )
 
 
+def initial_student(system: str, config: ExperimentConfig, splits: Splits, run_dir: Path):
+    """A trained system's student before its first step: (model, tokenizer, routed?).
+
+    MLAS-LoRA systems run the teacher stages first (skipped when done) and start from their factors.
+    """
+    routed = system.startswith("mlas-lora")
+    if not routed:
+        return (*peft_student(config), False)
+    factors = transfer_stage(config, splits, run_dir) if system != "mlas-lora-random" else None
+    return (*routed_student(config, effective_lora(system, config), list(splits.train), factors), True)
+
+
 def train_stage(system: str, config: ExperimentConfig, splits: Splits, run_dir: Path):
     """Build and fine-tune one trained system; returns (model, tokenizer, batch_context or None)."""
     from mlas_lora.training.trainer import Trainer, newest_checkpoint
 
     pairs = list(splits.train)
-    routed = system.startswith("mlas-lora")
     folder = run_dir / f"train-{system}"
-    if routed:
-        factors = transfer_stage(config, splits, run_dir) if system != "mlas-lora-random" else None
-        model, tokenizer = routed_student(config, effective_lora(system, config), pairs, factors)
-    else:
-        model, tokenizer = peft_student(config)
+    model, tokenizer, routed = initial_student(system, config, splits, run_dir)
     key = train_key(system, config)
     save, load = _adapter_io(model, routed)
     if stage_done(folder, key):

@@ -1,0 +1,174 @@
+"""`mlas-lora curve CONFIG`: validation quality of trained systems at every saved checkpoint.
+
+Training keeps a checkpoint every `training.checkpoint_every` steps; this re-loads each one (and the
+untrained start, step 0) and translates the first `segments` validation segments of every direction,
+so one can see at which step which system leads and whether a gap opens early or late. Validation
+only: hyper-parameters are chosen there, never on test. Written into `RUN/curve/`:
+
+    curve.json   {system: {step: {"bleu": avg, "chrf": avg, "seconds": s}}} + the settings that made it
+    curve.csv    system, step, bleu, chrf, update_norm (mean ||Delta W|| / ||W|| logged at that step)
+    curve.png    chrF++ and the relative update size against the step, one line per system
+
+A (system, step) point already in curve.json with the same settings is not recomputed, so an
+interrupted curve continues.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+from mlas_lora.config import config_hash
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.experiments.config import ExperimentConfig
+from mlas_lora.experiments.data import Splits, load_splits
+
+
+def checkpoints(folder: Path) -> dict[int, Path]:
+    """step -> checkpoint folder, for the complete checkpoints of a training folder."""
+    found = {}
+    for path in sorted((folder / "checkpoints").glob("step-*")):
+        step = path.name.removeprefix("step-")
+        if step.isdigit() and (path / "adapters").is_dir():
+            found[int(step)] = path
+    return found
+
+
+def _score(hyps: dict, valid: dict) -> dict:
+    from mlas_lora.evaluation.metrics import score_corpus
+
+    scores = {
+        d: score_corpus(hyps[d], [e.reference for e in ex], ex[0].tgt_lang, metrics=("bleu", "chrf"))
+        for d, ex in valid.items()
+    }
+    return {m: sum(s[m].score for s in scores.values()) / len(scores) for m in ("bleu", "chrf")}
+
+
+def _translate_valid(model, tokenizer, context, valid: dict, config: ExperimentConfig, label: str) -> dict:
+    from mlas_lora.translation.baselines import zero_shot_requests
+    from mlas_lora.translation.generate import translate
+
+    return {
+        d: translate(
+            model,
+            tokenizer,
+            zero_shot_requests(ex),
+            config.generation,
+            batch_context=context,
+            desc=f"{label} {d}",
+        )
+        for d, ex in valid.items()
+    }
+
+
+def system_curve(system: str, config: ExperimentConfig, splits: Splits, valid: dict, done: dict) -> dict:
+    """{step: scores} of one system: step 0 (its initial student) and every saved checkpoint."""
+    from mlas_lora.experiments.pipeline import _adapter_io, initial_student
+
+    run_dir = Path(config.output_dir)
+    saved = checkpoints(run_dir / f"train-{system}")
+    if not saved:
+        raise MlasLoraError(f"{run_dir / f'train-{system}'} has no checkpoints: train {system} first")
+    model, tokenizer, routed = initial_student(system, config, splits, run_dir)
+    model.eval()
+    load = _adapter_io(model, routed)[1]
+    context = model.routing if routed else None
+    points = dict(done)
+    for step in [0, *saved]:
+        if str(step) in points:
+            continue
+        if step:
+            load(saved[step] / "adapters")
+        start = time.perf_counter()
+        hyps = _translate_valid(model, tokenizer, context, valid, config, f"{system} step {step}")
+        points[str(step)] = {**_score(hyps, valid), "seconds": round(time.perf_counter() - start, 1)}
+    return points
+
+
+def _update_norms(run_dir: Path, system: str) -> dict[int, float]:
+    log = run_dir / f"train-{system}" / "train_log.json"
+    if not log.is_file():
+        return {}
+    history = json.loads(log.read_text()).get("history", [])
+    return {
+        r["step"]: sum(r["update_norm"].values()) / len(r["update_norm"])
+        for r in history
+        if r.get("update_norm")
+    }
+
+
+def learning_curve(config: ExperimentConfig, systems: list[str], segments: int = 25) -> Path:
+    """Validation BLEU / chrF++ of each system at each checkpoint; returns the PNG's path."""
+    if segments < 1:
+        raise MlasLoraError(f"segments must be >= 1, got {segments}")
+    if not config.data.valid_per_direction:
+        raise MlasLoraError("the learning curve needs a validation split: set data.valid_per_direction")
+    unknown = [s for s in systems if s in ("zero-shot", "in-context") or s not in config.systems]
+    if unknown:
+        raise MlasLoraError(f"not trained systems of this config: {unknown} (systems: {config.systems})")
+    run_dir = Path(config.output_dir)
+    folder = run_dir / "curve"
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(config.data, ("train", "dev", "valid"))
+    valid = {d: ex[:segments] for d, ex in splits.valid.items() if ex}
+    path = folder / "curve.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    results = {}
+    for system in systems:
+        key = config_hash({"system": system, "segments": segments, "config": config_hash(config)})
+        done = stored.get(system, {})
+        points = done.get("points", {}) if done.get("key") == key else {}
+        results[system] = {"key": key, "points": system_curve(system, config, splits, valid, points)}
+        stored[system] = results[system]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stored, indent=2))
+        tmp.replace(path)
+    return write_curve(results, run_dir, segments)
+
+
+def write_curve(results: dict, run_dir: Path, segments: int) -> Path:
+    """curve.csv and curve.png from {system: {"points": {step: scores}}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = run_dir / "curve"
+    norms = {system: _update_norms(run_dir, system) for system in results}
+    with open(folder / "curve.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["system", "step", "bleu", "chrf", "update_norm"])
+        for system, data in results.items():
+            for step, p in sorted(data["points"].items(), key=lambda kv: int(kv[0])):
+                norm = norms[system].get(int(step), 0.0 if step == "0" else "")
+                writer.writerow([system, step, f"{p['bleu']:.2f}", f"{p['chrf']:.2f}", norm])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    for system, data in results.items():
+        steps = sorted(int(s) for s in data["points"])
+        top.plot(steps, [data["points"][str(s)]["chrf"] for s in steps], marker="o", label=system)
+        if norms[system]:
+            logged = sorted(norms[system])
+            bottom.plot(logged, [norms[system][s] for s in logged], label=system)
+    top.set_ylabel(f"valid chrF++ (avg., {segments} segments/direction)")
+    top.legend()
+    top.grid(alpha=0.3)
+    bottom.set_ylabel("mean ||ΔW|| / ||W||")
+    bottom.set_xlabel("optimizer step")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    out = folder / "curve.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def leader_by_step(results: dict, metric: str = "chrf") -> list[tuple[int, str, float]]:
+    """(step, leading system, its score) at every step all systems have."""
+    steps = set.intersection(*(set(d["points"]) for d in results.values()))
+    rows = []
+    for step in sorted(steps, key=int):
+        best = max(results, key=lambda s: results[s]["points"][step][metric])
+        rows.append((int(step), best, results[best]["points"][step][metric]))
+    return rows
