@@ -3,6 +3,13 @@
 The prompt comes from `mlas_lora.prompting` so generation sees exactly what training saw.
 A batch may mix directions; `batch_context` lets a routed multi-LoRA model learn, per batch,
 which pair each row belongs to.
+
+Greedy decoding runs its own loop (`_greedy_batch`) rather than Hugging Face `generate`: the same
+buckets, prefill and model calls, but a row that has finished (end-of-sequence, or the token that
+completes the stop string "\n") leaves the batch and the KV cache, instead of riding along as
+padding until the whole bucket ends or reaches its token budget. A CPU bf16 GEMM gives a row the
+same bits whatever the number of rows beside it, and attention is computed per row, so for a bf16
+model the hypotheses are those of `generate` (tested; `translate_with_generate` keeps that path).
 """
 
 from __future__ import annotations
@@ -96,29 +103,154 @@ def _stop_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-@torch.inference_mode()
-def _generate_batch(model, tokenizer, batch_ids: list[list[int]], max_new: int, config: GenerationConfig):
+STOP_STRING = "\n"
+"""The translation is the first line: decoding stops at the token that completes it."""
+
+GREEDY_NEUTRAL = {
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+}
+"""Model generation_config fields whose other values make `generate` change greedy logits; a model
+that sets one is decoded with `generate` (the loop applies no logits processors)."""
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _left_padded(batch_ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), left padded: every prompt ends at the last column."""
     width = max(len(ids) for ids in batch_ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((len(batch_ids), width), pad, dtype=torch.long)
     attention = torch.zeros((len(batch_ids), width), dtype=torch.long)
-    for row, ids in enumerate(batch_ids):  # left padding: every prompt ends at the last column
+    for row, ids in enumerate(batch_ids):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention[row, width - len(ids) :] = 1
-    device = next(model.parameters()).device
+    return input_ids.to(device), attention.to(device)
+
+
+@torch.inference_mode()
+def _generate_batch(model, tokenizer, batch_ids: list[list[int]], max_new: int, config: GenerationConfig):
+    """One bucket through Hugging Face `generate` (beam search, and the reference for the loop)."""
+    pad = _pad_id(tokenizer)
+    input_ids, attention = _left_padded(batch_ids, pad, next(model.parameters()).device)
     with contiguous_head_input(model):
         out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
+            input_ids=input_ids,
+            attention_mask=attention,
             max_new_tokens=max_new,
             do_sample=False,
             num_beams=config.num_beams,
             eos_token_id=_stop_ids(tokenizer),
             pad_token_id=pad,
-            stop_strings=["\n"],
+            stop_strings=[STOP_STRING],
             tokenizer=tokenizer,  # the translation is the first line: stop there
         )
+    width = input_ids.shape[1]
     return [clean_output(tokenizer.decode(seq[width:], skip_special_tokens=True)) for seq in out]
+
+
+def stop_table(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Bool [vocab_size]: the tokens that end a row, the end-of-sequence ids and those completing "\\n".
+
+    Asks Hugging Face's own StopStringCriteria about every token on its own, so the loop stops where
+    `generate(stop_strings=["\\n"])` stops (a one-character stop string lies within the last token).
+    """
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    criterion = StopStringCriteria(tokenizer, [STOP_STRING])
+    known = min(vocab_size, criterion.embedding_vec.shape[0])
+    table = torch.zeros(vocab_size, dtype=torch.bool)
+    table[:known] = criterion(torch.arange(known)[:, None], None)
+    table[[i for i in _stop_ids(tokenizer) if i < vocab_size]] = True
+    return table
+
+
+def _loop_applies(model, config: GenerationConfig) -> bool:
+    """Greedy, and no logits processor in the model's generation_config that the loop would skip."""
+    defaults = getattr(model, "generation_config", None)
+    return config.num_beams == 1 and all(
+        getattr(defaults, name, None) in neutral for name, neutral in GREEDY_NEUTRAL.items()
+    )
+
+
+class _RowScope:
+    """Keeps `batch_context` entered for exactly the rows still decoding (a routed model's routing)."""
+
+    def __init__(self, batch_context, pairs: list[str]):
+        self.batch_context, self.pairs = batch_context, pairs
+        self.stack = contextlib.ExitStack()
+
+    def set(self, rows: list[int]) -> None:
+        self.stack.close()
+        if self.batch_context is not None:
+            self.stack.enter_context(self.batch_context([self.pairs[r] for r in rows]))
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+@torch.inference_mode()
+def _greedy_batch(model, tokenizer, batch_ids, max_new: int, stops: torch.Tensor, scope: _RowScope):
+    """Greedy decoding of one bucket; a finished row leaves the batch and the KV cache.
+
+    The model sees what `generate` gives it: left-padded prompts, position ids counted over the
+    attention mask, logits of the last position only, then one token per row and step.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    input_ids, attention = _left_padded(batch_ids, _pad_id(tokenizer), device)
+    positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
+    cache = DynamicCache(config=model.config)
+    rows = list(range(len(batch_ids)))  # the bucket row of each row still decoding
+    generated: list[list[int]] = [[] for _ in rows]
+    scope.set(rows)
+    try:
+        with contiguous_head_input(model):
+            for step in range(max_new):
+                logits = model(
+                    input_ids=input_ids,
+                    attention_mask=attention,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits
+                tokens = logits[:, -1].float().argmax(-1).cpu()
+                for row, token in zip(rows, tokens.tolist(), strict=True):
+                    generated[row].append(token)
+                done = stops[tokens]
+                if step == max_new - 1 or bool(done.all()):
+                    break
+                if bool(done.any()):
+                    keep = (~done).nonzero().squeeze(1)
+                    rows = [rows[k] for k in keep.tolist()]
+                    cache.batch_select_indices(keep.to(device))
+                    tokens, attention, positions = (
+                        tokens[keep],
+                        attention[keep.to(device)],
+                        positions[keep.to(device)],
+                    )
+                    scope.set(rows)
+                input_ids = tokens[:, None].to(device)
+                attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+                positions = positions[:, -1:] + 1
+    finally:
+        scope.close()
+    return [clean_output(tokenizer.decode(ids, skip_special_tokens=True)) for ids in generated]
+
+
+def _vocab_size(model) -> int:
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else model.config.vocab_size
 
 
 def translate(
@@ -130,7 +262,30 @@ def translate(
     progress: bool = True,
     desc: str = "translate",
 ) -> list[str]:
-    """Translate every request; returns hypotheses in the order of `requests`."""
+    """Translate every request; returns hypotheses in the order of `requests`.
+
+    Greedy decoding uses the shrinking-batch loop; beam search (and a model whose generation_config
+    asks for logits processors) goes through `generate`, as `translate_with_generate` does.
+    """
+    loop = _loop_applies(model, config)
+    return _translate(model, tokenizer, requests, config, batch_context, progress, desc, loop)
+
+
+def translate_with_generate(
+    model,
+    tokenizer,
+    requests: Sequence[TranslationRequest],
+    config: GenerationConfig = GenerationConfig(),
+    batch_context: Callable[[list[str]], contextlib.AbstractContextManager] | None = None,
+    progress: bool = True,
+    desc: str = "translate",
+) -> list[str]:
+    """`translate` with Hugging Face `generate` for every bucket: the previous path, kept as the
+    reference the loop is tested and benchmarked against (`benchmarks/bench_translate.py`)."""
+    return _translate(model, tokenizer, requests, config, batch_context, progress, desc, False)
+
+
+def _translate(model, tokenizer, requests, config, batch_context, progress, desc, loop: bool) -> list[str]:
     if not requests:
         return []
     style = PromptStyle(chat=config.chat)
@@ -140,17 +295,23 @@ def translate(
         )
         for r in requests
     ]
+    stops = stop_table(tokenizer, _vocab_size(model)) if loop else None
     hypotheses: list[str] = [""] * len(requests)
     buckets = _length_buckets([len(i) for i in ids], config.batch_size)
     bar = tqdm(total=len(requests), desc=desc, disable=not progress, unit="seg")
     for bucket in buckets:
         batch_requests = [requests[i] for i in bucket]
         max_new = _new_token_budget(tokenizer, batch_requests, config)
-        context = (
-            batch_context([r.pair for r in batch_requests]) if batch_context else contextlib.nullcontext()
-        )
-        with context:
-            outputs = _generate_batch(model, tokenizer, [ids[i] for i in bucket], max_new, config)
+        batch_ids = [ids[i] for i in bucket]
+        if loop:
+            scope = _RowScope(batch_context, [r.pair for r in batch_requests])
+            outputs = _greedy_batch(model, tokenizer, batch_ids, max_new, stops, scope)
+        else:
+            context = (
+                batch_context([r.pair for r in batch_requests]) if batch_context else contextlib.nullcontext()
+            )
+            with context:
+                outputs = _generate_batch(model, tokenizer, batch_ids, max_new, config)
         for i, text in zip(bucket, outputs, strict=True):
             hypotheses[i] = text
         bar.update(len(bucket))
