@@ -7,9 +7,11 @@ which pair each row belongs to.
 Greedy decoding runs its own loop (`_greedy_batch`) rather than Hugging Face `generate`: the same
 buckets, prefill and model calls, but a row that has finished (end-of-sequence, or the token that
 completes the stop string "\n") leaves the batch and the KV cache, instead of riding along as
-padding until the whole bucket ends or reaches its token budget. A CPU bf16 GEMM gives a row the
-same bits whatever the number of rows beside it, and attention is computed per row, so for a bf16
-model the hypotheses are those of `generate` (tested; `translate_with_generate` keeps that path).
+padding until the whole bucket ends or reaches its token budget. That keeps the hypotheses of
+`generate` only where a row's bits do not depend on the rows beside it: on CPU a bf16 GEMM
+(oneDNN) gives that and attention is computed per row, a float32 GEMM (MKL) does not, so a model
+with float32 weights (float32 LoRAs on a bf16 base included) keeps finished rows in the batch as
+`generate` does (`rows_independent`). `translate_with_generate` keeps the old path.
 """
 
 from __future__ import annotations
@@ -198,19 +200,24 @@ class _RowScope:
 
 
 @torch.inference_mode()
-def _greedy_batch(model, tokenizer, batch_ids, max_new: int, stops: torch.Tensor, scope: _RowScope):
-    """Greedy decoding of one bucket; a finished row leaves the batch and the KV cache.
+def _greedy_batch(
+    model, tokenizer, batch_ids, max_new: int, stops: torch.Tensor, scope: _RowScope, shrink: bool
+):
+    """Greedy decoding of one bucket; with `shrink`, a finished row leaves the batch and the KV cache.
 
     The model sees what `generate` gives it: left-padded prompts, position ids counted over the
-    attention mask, logits of the last position only, then one token per row and step.
+    attention mask, logits of the last position only, then one token per row and step (padding
+    for a finished row that stays, as `generate` feeds it).
     """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    input_ids, attention = _left_padded(batch_ids, _pad_id(tokenizer), device)
+    pad = _pad_id(tokenizer)
+    input_ids, attention = _left_padded(batch_ids, pad, device)
     positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
     cache = DynamicCache(config=model.config)
-    rows = list(range(len(batch_ids)))  # the bucket row of each row still decoding
+    rows = list(range(len(batch_ids)))  # the bucket row of each row in the batch
+    finished = torch.zeros(len(rows), dtype=torch.bool)
     generated: list[list[int]] = [[] for _ in rows]
     scope.set(rows)
     try:
@@ -224,21 +231,19 @@ def _greedy_batch(model, tokenizer, batch_ids, max_new: int, stops: torch.Tensor
                     use_cache=True,
                     logits_to_keep=1,
                 ).logits
-                tokens = logits[:, -1].float().argmax(-1).cpu()
-                for row, token in zip(rows, tokens.tolist(), strict=True):
-                    generated[row].append(token)
-                done = stops[tokens]
-                if step == max_new - 1 or bool(done.all()):
+                tokens = logits[:, -1].float().argmax(-1).cpu().masked_fill(finished, pad)
+                for row, token, ended in zip(rows, tokens.tolist(), finished.tolist(), strict=True):
+                    if not ended:
+                        generated[row].append(token)
+                finished = finished | stops[tokens]
+                if step == max_new - 1 or bool(finished.all()):
                     break
-                if bool(done.any()):
-                    keep = (~done).nonzero().squeeze(1)
+                if shrink and bool(finished.any()):
+                    keep = (~finished).nonzero().squeeze(1)
                     rows = [rows[k] for k in keep.tolist()]
-                    cache.batch_select_indices(keep.to(device))
-                    tokens, attention, positions = (
-                        tokens[keep],
-                        attention[keep.to(device)],
-                        positions[keep.to(device)],
-                    )
+                    tokens, finished, keep = tokens[keep], finished[keep], keep.to(device)
+                    cache.batch_select_indices(keep)
+                    attention, positions = attention[keep], positions[keep]
                     scope.set(rows)
                 input_ids = tokens[:, None].to(device)
                 attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
@@ -246,6 +251,20 @@ def _greedy_batch(model, tokenizer, batch_ids, max_new: int, stops: torch.Tensor
     finally:
         scope.close()
     return [clean_output(tokenizer.decode(ids, skip_special_tokens=True)) for ids in generated]
+
+
+def rows_independent(model) -> bool:
+    """Whether a row's logits keep their bits when other rows leave the batch: bf16 weights on CPU.
+
+    Measured on torch 2.13: a CPU bf16 GEMM (oneDNN) gives every row the same bits for any number of
+    rows (and any thread count), but a float32 one (MKL) does not, e.g. 5 rows vs 8; so a model with
+    float32 weights (a float32 model, or PEFT / routed LoRAs kept in float32 on a bf16 base) keeps
+    finished rows in the batch, as `generate` does, and only skips generate's overheads.
+    """
+    params = list(model.parameters())
+    return params[0].device.type == "cpu" and all(
+        p.dtype == torch.bfloat16 for p in params if p.is_floating_point()
+    )
 
 
 def _vocab_size(model) -> int:
@@ -264,11 +283,13 @@ def translate(
 ) -> list[str]:
     """Translate every request; returns hypotheses in the order of `requests`.
 
-    Greedy decoding uses the shrinking-batch loop; beam search (and a model whose generation_config
-    asks for logits processors) goes through `generate`, as `translate_with_generate` does.
+    Greedy decoding uses the loop (shrinking the batch where that keeps generate's bits); beam
+    search, and a model whose generation_config asks for logits processors, go through `generate`.
     """
-    loop = _loop_applies(model, config)
-    return _translate(model, tokenizer, requests, config, batch_context, progress, desc, loop)
+    decoder = (
+        ("shrink" if rows_independent(model) else "loop") if _loop_applies(model, config) else "generate"
+    )
+    return _translate(model, tokenizer, requests, config, batch_context, progress, desc, decoder)
 
 
 def translate_with_generate(
@@ -282,10 +303,24 @@ def translate_with_generate(
 ) -> list[str]:
     """`translate` with Hugging Face `generate` for every bucket: the previous path, kept as the
     reference the loop is tested and benchmarked against (`benchmarks/bench_translate.py`)."""
-    return _translate(model, tokenizer, requests, config, batch_context, progress, desc, False)
+    return _translate(model, tokenizer, requests, config, batch_context, progress, desc, "generate")
 
 
-def _translate(model, tokenizer, requests, config, batch_context, progress, desc, loop: bool) -> list[str]:
+def translate_shrinking(
+    model,
+    tokenizer,
+    requests: Sequence[TranslationRequest],
+    config: GenerationConfig = GenerationConfig(),
+    batch_context: Callable[[list[str]], contextlib.AbstractContextManager] | None = None,
+    progress: bool = True,
+    desc: str = "translate",
+) -> list[str]:
+    """`translate` with finished rows leaving the batch whatever the weights' dtype (greedy only):
+    faster for LoRAs kept in float32, but a float32 GEMM may then round a few rows differently."""
+    return _translate(model, tokenizer, requests, config, batch_context, progress, desc, "shrink")
+
+
+def _translate(model, tokenizer, requests, config, batch_context, progress, desc, decoder: str) -> list[str]:
     if not requests:
         return []
     style = PromptStyle(chat=config.chat)
@@ -295,6 +330,7 @@ def _translate(model, tokenizer, requests, config, batch_context, progress, desc
         )
         for r in requests
     ]
+    loop = decoder != "generate"
     stops = stop_table(tokenizer, _vocab_size(model)) if loop else None
     hypotheses: list[str] = [""] * len(requests)
     buckets = _length_buckets([len(i) for i in ids], config.batch_size)
@@ -305,7 +341,7 @@ def _translate(model, tokenizer, requests, config, batch_context, progress, desc
         batch_ids = [ids[i] for i in bucket]
         if loop:
             scope = _RowScope(batch_context, [r.pair for r in batch_requests])
-            outputs = _greedy_batch(model, tokenizer, batch_ids, max_new, stops, scope)
+            outputs = _greedy_batch(model, tokenizer, batch_ids, max_new, stops, scope, decoder == "shrink")
         else:
             context = (
                 batch_context([r.pair for r in batch_requests]) if batch_context else contextlib.nullcontext()

@@ -1,0 +1,188 @@
+"""Translation speed of `translate()` (the shrinking-batch greedy loop) against the previous path (HF generate).
+
+    segments/s   new translate() / old translate_with_generate(), same settings     target >= 2.0
+
+For each model, base student, PEFT LoRA and routed student (all unmerged, LoRA weights float32,
+B factors small random non-zero values so no LoRA is a no-op), `--per-pair` test segments of every
+pair (the embedded corpus, zero-shot requests as the experiments build them) are translated one
+pair at a time, as `experiments/run.py` and `pipeline.py` call `translate()`; the routed student
+gets `batch_context=routed.routing`. Settings ("old" and "new" always; `--extra` adds settings that
+change batch size or threads, or `shrink`: `translate_shrinking`, finished rows leave the batch
+even where float32 LoRA weights make that inexact) run interleaved, rotating which goes first each round, and the report
+gives the median time. Columns: segments/s; tokens/s, the generated tokens every row needs (up to
+and including its stop token, counted on the new loop) per second; row-steps, the rows the output
+head saw (the old path keeps finished rows in the batch); peak RSS of the process during the
+setting's rounds (VmHWM, reset before each); `same`, the hypotheses equal to the old path's.
+
+    python benchmarks/bench_translate.py --tiny
+    python benchmarks/bench_translate.py --models base --per-pair 50 --repeats 1
+    python benchmarks/bench_translate.py --models base --per-pair 6 --threads 2 --extra new-t1,new-b16-t1
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from bench_generation import routed_student
+from bench_scoring import status_kb
+from bench_training import common_arguments, load_base, pair_examples
+
+from mlas_lora.models.arch import PROJECTION_PATHS
+from mlas_lora.translation.baselines import zero_shot_requests
+from mlas_lora.translation.generate import (
+    GenerationConfig,
+    translate,
+    translate_shrinking,
+    translate_with_generate,
+)
+
+TARGET = 2.0
+MODELS = ("base", "lora", "routed")
+
+
+def settings(args) -> dict:
+    """name -> (translate function, GenerationConfig, threads); `old` is today's path."""
+    base = GenerationConfig(batch_size=args.batch_size)
+    out = {"old": (translate_with_generate, base, args.threads), "new": (translate, base, args.threads)}
+    for name in filter(None, args.extra.split(",")):  # new-b16, new-t1, shrink, shrink-b16-t1
+        parts = {part[0]: int(part[1:]) for part in name.split("-")[1:]}
+        config = GenerationConfig(batch_size=parts.get("b", args.batch_size))
+        fn = translate_shrinking if name.startswith("shrink") else translate
+        out[name] = (fn, config, parts.get("t", args.threads))
+    return out
+
+
+def peft_lora(args):
+    """A PEFT LoRA of rank r_gen + r_spe on the target projections, float32, random non-zero B."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_base(args)
+    rank = args.r_gen + args.r_spe
+    modules = [PROJECTION_PATHS[t].split(".")[-1] for t in args.targets.split(",")]
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=modules)
+    peft = get_peft_model(model, config, autocast_adapter_dtype=True).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * args.b_std)
+    return peft, tokenizer, None
+
+
+def build(args, kind: str, pairs: list[str]):
+    """(model, tokenizer, batch_context) of one model kind."""
+    if kind == "base":
+        model, tokenizer = load_base(args)
+        return model.requires_grad_(False), tokenizer, None
+    if kind == "lora":
+        return peft_lora(args)
+    routed, tokenizer = routed_student(args, pairs)
+    return routed, tokenizer, routed.routing
+
+
+def runner(model, tokenizer, context, by_pair: dict, setting):
+    """A callable translating every pair's requests with one setting; returns (s, hyps, row-steps, peak kB)."""
+    fn, config, threads = setting
+    head = model.get_output_embeddings()
+
+    def run():
+        rows = []
+        handle = head.register_forward_pre_hook(lambda _m, a: rows.append(a[0].shape[0]))
+        torch.set_num_threads(threads)
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        start = time.perf_counter()
+        try:
+            hyps = [
+                h for reqs in by_pair.values() for h in fn(model, tokenizer, reqs, config, context, False)
+            ]
+        finally:
+            handle.remove()
+        return time.perf_counter() - start, hyps, sum(rows), status_kb("VmHWM")
+
+    return run
+
+
+def measure(args, kind: str, pairs: list[str], examples: dict) -> dict:
+    """Per setting: median seconds, last hypotheses, row-steps and the largest peak RSS."""
+    model, tokenizer, context = build(args, kind, pairs)
+    by_pair = {p: zero_shot_requests(examples[p]) for p in pairs}
+    runs = {name: runner(model, tokenizer, context, by_pair, s) for name, s in settings(args).items()}
+    results = {name: {"times": [], "peak": 0} for name in runs}
+    names = list(runs)
+    for i in range(args.warmup + args.repeats):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds, hyps, steps, peak = runs[name]()
+            entry = results[name]
+            entry.update(hyps=hyps, steps=steps, peak=max(entry["peak"], peak))
+            if i >= args.warmup:
+                entry["times"].append(seconds)
+    del model, context
+    gc.collect()
+    return results
+
+
+def report(args, pairs, n_segments: int, all_results: dict) -> None:
+    name = "tiny qwen2 student (2 layers, hidden 32)" if args.tiny else args.model
+    print(f"model: {name}; threads {args.threads}; pairs {','.join(pairs)}; {n_segments} segments")
+    print(
+        f"zero-shot requests, one pair per translate() call, greedy, batch {args.batch_size}; "
+        f"LoRA r {args.r_gen + args.r_spe} (peft) / {args.r_gen} + {args.r_spe} (routed), unmerged, "
+        f"B std {args.b_std}; {args.warmup} warm-up + {args.repeats} measured rounds, interleaved"
+    )
+    print(
+        f"{'model':<7} {'setting':<11} {'seg/s':>7} {'tok/s':>7} {'row-steps':>9} "
+        f"{'peak MiB':>9} {'same':>8} {'vs old':>7}"
+    )
+    for kind, results in all_results.items():
+        old = results["old"]
+        tokens = results["new"]["steps"]
+        old_seconds = statistics.median(old["times"])
+        for setting, r in results.items():
+            seconds = statistics.median(r["times"])
+            same = sum(a == b for a, b in zip(r["hyps"], old["hyps"], strict=True))
+            print(
+                f"{kind:<7} {setting:<11} {n_segments / seconds:>7.3f} {tokens / seconds:>7.1f} "
+                f"{r['steps']:>9} {r['peak'] / 1024:>9.0f} {same:>4}/{n_segments:<3} {old_seconds / seconds:>7.2f}"
+            )
+    for kind, results in all_results.items():
+        ratio = statistics.median(results["old"]["times"]) / statistics.median(results["new"]["times"])
+        verdict = "ok" if ratio >= TARGET else "MISSED"
+        print(f"{kind}: segments/s new / old = {ratio:.2f}  (target >= {TARGET:.1f}: {verdict})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_arguments(parser)
+    parser.add_argument("--models", default=",".join(MODELS), help="some of base,lora,routed")
+    parser.add_argument(
+        "--per-pair", type=int, help="test segments of every pair (default 50; 3 with --tiny)"
+    )
+    parser.add_argument("--batch-size", type=int, default=GenerationConfig().batch_size)
+    parser.add_argument(
+        "--extra",
+        default="",
+        help="more settings: new-b16 (batch 16), new-t1 (1 thread), shrink (translate_shrinking)",
+    )
+    parser.add_argument("--b-std", type=float, default=0.01, help="std of the random LoRA B factors")
+    parser.add_argument("--repeats", type=int, default=1, help="measured rounds")
+    parser.add_argument("--warmup", type=int, default=0, help="unmeasured rounds first")
+    parser.add_argument("--dtype", default="auto", help="model dtype (auto: bf16 where the CPU has it)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 with --tiny)")
+    args = parser.parse_args()
+    args.per_pair = args.per_pair or (3 if args.tiny else 50)
+    args.threads = args.threads or (1 if args.tiny else torch.get_num_threads())
+    pairs = args.pairs.split(",")
+    examples = pair_examples(pairs, args.per_pair, "test")
+    n_segments = sum(len(v) for v in examples.values())
+    all_results = {kind: measure(args, kind, pairs, examples) for kind in args.models.split(",")}
+    report(args, pairs, n_segments, all_results)
+
+
+if __name__ == "__main__":
+    main()
