@@ -88,14 +88,19 @@ def routed_system(args, pairs: list[str]):
     return routed.train(), list(routed.lora_parameters()), routed.routing, tokenizer
 
 
-def peft_system(args):
+def peft_lora(args):
+    """(PEFT model, tokenizer): one LoRA of rank r_gen + r_spe on the target projections, float32 factors."""
     from peft import LoraConfig, get_peft_model
 
-    model, _ = load_base(args)
+    model, tokenizer = load_base(args)
     rank = args.r_gen + args.r_spe
     modules = [PROJECTION_PATHS[t].split(".")[-1] for t in args.targets.split(",")]
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=modules)
-    peft = get_peft_model(model, config, autocast_adapter_dtype=True).train()
+    return get_peft_model(model, config, autocast_adapter_dtype=True), tokenizer
+
+
+def peft_system(args):
+    peft = peft_lora(args)[0].train()
     return peft, [p for p in peft.parameters() if p.requires_grad], None
 
 

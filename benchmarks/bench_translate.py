@@ -1,13 +1,13 @@
 """Translation speed of `translate()` (the shrinking-batch greedy loop) against the previous path (HF generate).
 
-    segments/s   new translate() / old translate_with_generate(), same settings     target >= 2.0
+    segments/s   new translate() / old translate(decoder="generate"), same settings     target >= 2.0
 
 For each model, base student, PEFT LoRA and routed student (all unmerged, LoRA weights float32,
 B factors small random non-zero values so no LoRA is a no-op), `--per-pair` test segments of every
 pair (the embedded corpus, zero-shot requests as the experiments build them) are translated one
 pair at a time, as `experiments/run.py` and `pipeline.py` call `translate()`; the routed student
 gets `batch_context=routed.routing`. Settings ("old" and "new" always; `--extra` adds settings that
-change batch size or threads, or `shrink`: `translate_shrinking`, finished rows leave the batch
+change batch size or threads, or `shrink`: `translate(decoder="shrink")`, finished rows leave the batch
 even where float32 LoRA weights make that inexact) run interleaved, rotating which goes first each round, and the report
 gives the median time. Columns: segments/s; tokens/s, the generated tokens every row needs (up to
 and including its stop token, counted on the new loop) per second; row-steps, the rows the output
@@ -25,21 +25,17 @@ import argparse
 import gc
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
+import bench_training
 import torch
 from bench_generation import routed_student
 from bench_scoring import status_kb
 from bench_training import common_arguments, load_base, pair_examples
 
-from mlas_lora.models.arch import PROJECTION_PATHS
 from mlas_lora.translation.baselines import zero_shot_requests
-from mlas_lora.translation.generate import (
-    GenerationConfig,
-    translate,
-    translate_shrinking,
-    translate_with_generate,
-)
+from mlas_lora.translation.generate import GenerationConfig, translate
 
 TARGET = 2.0
 MODELS = ("base", "lora", "routed")
@@ -48,24 +44,20 @@ MODELS = ("base", "lora", "routed")
 def settings(args) -> dict:
     """name -> (translate function, GenerationConfig, threads); `old` is today's path."""
     base = GenerationConfig(batch_size=args.batch_size)
-    out = {"old": (translate_with_generate, base, args.threads), "new": (translate, base, args.threads)}
+    old, shrinking = partial(translate, decoder="generate"), partial(translate, decoder="shrink")
+    out = {"old": (old, base, args.threads), "new": (translate, base, args.threads)}
     for name in filter(None, args.extra.split(",")):  # new-b16, new-t1, shrink, shrink-b16-t1
         parts = {part[0]: int(part[1:]) for part in name.split("-")[1:]}
         config = GenerationConfig(batch_size=parts.get("b", args.batch_size))
-        fn = translate_shrinking if name.startswith("shrink") else translate
+        fn = shrinking if name.startswith("shrink") else translate
         out[name] = (fn, config, parts.get("t", args.threads))
     return out
 
 
 def peft_lora(args):
     """A PEFT LoRA of rank r_gen + r_spe on the target projections, float32, random non-zero B."""
-    from peft import LoraConfig, get_peft_model
-
-    model, tokenizer = load_base(args)
-    rank = args.r_gen + args.r_spe
-    modules = [PROJECTION_PATHS[t].split(".")[-1] for t in args.targets.split(",")]
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=modules)
-    peft = get_peft_model(model, config, autocast_adapter_dtype=True).eval()
+    peft, tokenizer = bench_training.peft_lora(args)
+    peft.eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in peft.named_parameters():
@@ -167,7 +159,7 @@ def main() -> None:
     parser.add_argument(
         "--extra",
         default="",
-        help="more settings: new-b16 (batch 16), new-t1 (1 thread), shrink (translate_shrinking)",
+        help="more settings: new-b16 (batch 16), new-t1 (1 thread), shrink (translate(decoder='shrink'))",
     )
     parser.add_argument("--b-std", type=float, default=0.01, help="std of the random LoRA B factors")
     parser.add_argument("--repeats", type=int, default=1, help="measured rounds")

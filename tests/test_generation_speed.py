@@ -19,7 +19,6 @@ from mlas_lora.translation.generate import (
     rows_independent,
     stop_table,
     translate,
-    translate_with_generate,
 )
 
 NEWLINE, EOS = 202, 2  # byte token "\n" and <|im_end|> of the tiny tokenizer
@@ -73,7 +72,9 @@ def both_paths(model, requests, config, batch_context=None) -> tuple[list[str], 
     new = translate(model, tiny_tokenizer(), requests, config, batch_context, progress=False)
     new_rows = sum(rows)
     rows.clear()
-    old = translate_with_generate(model, tiny_tokenizer(), requests, config, batch_context, progress=False)
+    old = translate(
+        model, tiny_tokenizer(), requests, config, batch_context, progress=False, decoder="generate"
+    )
     return new, old, new_rows, sum(rows)
 
 
@@ -193,6 +194,6 @@ def test_processors_in_generation_config_and_beams_use_generate():
     assert not _loop_applies(model, GenerationConfig())
     requests = requests_of()[:3]
     config = GenerationConfig(max_new_tokens=4)
-    assert translate(model, tiny_tokenizer(), requests, config, progress=False) == translate_with_generate(
-        model, tiny_tokenizer(), requests, config, progress=False
+    assert translate(model, tiny_tokenizer(), requests, config, progress=False) == translate(
+        model, tiny_tokenizer(), requests, config, progress=False, decoder="generate"
     )

@@ -119,19 +119,21 @@ def classify_scores(phi: torch.Tensor, lam: float = 0.2) -> torch.Tensor:
     return torch.where(specific, owner, torch.full_like(owner, GENERAL))
 
 
-def pair_divisors(scores: AwarenessScores, normalize: str) -> torch.Tensor | None:
+def pair_divisors(
+    pairs: list[str], num_tokens: dict[str, int], normalize: str, where: str = "awareness scores"
+) -> torch.Tensor | None:
     """float64 [P] per-pair divisors of the `tokens` normalisation (None for `none` / `total`)."""
     if normalize not in NORMALIZATIONS:
         raise MlasLoraError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if normalize != "tokens":
         return None
-    missing = [p for p in scores.pairs if scores.num_tokens.get(p, 0) <= 0]
+    missing = [p for p in pairs if num_tokens.get(p, 0) <= 0]
     if missing:
         raise MlasLoraError(
-            f"normalize 'tokens' needs the scored token count of every pair; missing for {missing} "
-            "(awareness files from an older version: re-run the awareness stage)"
+            f"{where}: normalize 'tokens' needs the scored token count of every pair; missing for "
+            f"{missing} (awareness files from an older version: re-run the awareness stage)"
         )
-    return torch.tensor([float(scores.num_tokens[p]) for p in scores.pairs], dtype=torch.float64)
+    return torch.tensor([float(num_tokens[p]) for p in pairs], dtype=torch.float64)
 
 
 def normalize_phi(phi: torch.Tensor, normalize: str, divisors: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,7 +158,7 @@ def classify_neurons(scores: AwarenessScores, lam: float = 0.2, normalize: str =
     problem = "'auto' must be resolved first (resolve_lambda)" if lam == "auto" else lambda_problem(lam)
     if problem:
         raise MlasLoraError(f"lambda {problem}")
-    divisors = pair_divisors(scores, normalize)
+    divisors = pair_divisors(scores.pairs, scores.num_tokens, normalize)
     classes = {}
     for key, phi in scores.phi.items():
         _, layer, proj, side = key.split(".")

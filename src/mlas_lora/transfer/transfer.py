@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlas_lora.awareness.classify import normalize_phi
+from mlas_lora.awareness.classify import normalize_phi, pair_divisors
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import (
     PROJECTION_PATHS,
@@ -97,15 +97,9 @@ class AwarenessInputs:
             )
         self.classes_info = classes_info
         self.normalize = classes_info.get("normalize", "none")
-        tokens = info.get("num_tokens") or {}
-        self._divisors = None
-        if self.normalize == "tokens":
-            if any(tokens.get(p, 0) <= 0 for p in self.pairs):
-                raise MlasLoraError(
-                    f"{classes_dir}/classes.json normalises by tokens but {awareness_dir}/awareness.json "
-                    "has no token counts: re-run the awareness stage"
-                )
-            self._divisors = torch.tensor([float(tokens[p]) for p in self.pairs], dtype=torch.float64)
+        self._divisors = pair_divisors(
+            self.pairs, info.get("num_tokens") or {}, self.normalize, f"{awareness_dir}/awareness.json"
+        )
         self._phi = _open(self.phi_path, "awareness")
         self._cls = _open(self.cls_path, "classify")
 

@@ -11,7 +11,7 @@ padding until the whole bucket ends or reaches its token budget. That keeps the 
 `generate` only where a row's bits do not depend on the rows beside it: on CPU a bf16 GEMM
 (oneDNN) gives that and attention is computed per row, a float32 GEMM (MKL) does not, so a model
 with float32 weights (float32 LoRAs on a bf16 base included) keeps finished rows in the batch as
-`generate` does (`rows_independent`). `translate_with_generate` keeps the old path.
+`generate` does (`rows_independent`). `translate(decoder="generate")` keeps the old path.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlas_lora.data.records import Example
+from mlas_lora.errors import MlasLoraError
 from mlas_lora.prompting import PromptStyle, build_prompt, prompt_ids
 
 
@@ -272,6 +273,14 @@ def _vocab_size(model) -> int:
     return head.weight.shape[0] if head is not None else model.config.vocab_size
 
 
+DECODERS = ("auto", "generate", "loop", "shrink")
+"""How `translate` decodes greedily: `auto` (the loop, shrinking where that keeps generate's bits;
+`generate` for beams or logits processors), `generate` (Hugging Face `generate` for every bucket: the
+previous path, the reference the loop is tested and benchmarked against), `loop` (finished rows stay)
+or `shrink` (finished rows leave the batch whatever the weights' dtype: faster for float32 LoRAs,
+but a float32 GEMM may then round a few rows differently)."""
+
+
 def translate(
     model,
     tokenizer,
@@ -280,44 +289,24 @@ def translate(
     batch_context: Callable[[list[str]], contextlib.AbstractContextManager] | None = None,
     progress: bool = True,
     desc: str = "translate",
+    decoder: str = "auto",
 ) -> list[str]:
-    """Translate every request; returns hypotheses in the order of `requests`.
+    """Translate every request; returns hypotheses in the order of `requests` (`decoder`: DECODERS).
 
     Greedy decoding uses the loop (shrinking the batch where that keeps generate's bits); beam
     search, and a model whose generation_config asks for logits processors, go through `generate`.
     """
-    decoder = (
-        ("shrink" if rows_independent(model) else "loop") if _loop_applies(model, config) else "generate"
-    )
+    if decoder not in DECODERS:
+        raise MlasLoraError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "auto":
+        decoder = (
+            "generate"
+            if not _loop_applies(model, config)
+            else "shrink"
+            if rows_independent(model)
+            else "loop"
+        )
     return _translate(model, tokenizer, requests, config, batch_context, progress, desc, decoder)
-
-
-def translate_with_generate(
-    model,
-    tokenizer,
-    requests: Sequence[TranslationRequest],
-    config: GenerationConfig = GenerationConfig(),
-    batch_context: Callable[[list[str]], contextlib.AbstractContextManager] | None = None,
-    progress: bool = True,
-    desc: str = "translate",
-) -> list[str]:
-    """`translate` with Hugging Face `generate` for every bucket: the previous path, kept as the
-    reference the loop is tested and benchmarked against (`benchmarks/bench_translate.py`)."""
-    return _translate(model, tokenizer, requests, config, batch_context, progress, desc, "generate")
-
-
-def translate_shrinking(
-    model,
-    tokenizer,
-    requests: Sequence[TranslationRequest],
-    config: GenerationConfig = GenerationConfig(),
-    batch_context: Callable[[list[str]], contextlib.AbstractContextManager] | None = None,
-    progress: bool = True,
-    desc: str = "translate",
-) -> list[str]:
-    """`translate` with finished rows leaving the batch whatever the weights' dtype (greedy only):
-    faster for LoRAs kept in float32, but a float32 GEMM may then round a few rows differently."""
-    return _translate(model, tokenizer, requests, config, batch_context, progress, desc, "shrink")
 
 
 def _translate(model, tokenizer, requests, config, batch_context, progress, desc, decoder: str) -> list[str]:
