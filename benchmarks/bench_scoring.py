@@ -37,7 +37,7 @@ from mlas_lora.awareness.scoring import (
     _score_batch,
     activation_gradients,
     scoring_mode,
-    target_loss,
+    seed_target_loss,
 )
 from mlas_lora.models.arch import decoder_layers
 
@@ -78,20 +78,20 @@ def runner(model, mode: str):
 
         def run(batch):
             with activation_gradients(model):
-                target_loss(model, batch).backward()
+                seed_target_loss(model, batch).backward()
 
         return run
     if mode == "train":
 
         def run(batch):
-            target_loss(model, batch).backward()
+            seed_target_loss(model, batch).backward()
             model.zero_grad(set_to_none=True)
 
         return run
 
     def run(batch):
         with torch.inference_mode():
-            target_loss(model, batch)
+            seed_target_loss(model, batch)
 
     return run
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlas_lora.awareness.classify import (
-    GENERAL,
+    GENERAL_CLASS,
     auto_lambda,
     classification_summary,
     classify_neurons,
@@ -37,7 +37,7 @@ from mlas_lora.awareness.scoring import (
     save_awareness,
     score_teacher,
     scoring_mode,
-    target_loss,
+    seed_target_loss,
 )
 from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
@@ -186,7 +186,7 @@ def test_down_input_is_rebuilt_not_held(tokenizer, family):
     try:
         with activation_gradients(model):
             tap.start_batch(0, batch.tokens)
-            loss = target_loss(model, batch)
+            loss = seed_target_loss(model, batch)
             held = set(tap._saved)
             loss.backward()
     finally:
@@ -405,7 +405,7 @@ def test_auto_lambda_at_four_pairs_allows_general_neurons():
     """0.2 with 4 pairs makes every neuron specific; auto leaves the near-uniform ones general."""
     phi = torch.tensor([[1.0, 4.0], [1.1, 0.1], [0.9, 0.1], [1.0, 0.1]])  # near-uniform, then peaked
     assert classify_scores(phi, 0.2).tolist() == [1, 0]
-    assert classify_scores(phi, resolve_lambda("auto", 4)).tolist() == [GENERAL, 0]
+    assert classify_scores(phi, resolve_lambda("auto", 4)).tolist() == [GENERAL_CLASS, 0]
 
 
 def test_resolve_lambda_rejects_other_strings():

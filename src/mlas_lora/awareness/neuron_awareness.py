@@ -5,7 +5,7 @@
 A neuron is one coordinate of an activation space a projection reads or writes: for projection
 p in layer l, `in` neurons are the coordinates of its input (one per weight column) and `out`
 neurons the coordinates of its output (one per weight row). L is the next-token loss on the target
-side only (see `scoring.target_loss`).
+side only (see `scoring.seed_target_loss`).
 
 How it is computed: a forward hook on each projection registers tensor hooks on the projection's
 input and output; when backward reaches those tensors the hook receives the full gradient dL/dh

@@ -217,8 +217,11 @@ def pair_batches(
     return [collate(encoded[i : i + batch_size], pad_id or 0) for i in range(0, len(encoded), batch_size)]
 
 
-def target_loss(model, batch: Batch) -> torch.Tensor:
+def seed_target_loss(model, batch: Batch) -> torch.Tensor:
     """Sum over sentences of each sentence's mean next-token loss on its target tokens.
+
+    This is L of Eq. (2) on a batch of seed sentences: every sentence weighs the same, unlike the
+    token mean of `training.loss.target_loss`, which the student is trained on.
 
     Logits are computed only at the positions that predict a target token (a boolean
     `logits_to_keep`), which spares the vocabulary projection at every prompt position, and the
@@ -402,7 +405,7 @@ def _score_batch(model, batch: Batch, pair_index: int, relevance_tap, neuron_tap
     relevance_tap.start_batch(pair_index, batch.readings())
     neuron_tap.start_batch(pair_index, batch.tokens)
     try:
-        target_loss(model, batch).backward()
+        seed_target_loss(model, batch).backward()
     finally:
         neuron_tap.end_batch()
 

@@ -65,7 +65,7 @@ def build_corpus(
     )
     sources = _gather_sources(langs, from_dir, refresh=force)
     fingerprint = _fingerprint(params, sources)
-    old = read_manifest(out) if (out / "manifest.json").exists() else None
+    old = read_corpus_manifest(out) if (out / "manifest.json").exists() else None
     if old and old.get("fingerprint") == fingerprint and not force:
         return old
     ui, ood = _read_pairs(sources, langs, progress)
@@ -179,7 +179,8 @@ def _write_atomically(out: Path, splits: dict, manifest: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_manifest(out_dir: str | Path | None = None) -> dict:
+def read_corpus_manifest(out_dir: str | Path | None = None) -> dict:
+    """The manifest of the embedded corpus built by `build_corpus` (params, sources, counts)."""
     path = Path(out_dir or corpus_dir()) / "manifest.json"
     if not path.exists():
         raise MlasLoraError(f"no embedded corpus at {path.parent}: build it with `mlas-lora data build`")
@@ -243,7 +244,7 @@ def corpus_stats(out_dir: str | Path | None = None) -> str:
     table checks what is on disk.
     """
     out = Path(out_dir or corpus_dir())
-    manifest = read_manifest(out)
+    manifest = read_corpus_manifest(out)
     langs = manifest["params"]["langs"]
     english: dict[str, set[str]] = {s: set() for s in SPLITS}
     rows = [f"{'lang':<6}" + "".join(f"{s:>8}" for s in SPLITS)]

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlas_lora.evaluation.metrics import MetricResult, unavailable
+from mlas_lora.evaluation.result import MetricResult, unavailable
 
 
 def comet_checkpoint(model: str | os.PathLike) -> Path | None:

@@ -32,7 +32,7 @@ from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
 from mlas_lora.data import debian
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.evaluation.metrics import MetricResult, check_segments, unavailable
+from mlas_lora.evaluation.result import MetricResult, check_segments, unavailable
 from mlas_lora.paths import cache_home, downloads_dir
 
 DEBIAN_PACKAGES = ("wordnet-base", "wordnet-sense-index")

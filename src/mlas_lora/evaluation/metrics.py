@@ -18,37 +18,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 from mlas_lora.errors import MlasLoraError
+from mlas_lora.evaluation.comet import comet_corpus
+from mlas_lora.evaluation.result import MetricResult, check_segments
 from mlas_lora.languages import language_name
 
 METRICS = ("bleu", "chrf", "meteor", "comet")
 DEFAULT_METRICS = ("bleu", "chrf", "meteor")
 SIGNIFICANCE_METRICS = ("bleu", "chrf")
-
-
-@dataclass(frozen=True)
-class MetricResult:
-    """One corpus-level score with the signature that produced it (or why it could not be computed)."""
-
-    metric: str
-    score: float | None
-    signature: str | None
-    n_segments: int
-    available: bool = True
-    reason: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def unavailable(metric: str, n_segments: int, reason: str) -> MetricResult:
-    """A metric that could not run, with the reason a user can act on."""
-    return MetricResult(metric, None, None, n_segments, available=False, reason=reason)
 
 
 def bleu_tokenizer(tgt_lang: str) -> str:
@@ -65,25 +46,6 @@ def sacrebleu_metric(metric: str, tgt_lang: str) -> BLEU | CHRF:
     raise MlasLoraError(
         f"metric {metric!r} is not a sacreBLEU metric; expected one of {SIGNIFICANCE_METRICS}"
     )
-
-
-def check_segments(
-    hypotheses: Sequence[str], references: Sequence[str], sources: Sequence[str] | None = None
-) -> int:
-    """Validate parallel inputs and return the number of segments."""
-    for name, seq in (("hypotheses", hypotheses), ("references", references)):
-        if isinstance(seq, str):
-            raise MlasLoraError(f"{name} must be a list of segments, got a single string")
-    if len(hypotheses) != len(references):
-        raise MlasLoraError(
-            f"{len(hypotheses)} hypotheses but {len(references)} references: "
-            "every hypothesis needs exactly one reference, in the same order"
-        )
-    if sources is not None and len(sources) != len(references):
-        raise MlasLoraError(f"{len(sources)} sources but {len(references)} references: counts must match")
-    if not hypotheses:
-        raise MlasLoraError("no segments to score: hypotheses and references are empty")
-    return len(hypotheses)
 
 
 def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
@@ -119,12 +81,10 @@ def score_corpus(
         if metric in SIGNIFICANCE_METRICS:
             results[metric] = sacrebleu_score(metric, hypotheses, references, tgt_lang)
         elif metric == "meteor":
-            from mlas_lora.evaluation.meteor import meteor_corpus
+            from mlas_lora.evaluation.meteor import meteor_corpus  # NLTK takes ~1.5 s to import
 
             results[metric] = meteor_corpus(hypotheses, references, tgt_lang)
         else:
-            from mlas_lora.evaluation.comet import comet_corpus
-
             results[metric] = comet_corpus(hypotheses, references, sources, comet_model, n_segments=n)
     return results
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.evaluation.metrics import MetricResult
+from mlas_lora.evaluation.result import MetricResult
 
 RESULTS_FORMAT = "mlas-lora-results"
 RESULTS_VERSION = 1

@@ -64,7 +64,8 @@ def resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
     return text, False
 
 
-def load_config(source: str, local: bool):
+def load_model_config(source: str, local: bool):
+    """The Hugging Face config of a model (as `resolve_source` resolves it), without its weights."""
     from transformers import AutoConfig
 
     try:
@@ -96,7 +97,7 @@ def load_model(name_or_path: str | Path, dtype: str | torch.dtype = "auto", devi
     from transformers import AutoModelForCausalLM
 
     source, local = resolve_source(name_or_path)
-    config = load_config(source, local)
+    config = load_model_config(source, local)
     describe(config)  # unsupported architectures fail here, before any weights are read
     torch_dtype = resolve_dtype(dtype, device)
     try:

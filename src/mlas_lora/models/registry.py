@@ -89,12 +89,12 @@ def get_spec(name: str) -> EmbeddedModel:
 
 
 def prepared_dir(name: str) -> Path:
-    """Where `prepare_model(name)` writes the converted checkpoint."""
+    """Where `gguf.prepare_model(name)` writes the converted checkpoint."""
     return models_dir() / get_spec(name).name
 
 
-def read_manifest(name: str) -> dict | None:
-    """The manifest of a prepared model, or None if the model is not prepared."""
+def read_model_manifest(name: str) -> dict | None:
+    """The manifest `prepare_model` wrote beside a prepared model, or None if it is not prepared."""
     path = prepared_dir(name) / MANIFEST
     if not path.is_file():
         return None
@@ -102,7 +102,7 @@ def read_manifest(name: str) -> dict | None:
 
 
 def is_prepared(name: str) -> bool:
-    return read_manifest(name) is not None
+    return read_model_manifest(name) is not None
 
 
 def require_prepared(name: str) -> Path:
@@ -119,7 +119,7 @@ def list_models() -> list[dict]:
     """One row per embedded model, for `mlas-lora models list`; params are exact once prepared."""
     rows = []
     for spec in REGISTRY.values():
-        manifest = read_manifest(spec.name)
+        manifest = read_model_manifest(spec.name)
         rows.append(
             {
                 "name": spec.name,
@@ -148,10 +148,3 @@ def format_model_table() -> str:
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
     )
-
-
-def prepare_model(name: str, from_dir: Path | None = None, force: bool = False) -> Path:
-    """Fetch, verify and convert an embedded model once (see `mlas_lora.models.gguf.prepare_model`)."""
-    from mlas_lora.models.gguf import prepare_model as prepare
-
-    return prepare(name, from_dir=from_dir, force=force)
