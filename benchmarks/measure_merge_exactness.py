@@ -29,25 +29,24 @@ from mlas_lora.config import load_config
 from mlas_lora.evaluation.metrics import score_corpus
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import load_splits
-from mlas_lora.experiments.pipeline import _adapter_io, effective_lora, peft_student, routed_student
+from mlas_lora.experiments.pipeline import initial_student, train_dir
+from mlas_lora.experiments.systems import find_system, resolve_systems
 from mlas_lora.prompting import training_ids
 from mlas_lora.training.trainer import newest_checkpoint
 from mlas_lora.translation.baselines import zero_shot_requests
 from mlas_lora.translation.generate import translate
 
 
-def trained(system: str, config: ExperimentConfig, pairs: list[str], run_dir: Path):
+def trained(name: str, config: ExperimentConfig, splits, run_dir: Path):
     """The system's student with the adapters of its newest checkpoint, unmerged, in eval mode."""
-    routed = system.startswith("mlas-lora")
-    if routed:
-        model, tokenizer = routed_student(config, effective_lora(system, config), pairs)
-    else:
-        model, tokenizer = peft_student(config)
-    checkpoint = newest_checkpoint(run_dir / f"train-{system}")
+    system = find_system(resolve_systems(config), name)
+    checkpoint = newest_checkpoint(train_dir(system, run_dir))
     if checkpoint is None:
-        raise SystemExit(f"{run_dir / f'train-{system}'} has no checkpoint: train the system first")
-    _adapter_io(model, routed)[1](checkpoint / "adapters")
-    return model.eval(), tokenizer, routed
+        raise SystemExit(f"{train_dir(system, run_dir)} has no checkpoint: train the system first")
+    student = initial_student(system, splits, run_dir)
+    system.method.load(student, checkpoint / "adapters")
+    student.model.eval()
+    return student.model, student.tokenizer, system.method.route(student)
 
 
 @torch.no_grad()
@@ -96,10 +95,10 @@ def quality(model, tokenizer, test: dict, config, route, scope) -> dict:
 
 
 def measure(system: str, config, splits, run_dir: Path, n_prompts: int) -> dict:
-    model, tokenizer, routed = trained(system, config, list(splits.train), run_dir)
+    model, tokenizer, route = trained(system, config, splits, run_dir)
+    routed = route is not None
     per_direction = -(-n_prompts // len(splits.test))
     prompts = [e for examples in splits.test.values() for e in examples[:per_direction]][:n_prompts]
-    route = model.routing if routed else None
     ways = {"unmerged": (route, lambda d: nullcontext())}
     if routed:
         ways["merged-bf16"] = (None, lambda d: model.merged(d))
@@ -139,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(ExperimentConfig, args.config, args.overrides)
     run_dir = Path(config.output_dir)
-    splits = load_splits(config.data, ("train", "test"))
+    splits = load_splits(config.data, ("train", "dev", "test"))
     report = {}
     print("| system | evaluated | logits mean abs diff | max abs diff | BLEU avg | chrF++ avg | seconds |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")

@@ -187,7 +187,9 @@ def test_embedded_seeds_unchanged_and_valid_disjoint(tmp_path, monkeypatch):
 
 
 def test_new_data_settings_keep_keys_where_they_should():
-    from mlas_lora.experiments.pipeline import SEED_DATA_FIELDS, seed_data_settings, train_key
+    from mlas_lora.experiments.pipeline import train_key
+    from mlas_lora.experiments.stages import SEED_DATA_FIELDS, seed_data_settings
+    from mlas_lora.experiments.systems import resolve_system
 
     embedded = DataConfig(seed_per_direction=32)
     assert seed_data_settings(embedded) == {k: getattr(embedded, k) for k in SEED_DATA_FIELDS}
@@ -199,8 +201,10 @@ def test_new_data_settings_keep_keys_where_they_should():
     evaluation_only = replace(
         config, data=replace(config.data, valid_per_direction=50, test_corpus="flores", test_split="devtest")
     )
-    assert train_key("lora", config) == train_key("lora", evaluation_only)
-    assert train_key("lora", config) != train_key("lora", replace(config, data=replace(config.data, seed=1)))
+    other_seed = replace(config, data=replace(config.data, seed=1))
+    key = train_key(resolve_system("lora", config))
+    assert key == train_key(resolve_system("lora", evaluation_only))
+    assert key != train_key(resolve_system("lora", other_seed))
 
 
 def test_bad_sampling_settings_are_config_problems():

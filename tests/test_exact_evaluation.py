@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mlas_lora.adapters.routed_lora import attach_routed_lora
 from mlas_lora.data.records import Example
-from mlas_lora.experiments.pipeline import _pair_scope
+from mlas_lora.methods import Student, get_method
 from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
 
 PAIRS = ("en-de", "en-fi")
@@ -71,9 +71,14 @@ def small_update_layer():
     return routed, layer, x
 
 
+def _pair_scope(routed, examples, merge: str):
+    """How the mlas-lora method decodes a one-pair test set (its `decode_scope`)."""
+    return get_method("mlas-lora").decode_scope(Student(routed, None), examples, merge)
+
+
 def evaluation_logits(routed, merge: str) -> torch.Tensor:
     """Logits as the experiment's translator computes them for a one-pair test set."""
-    scope, context = _pair_scope(routed, routed.routing, EXAMPLES, merge)
+    scope, context = _pair_scope(routed, EXAMPLES, merge)
     with torch.no_grad(), scope:
         if context is None:
             return routed(**inputs()).logits.float()
@@ -98,11 +103,11 @@ def test_bf16_merge_loses_a_small_update_that_the_unmerged_layer_keeps():
 
 def test_default_evaluation_scope_runs_the_adapters_unmerged():
     routed = routed_student()
-    scope, context = _pair_scope(routed, routed.routing, EXAMPLES, "none")
+    scope, context = _pair_scope(routed, EXAMPLES, "none")
     assert context is not None  # routed per batch, nothing merged
     with scope:
         assert all(layer.merged_pair is None for layer in routed.routed_layers().values())
-    scope, context = _pair_scope(routed, routed.routing, EXAMPLES, "weights")
+    scope, context = _pair_scope(routed, EXAMPLES, "weights")
     with scope:
         assert context is None and all(
             layer.merged_pair == "en-de" for layer in routed.routed_layers().values()

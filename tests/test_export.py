@@ -10,8 +10,14 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mlas_lora.adapters.export import export_peft_adapters, load_routed, save_routed, serving_rank
-from mlas_lora.adapters.routed_lora import attach_routed_lora, init_from_factors, load_routed_for_inference
+from mlas_lora.adapters.export import (
+    export_peft_adapters,
+    load_routed,
+    load_routed_for_inference,
+    save_routed,
+    serving_rank,
+)
+from mlas_lora.adapters.routed_lora import attach_routed_lora, init_from_factors
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
 from mlas_lora.translation.generate import GenerationConfig, TranslationRequest, translate

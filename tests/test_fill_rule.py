@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mlas_lora.experiments import pipeline
+from mlas_lora.experiments import stages
 from mlas_lora.experiments.config import ExperimentConfig, LoraConfig
 from mlas_lora.experiments.run import method_diagnostics
 from mlas_lora.models.arch import PROJECTIONS, ArchInfo, describe
@@ -218,7 +218,7 @@ def test_transfer_stage_key_follows_the_fill_rule(tmp_path, monkeypatch):
     classes_dir = run_dir / "classes"
     _write_inputs(classes_dir, describe(tiny_model("qwen2", "teacher")), [1, 3])
     (classes_dir / "stage.json").write_text(json.dumps({"key": "classes-key"}))
-    monkeypatch.setattr(pipeline, "awareness_stage", lambda *args: (classes_dir, classes_dir))
+    monkeypatch.setattr(stages, "awareness_stage", lambda *args: (classes_dir, classes_dir))
     config = ExperimentConfig()
     config.models = replace(
         config.models,
@@ -227,17 +227,19 @@ def test_transfer_stage_key_follows_the_fill_rule(tmp_path, monkeypatch):
     )
     config.lora = replace(config.lora, r_gen=4, r_spe=2, targets=["q", "up"])
     splits = SimpleNamespace(dev=dict.fromkeys(PAIRS[:2], []))
-    marker = run_dir / "transfer" / "stage.json"
     keys = {}
     for rule in ("ranked", "exclude-general"):
         config.lora = replace(config.lora, fill_rule=rule)
-        factors = pipeline.transfer_stage(config, splits, run_dir)
+        factors, folder = stages.transfer_stage(config, splits, run_dir)
         assert factors.meta["fill_rule"] == rule
+        marker = folder / "stage.json"
         keys[rule] = json.loads(marker.read_text())["key"]
+        assert folder.name == f"transfer-{keys[rule][:8]}"
         stamp = marker.stat().st_mtime_ns
-        pipeline.transfer_stage(config, splits, run_dir)  # unchanged: skipped
+        stages.transfer_stage(config, splits, run_dir)  # unchanged: skipped
         assert marker.stat().st_mtime_ns == stamp
     assert keys["ranked"] != keys["exclude-general"]
+    assert all((run_dir / f"transfer-{key[:8]}").is_dir() for key in keys.values())  # side by side
 
 
 def test_report_shows_mean_overlap_per_pair(two_rules, tmp_path):
@@ -248,7 +250,8 @@ def test_report_shows_mean_overlap_per_pair(two_rules, tmp_path):
     (tmp_path / "classes" / "classes.json").write_text(json.dumps(classes))
     (tmp_path / "transfer").mkdir()
     (tmp_path / "transfer" / "transfer.json").write_text(json.dumps(meta))
-    text = method_diagnostics(tmp_path)
+    folders = {name: tmp_path / name for name in ("awareness", "classes", "transfer")}
+    text = method_diagnostics(folders)
     assert "fill rule `exclude-general`" in text and "| pair | rows | cols |" in text
     by_proj = meta["overlap_with_general"]["de-en"]
     rows = sum(v["rows"] for v in by_proj.values()) / len(by_proj)
@@ -256,4 +259,4 @@ def test_report_shows_mean_overlap_per_pair(two_rules, tmp_path):
     assert f"| de-en | {rows:.1%} | {cols:.1%} |" in text
     del meta["overlap_with_general"]  # a transfer.json from before overlaps were recorded
     (tmp_path / "transfer" / "transfer.json").write_text(json.dumps(meta))
-    assert "| pair |" not in method_diagnostics(tmp_path)
+    assert "| pair |" not in method_diagnostics(folders)

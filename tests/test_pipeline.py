@@ -23,6 +23,12 @@ def _write_corpus(folder, directions, n_train=12, n_dev=6, n_test=3):
             (folder / f"{split}.{direction}.tsv").write_text("\n".join(rows) + "\n")
 
 
+def stage_dir(run, kind: str):
+    """The one folder of a teacher stage (`kind-<key>`) in a run with a single variant of it."""
+    (folder,) = run.glob(f"{kind}-*")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
@@ -48,15 +54,21 @@ def tiny_run(tmp_path_factory):
 def test_every_stage_writes_its_files(tiny_run):
     _, run, _ = tiny_run
     for path in [
-        "config.yaml", "manifest.json", "awareness/awareness.safetensors", "awareness/awareness.json",
-        "classes/classes.safetensors", "transfer/factors.safetensors", "transfer/transfer.json",
-        "train-lora/checkpoints/step-000002/training_state.pt", "train-mlas-lora/checkpoints/step-000002/adapters",
+        "config.yaml", "manifest.json", "train-lora/checkpoints/step-000002/training_state.pt",
+        "train-lora/checkpoints/step-000002/adapters/adapter_config.json",
+        "adapters-lora/adapter_config.json", "train-mlas-lora/checkpoints/step-000002/adapters",
         "adapters-mlas-lora/en-de/adapter_config.json", "adapters-mlas-lora/en-fi/adapter_model.safetensors",
         "results/test.json", "significance.json", "report.md", "stages.json",
         "hyps/mlas-lora/test.en-fi.jsonl",
     ]:  # fmt: skip
         assert (run / path).exists(), path
-    awareness = json.loads((run / "awareness/awareness.json").read_text())
+    for kind, files in (
+        ("awareness", ("awareness.safetensors", "awareness.json")),
+        ("classes", ("classes.safetensors",)),
+        ("transfer", ("factors.safetensors", "transfer.json")),
+    ):
+        assert all((stage_dir(run, kind) / f).is_file() for f in files), kind
+    awareness = json.loads((stage_dir(run, "awareness") / "awareness.json").read_text())
     assert awareness["pairs"] == ["en-de", "en-fi"] and len(awareness["selected_layers"]) == 2
 
 
@@ -100,22 +112,24 @@ def test_changing_lambda_reclassifies_without_rescoring(tiny_run):
     from dataclasses import replace
 
     from mlas_lora.experiments.data import load_splits
-    from mlas_lora.experiments.pipeline import awareness_stage
+    from mlas_lora.experiments.stages import awareness_stage
 
     config, run, _ = tiny_run
-    scored_stamp = (run / "awareness/awareness.safetensors").stat().st_mtime_ns
+    scored = stage_dir(run, "awareness") / "awareness.safetensors"
+    scored_stamp = scored.stat().st_mtime_ns
     auto = replace(config, awareness=replace(config.awareness, lam="auto"))
     _, classes = awareness_stage(auto, load_splits(auto.data, ("dev",)), run)
-    assert (run / "awareness/awareness.safetensors").stat().st_mtime_ns == scored_stamp
+    assert scored.stat().st_mtime_ns == scored_stamp
     meta = json.loads((classes / "classes.json").read_text())
     assert meta["lambda"] == pytest.approx(0.56923, abs=1e-5)  # auto for 2 pairs
     total = replace(config, awareness=replace(config.awareness, normalize="total"))
     _, classes = awareness_stage(total, load_splits(total.data, ("dev",)), run)
-    assert (run / "awareness/awareness.safetensors").stat().st_mtime_ns == scored_stamp
+    assert scored.stat().st_mtime_ns == scored_stamp
     assert json.loads((classes / "classes.json").read_text())["normalize"] == "total"
     _, classes = awareness_stage(config, load_splits(config.data, ("dev",)), run)  # back to 0.2, tokens
     meta = json.loads((classes / "classes.json").read_text())
     assert meta["lambda"] == 0.2 and meta["normalize"] == "tokens"
+    assert len(list(run.glob("classes-*"))) == 3 and len(list(run.glob("awareness-*"))) == 1  # side by side
 
 
 def test_changing_test_sizes_retrains_nothing(tiny_run):
@@ -123,15 +137,24 @@ def test_changing_test_sizes_retrains_nothing(tiny_run):
 
     from mlas_lora.experiments.data import load_splits
     from mlas_lora.experiments.pipeline import train_key, train_stage
+    from mlas_lora.experiments.systems import resolve_system
 
     config, run, _ = tiny_run
     marker = run / "train-mlas-lora/stage.json"
     stamp = marker.stat().st_mtime_ns
     bigger = replace(config, data=replace(config.data, test_per_direction=2, ood_per_direction=None, shots=3))
-    train_stage("mlas-lora", bigger, load_splits(bigger.data, ("train", "dev")), run)
+    train_stage(resolve_system("mlas-lora", bigger), load_splits(bigger.data, ("train", "dev")), run)
     assert marker.stat().st_mtime_ns == stamp
     more_data = replace(config, data=replace(config.data, train_per_direction=8))
-    assert train_key("lora", config) == train_key("lora", bigger) != train_key("lora", more_data)
+    keys = [train_key(resolve_system("lora", c)) for c in (config, bigger, more_data)]
+    assert keys[0] == keys[1] != keys[2]
+    # the LoRA baseline reads neither the teacher nor the awareness settings: they do not retrain it
+    other_teacher = replace(config, models=replace(config.models, teacher="elsewhere"))
+    other_lambda = replace(config, awareness=replace(config.awareness, lam=0.4))
+    assert {train_key(resolve_system("lora", c)) for c in (config, other_teacher, other_lambda)} == {keys[0]}
+    assert train_key(resolve_system("mlas-lora", other_lambda)) != train_key(
+        resolve_system("mlas-lora", config)
+    )
 
 
 def test_valid_split_is_translated_scored_and_reported(tiny_run):
@@ -163,17 +186,21 @@ def test_trained_systems_are_evaluated_unmerged_unless_asked(tiny_run):
     from mlas_lora.experiments.data import load_splits
     from mlas_lora.experiments.pipeline import train_stage
     from mlas_lora.experiments.run import system_key
+    from mlas_lora.experiments.systems import resolve_system
 
     config, run, _ = tiny_run
     splits = load_splits(config.data, ("train", "dev"))
-    model, _, context = train_stage("lora", config, splits, run)
-    assert isinstance(model, PeftModel) and context is None
-    assert any(getattr(m, "merged", None) is False for m in model.modules() if hasattr(m, "lora_A"))
+    lora = resolve_system("lora", config)
+    student = lora.method.for_evaluation(train_stage(lora, splits, run), config.evaluation.merge)
+    assert isinstance(student.model, PeftModel) and lora.method.route(student) is None
+    assert any(getattr(m, "merged", None) is False for m in student.model.modules() if hasattr(m, "lora_A"))
     merging = replace(config, evaluation=replace(config.evaluation, merge="weights"))
-    model, _, _ = train_stage("lora", merging, splits, run)
-    assert not isinstance(model, PeftModel)
-    assert system_key("lora", config) != system_key("lora", merging)
-    assert system_key("zero-shot", config) == system_key("zero-shot", merging)
+    merged_lora = resolve_system("lora", merging)
+    student = merged_lora.method.for_evaluation(train_stage(merged_lora, splits, run), "weights")
+    assert not isinstance(student.model, PeftModel)
+    assert system_key(lora) != system_key(merged_lora)
+    zero = [resolve_system("zero-shot", c) for c in (config, merging)]
+    assert system_key(zero[0]) == system_key(zero[1])
 
 
 def test_training_logs_the_update_norm_every_step(tiny_run):

@@ -344,8 +344,10 @@ def test_routing_errors_and_names():
 
 def test_config_and_factor_errors():
     with pytest.raises(MlasLoraError, match="duplicates") as err:
-        attach_routed_lora(tiny_model(), ["en-de", "en-de"], targets=("q", "qq"), r_gen=0)
+        attach_routed_lora(tiny_model(), ["en-de", "en-de"], targets=("q", "qq"), r_gen=-1)
     assert "qq" in str(err.value) and "r_gen" in str(err.value)
+    with pytest.raises(MlasLoraError, match="both 0"):
+        attach_routed_lora(tiny_model(), PAIRS, r_gen=0, r_spe=0)
     with pytest.raises(MlasLoraError, match="out of range"):
         attach_routed_lora(tiny_model(), PAIRS, layers=[5])
     routed = routed_model()

@@ -6,8 +6,8 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import load_file, save_file
 
 from mlas_lora.data.records import Example
-from mlas_lora.experiments.config import TrainingConfig
 from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
+from mlas_lora.training.config import TrainingConfig
 from mlas_lora.training.data import collate, epoch_batches, featurize
 from mlas_lora.training.loss import TokenCrossEntropy, predicting_positions, target_loss
 from mlas_lora.training.trainer import Trainer

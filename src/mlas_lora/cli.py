@@ -36,7 +36,7 @@ def _models_list(args) -> None:
 
 
 def _models_prepare(args) -> None:
-    from mlas_lora.models.registry import prepare_model
+    from mlas_lora.models.gguf import prepare_model
 
     for name in args.names:
         print(f"{name}: {prepare_model(name, from_dir=args.from_dir, force=args.force)}")
@@ -75,7 +75,7 @@ def _translate(args) -> None:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     context = None
     if args.adapters:
-        from mlas_lora.adapters.routed_lora import load_routed_for_inference
+        from mlas_lora.adapters.export import load_routed_for_inference
 
         model, context = load_routed_for_inference(model, _adapter_folder(Path(args.adapters)))
     requests = [TranslationRequest(direction.src, direction.tgt, s) for s in sources]
@@ -99,15 +99,17 @@ def _load_experiment(args):
     from mlas_lora.experiments.config import ExperimentConfig
     from mlas_lora.experiments.data import load_splits
     from mlas_lora.experiments.run import write_manifest
+    from mlas_lora.experiments.systems import resolve_systems
 
     config = load_config(ExperimentConfig, args.config, args.overrides)
+    resolve_systems(config)  # every problem of the systems before any stage runs
     write_manifest(config, Path(config.output_dir))
     return config, load_splits(config.data, ("train", "dev")), Path(config.output_dir)
 
 
 def _score(args) -> None:
     from mlas_lora.awareness.scoring import load_awareness
-    from mlas_lora.experiments.pipeline import awareness_stage
+    from mlas_lora.experiments.stages import awareness_stage
 
     config, splits, run_dir = _load_experiment(args)
     scored, _ = awareness_stage(config, splits, run_dir)
@@ -117,56 +119,80 @@ def _score(args) -> None:
 
 def _classify(args) -> None:
     from mlas_lora.awareness.classify import classification_summary, load_classes
-    from mlas_lora.experiments.pipeline import awareness_stage
+    from mlas_lora.experiments.stages import awareness_stage
 
     config, splits, run_dir = _load_experiment(args)
     print(classification_summary(load_classes(awareness_stage(config, splits, run_dir)[1])))
 
 
 def _transfer(args) -> None:
-    from mlas_lora.experiments.pipeline import transfer_stage
+    from mlas_lora.experiments.stages import transfer_stage
 
     config, splits, run_dir = _load_experiment(args)
-    factors = transfer_stage(config, splits, run_dir)
+    factors, folder = transfer_stage(config, splits, run_dir)
     energy = [m["energy_kept"] for m in factors.meta["submatrices"].values()]
     print(
-        f"{run_dir / 'transfer'}: {len(energy)} submatrices, SVD energy kept at rank r: "
+        f"{folder}: {len(energy)} submatrices, SVD energy kept at rank r: "
         f"mean {sum(energy) / len(energy):.3f}, min {min(energy):.3f}, max {max(energy):.3f}"
     )
 
 
 def _train(args) -> None:
-    from mlas_lora.experiments.pipeline import export_stage, train_stage
+    from mlas_lora.experiments.pipeline import export_stage, train_dir, train_stage
+    from mlas_lora.experiments.systems import find_system, resolve_systems
 
     config, splits, run_dir = _load_experiment(args)
-    systems = (
-        [args.system] if args.system else [s for s in config.systems if s not in ("zero-shot", "in-context")]
-    )
-    for system in systems:
-        model, _, _ = train_stage(system, config, splits, run_dir)
-        print(f"{system}: trained, checkpoints in {run_dir / f'train-{system}'}")
-        if args.merge and system.startswith("mlas-lora"):
-            export_stage(model, config, run_dir / f"adapters-{system}", merge=True)
-        if system.startswith("mlas-lora"):
-            print(f"{system}: PEFT adapters (one per pair) in {run_dir / f'adapters-{system}'}")
+    systems = resolve_systems(config)
+    chosen = [find_system(systems, args.system)] if args.system else [s for s in systems if s.method.trains]
+    for system in chosen:
+        if not system.method.trains:
+            raise MlasLoraError(
+                f"{system.name} is not trained ({system.method.name} prompts the untuned student)"
+            )
+        student = train_stage(system, splits, run_dir)
+        print(f"{system.name}: trained, checkpoints in {train_dir(system, run_dir)}")
+        student.model.eval()
+        folder = export_stage(system, student, run_dir, merge=args.merge)
+        print(f"{system.name}: exported ({system.method.name}) to {folder}")
 
 
 def _curve(args) -> None:
     from mlas_lora.config import load_config
     from mlas_lora.experiments.config import ExperimentConfig
     from mlas_lora.experiments.curve import leader_by_step, learning_curve
+    from mlas_lora.experiments.systems import resolve_systems
 
     config = load_config(ExperimentConfig, args.config, args.overrides)
     systems = (
         args.systems.split(",")
         if args.systems
-        else [s for s in config.systems if s not in ("zero-shot", "in-context")]
+        else [s.name for s in resolve_systems(config) if s.method.trains]
     )
     png = learning_curve(config, systems, args.segments)
     results = json.loads((png.parent / "curve.json").read_text())
     for step, system, score in leader_by_step({s: results[s] for s in systems}):
         print(f"step {step}: {system} leads (valid chrF++ {score:.2f})")
     print(f"{png}; numbers in {png.parent / 'curve.csv'}")
+
+
+def _evaluate(args) -> None:
+    from mlas_lora.evaluation.files import evaluate_files, format_evaluation, write_evaluation
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    wants_comet = args.comet_model is not None if metrics is None else "comet" in metrics
+    if wants_comet and args.comet_model is None:
+        raise MlasLoraError("metric comet needs a local COMET checkpoint: pass --comet-model PATH")
+    if wants_comet and args.src is None:
+        raise MlasLoraError("COMET reads the source sentences: pass --src FILE")
+    if args.bootstrap < 1:
+        raise MlasLoraError(f"--bootstrap must be a positive number of resamples, got {args.bootstrap}")
+    result = evaluate_files(
+        args.hyp, args.ref, args.lang, baseline=args.baseline, src=args.src, metrics=metrics,
+        comet_model=args.comet_model, n_bootstrap=args.bootstrap,
+    )  # fmt: skip
+    print(format_evaluation(result), end="")
+    if args.json:
+        print(f"numbers written to {write_evaluation(result, args.json)}")
 
 
 def _experiment_parser(sub, name: str, text: str, func):
@@ -223,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", "train if needed, then write one PEFT adapter per pair"),
     ):
         stage = _experiment_parser(sub, name, text, _train)
-        stage.add_argument("--system", help="only this system (e.g. mlas-lora)")
+        stage.add_argument("--system", help="only this system of the config (e.g. mlas-lora)")
         stage.add_argument("--merge", action="store_true", help="also write merged full weights per pair")
 
     curve = _experiment_parser(
@@ -231,6 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     curve.add_argument("--systems", help="comma-separated trained systems (default: all of the config)")
     curve.add_argument("--segments", type=int, default=25, help="validation segments per direction")
+
+    ev = sub.add_parser("evaluate", help="score your own translation files (BLEU, chrF++, METEOR, COMET)")
+    ev.add_argument("--hyp", required=True, help="system translations, one segment per line (UTF-8)")
+    ev.add_argument("--ref", required=True, help="references, line i being the reference of --hyp line i")
+    ev.add_argument("--baseline", help="another system's translations: paired bootstrap of --hyp against it")
+    ev.add_argument("--src", help="source sentences, one per line (COMET reads them)")
+    ev.add_argument("--lang", required=True, help="target language code, e.g. de, cs, zh (zh: BLEU tok:zh)")
+    ev.add_argument(
+        "--metrics",
+        help="comma-separated, of bleu,chrf,meteor,comet (default: bleu,chrf,meteor, +comet with --comet-model)",
+    )
+    ev.add_argument("--comet-model", help="local COMET checkpoint (.ckpt, or folder with checkpoints/)")
+    ev.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="paired bootstrap resamples")
+    ev.add_argument("--json", metavar="OUT", help="also write the numbers to OUT as JSON")
+    ev.set_defaults(func=_evaluate)
 
     run = sub.add_parser("run", help="run every stage of an experiment config and print the report")
     run.add_argument("config", help="YAML file, e.g. configs/demo.yaml")

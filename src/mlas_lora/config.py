@@ -42,11 +42,13 @@ def parse_overrides(items: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_trees(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
         out[key] = (
-            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+            merge_trees(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
         )
     return out
 
@@ -117,18 +119,37 @@ def config_from_dict(cls: type[T], data: dict) -> T:
     return obj
 
 
+def read_yaml_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML config file as a dict, with its `base:` file (relative to it) underneath.
+
+    `base: ../embedded-4dir.yaml` inherits every setting of that file; the keys given here replace
+    the base's, mappings merged key by key and lists replaced whole. Bases may chain; a loop is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        where = f" (base of {_chain[-1]})" if _chain else ""
+        raise MlasLoraError(f"config file not found: {path}{where}")
+    if path.resolve() in _chain:
+        loop = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise MlasLoraError(f"config `base:` loop: {loop}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise MlasLoraError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise MlasLoraError(f"{path}: expected a mapping of settings (key: value), got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise MlasLoraError(f"{path}: base must be a path to another YAML file, got {base!r}")
+    return merge_trees(read_yaml_tree(path.parent / base, (*_chain, path.resolve())), data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Build `cls` from a YAML file (or defaults) plus `key=value` overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MlasLoraError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise MlasLoraError(f"{path}: not valid YAML: {err}") from None
-    return config_from_dict(cls, _merge(data, parse_overrides(list(overrides))))
+    """Build `cls` from a YAML file (with its `base:` chain) or defaults, plus `key=value` overrides."""
+    data = read_yaml_tree(path) if path is not None else {}
+    return config_from_dict(cls, merge_trees(data, parse_overrides(list(overrides))))
 
 
 def to_dict(obj) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from mlas_lora.errors import MlasLoraError
@@ -21,3 +22,10 @@ def read_json(path: Path, stage: str) -> dict:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise MlasLoraError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+
+
+def fresh_dir(folder: Path) -> Path:
+    """An empty `folder`: whatever was there (an older or half-written stage) is removed first."""
+    shutil.rmtree(folder, ignore_errors=True)
+    Path(folder).mkdir(parents=True)
+    return Path(folder)

@@ -19,11 +19,13 @@ Layout written by `save_routed(routed, dir)`:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from mlas_lora.adapters.routed_lora import (
     RoutedLoRAConfig,
@@ -161,7 +163,8 @@ def save_routed(routed: RoutedLoRAModel, path) -> Path:
     return path
 
 
-def read_manifest(path) -> dict:
+def read_routed_manifest(path) -> dict:
+    """The manifest of a `save_routed` folder, checked to be in this version's format."""
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
         raise MlasLoraError(
@@ -176,7 +179,7 @@ def read_manifest(path) -> dict:
 @torch.no_grad()
 def load_routed(model, path) -> RoutedLoRAModel:
     """Load a save_routed folder into a RoutedLoRAModel of the same config, or attach it to a base model."""
-    manifest = read_manifest(path)
+    manifest = read_routed_manifest(path)
     config = RoutedLoRAConfig.from_dict(manifest["config"])
     if not isinstance(model, RoutedLoRAModel):
         fields = {k: v for k, v in config.to_dict().items() if k != "init"}
@@ -190,6 +193,16 @@ def load_routed(model, path) -> RoutedLoRAModel:
     _copy_into(model, load_file(str(Path(path) / WEIGHTS)), Path(path) / WEIGHTS)
     model.lora_config = config
     return model
+
+
+def load_routed_for_inference(model: nn.Module, path) -> tuple[RoutedLoRAModel, Callable]:
+    """Attach the adapters saved by `save_routed` at `path` to `model`, in eval mode.
+
+    Returns the routed model and its `routing` context manager, which takes the pair names of a
+    batch (as `translation.translate(batch_context=...)` passes them).
+    """
+    routed = load_routed(model, path).eval()
+    return routed, routed.routing
 
 
 def _shape(config: RoutedLoRAConfig) -> dict:

@@ -62,11 +62,11 @@ class RoutedLoRAConfig:
 
     @property
     def scaling_gen(self) -> float:
-        return self.alpha_gen / self.r_gen
+        return self.alpha_gen / self.r_gen if self.r_gen else 0.0
 
     @property
     def scaling_spe(self) -> float:
-        return self.alpha_spe / self.r_spe
+        return self.alpha_spe / self.r_spe if self.r_spe else 0.0
 
     def validate(self) -> None:
         """Raise one MlasLoraError listing every problem."""
@@ -86,10 +86,12 @@ class RoutedLoRAConfig:
             if t not in PROJECTIONS
         ]
         problems += [
-            f"{k} must be a positive int, got {v!r}"
+            f"{k} must be an int >= 0, got {v!r}"
             for k, v in (("r_gen", self.r_gen), ("r_spe", self.r_spe))
-            if not isinstance(v, int) or v <= 0
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0
         ]
+        if self.r_gen == 0 and self.r_spe == 0:
+            problems.append("r_gen and r_spe are both 0: at least one LoRA needs a rank")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INIT_MODES:
@@ -112,14 +114,16 @@ class RoutedLoRAConfig:
 class LoRAFactors(nn.Module):
     """One LoRA, A [r, in] kaiming-uniform and B [out, r] zero as in PEFT, so B A starts at zero.
 
-    A0 / B0 are the frozen initial factors of residual mode (None otherwise).
+    A0 / B0 are the frozen initial factors of residual mode (None otherwise). Rank 0 is an absent
+    LoRA (empty factors, no update): the structures without a general or without per-pair LoRAs.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, device=None, dtype=None):
         super().__init__()
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        if rank:
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.register_buffer("A0", None)
         self.register_buffer("B0", None)
 
@@ -579,15 +583,3 @@ def _set_effective(
         )
     block.A.copy_(a.to(block.A.dtype))
     block.B.copy_((b * (scale / scaling)).to(block.B.dtype))
-
-
-def load_routed_for_inference(model: nn.Module, path) -> tuple[RoutedLoRAModel, Callable]:
-    """Attach the adapters saved by `export.save_routed` at `path` to `model`, in eval mode.
-
-    Returns the routed model and its `routing` context manager, which takes the pair names of a
-    batch (as `translation.translate(batch_context=...)` passes them).
-    """
-    from mlas_lora.adapters.export import load_routed  # export builds on this module
-
-    routed = load_routed(model, path).eval()
-    return routed, routed.routing

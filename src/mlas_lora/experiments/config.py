@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
+from mlas_lora.adapters.structure import STRUCTURES
 from mlas_lora.awareness.classify import lambda_problem
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.languages import Direction
 from mlas_lora.models.arch import PROJECTIONS
+from mlas_lora.training.config import TrainingConfig
+from mlas_lora.transfer.plan import InitPlan
 from mlas_lora.translation.generate import GenerationConfig
-
-SYSTEMS = (
-    "zero-shot",
-    "in-context",
-    "lora",
-    "mlas-lora",
-    "mlas-lora-add",
-    "mlas-lora-residual",
-    "mlas-lora-random",
-)
-"""`mlas-lora` uses lora.init_mode; `-add` / `-residual` force a mode; `-random` skips the transfer (ablation)."""
 
 
 @dataclass
@@ -56,6 +49,21 @@ class DataConfig:
     devtest while training on WMT18 (the paper's A.5 check). Train, dev, valid and ood stay in `corpus`."""
     test_split: str = "test"
     """The test split's name in `test_corpus` (FLORES-200: devtest)."""
+
+    EVAL_FIELDS: ClassVar[tuple[str, ...]] = (
+        "valid_per_direction",
+        "test_per_direction",
+        "ood_per_direction",
+        "min_test_words",
+        "shots",
+        "test_corpus",
+        "test_split",
+    )
+    """The settings only evaluation reads: changing them re-runs no training stage."""
+
+    def train_settings(self) -> dict:
+        """The settings a training stage reads: all but the evaluation-only ones (EVAL_FIELDS)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.EVAL_FIELDS}
 
     def problems(self) -> list[str]:
         from mlas_lora.data.sampling import SAMPLING
@@ -173,6 +181,12 @@ class LoraConfig:
     """How a pair whose specific neurons are too few fills its rows / columns: 'ranked' (the best of
     its own ranking, often the general init's neurons) or 'exclude-general' (the best of those the
     general init of that matrix did not choose). To be chosen on the validation split."""
+    structure: str = "mlas"
+    """Which LoRAs the routed student has (adapters/structure.py): 'mlas' (general r_gen + per-pair
+    r_spe), 'shared' (one LoRA of rank r_gen + r_spe) or 'per-pair' (rank r_gen + r_spe each, no
+    general LoRA): the -R-* and -M-* ablations."""
+    init: str = "teacher"
+    """'teacher' (SVD of teacher submatrices, Eq. 7-8) or 'random' (PEFT's: A kaiming, B = 0)."""
 
     def problems(self) -> list[str]:
         from mlas_lora.transfer.extract import FILL_RULES
@@ -188,33 +202,10 @@ class LoraConfig:
             out.append("lora.r_gen and lora.r_spe must be >= 1")
         if self.fill_rule not in FILL_RULES:
             out.append(f"lora.fill_rule: {self.fill_rule!r} (known: {', '.join(FILL_RULES)})")
-        return out
-
-
-@dataclass
-class TrainingConfig:
-    """Sec. 4.1: AdamW, lr 1e-4, batch 64 (= micro-batch x 8 accumulation), 3 epochs."""
-
-    lr: float = 1e-4
-    epochs: float = 3.0
-    micro_batch: int = 8
-    grad_accum: int = 8
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_steps: int | None = None
-    """Optimizer steps (overrides epochs when set)."""
-    mixed_pairs: bool = True
-    """Micro-batches mix pairs (True) or hold one pair each (False)."""
-    max_tokens: int = 256
-    checkpoint_every: int = 50
-    seed: int = 0
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.lr <= 0:
-            out.append(f"training.lr must be > 0, got {self.lr}")
-        if self.micro_batch < 1 or self.grad_accum < 1:
-            out.append("training.micro_batch and training.grad_accum must be >= 1")
+        if self.structure not in STRUCTURES:
+            out.append(f"lora.structure: {self.structure!r} (known: {', '.join(STRUCTURES)})")
+        if self.init not in ("teacher", "random"):
+            out.append(f"lora.init: {self.init!r} (known: teacher, random)")
         return out
 
 
@@ -223,7 +214,10 @@ class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "runs/experiment"
     seed: int = 0
-    systems: list[str] = field(default_factory=lambda: ["zero-shot", "in-context"])
+    systems: list[str | dict] = field(default_factory=lambda: ["zero-shot", "in-context"])
+    """Each a preset or method name (`lora`, `mlas-lora-residual`, `Mr-spe`; methods/presets.py) or a
+    mapping {name, method or preset, and the sections it changes: lora, training, awareness, transfer},
+    e.g. {name: mlas-r4, method: mlas-lora, lora: {r_spe: 4}}. Checked by experiments/systems.py."""
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -231,10 +225,5 @@ class ExperimentConfig:
     awareness: AwarenessConfig = field(default_factory=AwarenessConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-
-    def problems(self) -> list[str]:
-        return [
-            f"systems: unknown system {s!r} (known: {', '.join(SYSTEMS)})"
-            for s in self.systems
-            if s not in SYSTEMS
-        ]
+    transfer: InitPlan = field(default_factory=InitPlan)
+    """Which teacher layers and neurons the inits are cut from (transfer/plan.py; ablations)."""

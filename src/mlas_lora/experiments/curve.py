@@ -24,6 +24,8 @@ from mlas_lora.config import config_hash
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import Splits, load_splits
+from mlas_lora.experiments.stages import write_json_atomic
+from mlas_lora.experiments.systems import System, resolve_systems
 
 
 def checkpoints(folder: Path) -> dict[int, Path]:
@@ -63,26 +65,28 @@ def _translate_valid(model, tokenizer, context, valid: dict, config: ExperimentC
     }
 
 
-def system_curve(system: str, config: ExperimentConfig, splits: Splits, valid: dict, done: dict) -> dict:
+def system_curve(system: System, splits: Splits, valid: dict, done: dict) -> dict:
     """{step: scores} of one system: step 0 (its initial student) and every saved checkpoint."""
-    from mlas_lora.experiments.pipeline import _adapter_io, initial_student
+    from mlas_lora.experiments.pipeline import initial_student, train_dir
 
+    config = system.config
     run_dir = Path(config.output_dir)
-    saved = checkpoints(run_dir / f"train-{system}")
+    saved = checkpoints(train_dir(system, run_dir))
     if not saved:
-        raise MlasLoraError(f"{run_dir / f'train-{system}'} has no checkpoints: train {system} first")
-    model, tokenizer, routed = initial_student(system, config, splits, run_dir)
-    model.eval()
-    load = _adapter_io(model, routed)[1]
-    context = model.routing if routed else None
+        raise MlasLoraError(f"{train_dir(system, run_dir)} has no checkpoints: train {system.name} first")
+    student = initial_student(system, splits, run_dir)
+    student.model.eval()
+    context = system.method.route(student)
     points = dict(done)
     for step in [0, *saved]:
         if str(step) in points:
             continue
         if step:
-            load(saved[step] / "adapters")
+            system.method.load(student, saved[step] / "adapters")
         start = time.perf_counter()
-        hyps = _translate_valid(model, tokenizer, context, valid, config, f"{system} step {step}")
+        hyps = _translate_valid(
+            student.model, student.tokenizer, context, valid, config, f"{system.name} step {step}"
+        )
         points[str(step)] = {**_score(hyps, valid), "seconds": round(time.perf_counter() - start, 1)}
     return points
 
@@ -105,9 +109,10 @@ def learning_curve(config: ExperimentConfig, systems: list[str], segments: int =
         raise MlasLoraError(f"segments must be >= 1, got {segments}")
     if not config.data.valid_per_direction:
         raise MlasLoraError("the learning curve needs a validation split: set data.valid_per_direction")
-    unknown = [s for s in systems if s in ("zero-shot", "in-context") or s not in config.systems]
+    resolved = {s.name: s for s in resolve_systems(config)}
+    unknown = [s for s in systems if s not in resolved or not resolved[s].method.trains]
     if unknown:
-        raise MlasLoraError(f"not trained systems of this config: {unknown} (systems: {config.systems})")
+        raise MlasLoraError(f"not trained systems of this config: {unknown} (systems: {list(resolved)})")
     run_dir = Path(config.output_dir)
     folder = run_dir / "curve"
     folder.mkdir(parents=True, exist_ok=True)
@@ -120,11 +125,9 @@ def learning_curve(config: ExperimentConfig, systems: list[str], segments: int =
         key = config_hash({"system": system, "segments": segments, "config": config_hash(config)})
         done = stored.get(system, {})
         points = done.get("points", {}) if done.get("key") == key else {}
-        results[system] = {"key": key, "points": system_curve(system, config, splits, valid, points)}
+        results[system] = {"key": key, "points": system_curve(resolved[system], splits, valid, points)}
         stored[system] = results[system]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stored, indent=2))
-        tmp.replace(path)
+        write_json_atomic(path, stored)
     return write_curve(results, run_dir, segments)
 
 

@@ -18,7 +18,8 @@ from mlas_lora.config import config_hash, save_yaml, to_dict
 from mlas_lora.data.records import Example
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import Splits, load_splits
-from mlas_lora.translation.baselines import in_context_requests, zero_shot_requests
+from mlas_lora.experiments.stages import write_json_atomic
+from mlas_lora.experiments.systems import System, resolve_systems
 from mlas_lora.translation.generate import translate
 
 EVAL_SPLITS = ("valid", "test", "ood")
@@ -28,12 +29,6 @@ SPLIT_TITLES = {
     "test": "In-domain test (embedded / configured test split)",
     "ood": "Out-of-domain test",
 }
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def write_manifest(config: ExperimentConfig, run_dir: Path) -> None:
@@ -90,19 +85,18 @@ class HypothesisStore:
 Translator = Callable[[list[Example], str], list[str]]
 
 
-def prompting_translator(
-    system: str, model, tokenizer, splits: Splits, config: ExperimentConfig
-) -> Translator:
-    """0-shot or 5-shot in-context translation with the untuned student."""
-    gen = config.generation
+def prompting_translator(system: System, model, tokenizer, splits: Splits) -> Translator:
+    """Translation by a prompting method (0-shot, in-context) with the untuned student."""
 
     def run(examples: list[Example], split: str) -> list[str]:
-        if system == "zero-shot":
-            requests = zero_shot_requests(examples)
-        else:
-            train = splits.train.get(examples[0].pair, [])
-            requests = in_context_requests(examples, train, shots=config.data.shots, seed=config.seed)
-        return translate(model, tokenizer, requests, gen, desc=f"{system} {split} {examples[0].pair}")
+        requests = system.method.requests(examples, splits, system.config)
+        return translate(
+            model,
+            tokenizer,
+            requests,
+            system.config.generation,
+            desc=f"{system.name} {split} {examples[0].pair}",
+        )
 
     return run
 
@@ -181,40 +175,41 @@ def load_student(config: ExperimentConfig):
     return load_model(config.models.student, dtype=config.models.dtype)
 
 
-def system_translator(system: str, splits: Splits, config: ExperimentConfig, run_dir: Path, cache: dict):
+def system_translator(system: System, splits: Splits, run_dir: Path, cache: dict):
     """The translator of one system; trained systems run their stages first (skipped when done)."""
-    if system in ("zero-shot", "in-context"):
+    if not system.method.trains:
         if "student" not in cache:
-            cache["student"] = load_student(config)
+            cache["student"] = load_student(system.config)
         model, tokenizer = cache["student"]
-        return prompting_translator(system, model, tokenizer, splits, config)
+        return prompting_translator(system, model, tokenizer, splits)
     from mlas_lora.experiments.pipeline import trained_translator
 
     cache.pop("student", None)  # free the untuned copy: trained systems load their own
-    return trained_translator(system, splits, config, run_dir)
+    return trained_translator(system, splits, run_dir)
 
 
-def system_key(system: str, config: ExperimentConfig) -> str:
+def system_key(system: System) -> str:
     """What a system's hypotheses depend on; a change re-runs that system only."""
+    config = system.config
     parts = {
-        "system": system,
-        "models": to_dict(config.models),
+        "system": system.name,
+        "method": system.method.name,
+        "student": config.models.student,
+        "dtype": config.models.dtype,
         "generation": to_dict(config.generation),
         "data": to_dict(config.data),
         "seed": config.seed,
     }
-    if system not in ("zero-shot", "in-context"):
-        parts.update(
-            lora=to_dict(config.lora),
-            training=to_dict(config.training),
-            awareness=to_dict(config.awareness),
-            merge=config.evaluation.merge,
-        )
+    if system.method.trains:
+        from mlas_lora.experiments.pipeline import train_key
+
+        parts.update(train=train_key(system), merge=config.evaluation.merge)
     return config_hash(parts)
 
 
 def run_experiment(config: ExperimentConfig, force: bool = False) -> Path:
     """Run every system of the config, evaluate, and write results and `report.md`; returns the report path."""
+    systems = resolve_systems(config)
     run_dir = Path(config.output_dir)
     write_manifest(config, run_dir)
     splits = load_splits(config.data)
@@ -224,24 +219,24 @@ def run_experiment(config: ExperimentConfig, force: bool = False) -> Path:
 
         shutil.rmtree(store.root, ignore_errors=True)
     all_outputs, timings, cache = {}, {}, {}
-    for system in config.systems:
-        key = system_key(system, config)
+    for system in systems:
+        key = system_key(system)
         cached = all(
-            store.load(system, sp, d, key) is not None
+            store.load(system.name, sp, d, key) is not None
             for sp in EVAL_SPLITS
             for d, ex in splits.get(sp).items()
             if ex
         )
         start = time.perf_counter()
-        translator = None if cached else system_translator(system, splits, config, run_dir, cache)
-        all_outputs[system], seconds = translate_all(system, translator, splits, store, key)
+        translator = None if cached else system_translator(system, splits, run_dir, cache)
+        all_outputs[system.name], seconds = translate_all(system.name, translator, splits, store, key)
         translator = None  # free this system's model before the next one trains or loads its own
-        timings[system] = {
+        timings[system.name] = {
             "translate_s": round(seconds, 1),
             "wall_s": round(time.perf_counter() - start, 1),
             "cached": cached,
         }
-    return write_report(config, run_dir, splits, all_outputs, timings)
+    return write_report(config, systems, run_dir, splits, all_outputs, timings)
 
 
 def _timing_table(timings: dict, stages: dict) -> str:
@@ -255,15 +250,31 @@ def _timing_table(timings: dict, stages: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def method_diagnostics(run_dir: Path) -> str:
+def teacher_folders(system: System, run_dir: Path) -> dict[str, Path]:
+    """The awareness, classes and transfer folders a system's init came from (empty if none)."""
+    from mlas_lora.experiments.stages import awareness_keys, stage_folder, transfer_key
+
+    if not system.method.trains or not system.method.needs_transfer(system.config):
+        return {}
+    scored, classes = awareness_keys(system.config)
+    return {
+        "awareness": stage_folder(run_dir, "awareness", scored),
+        "classes": stage_folder(run_dir, "classes", classes),
+        "transfer": stage_folder(run_dir, "transfer", transfer_key(system.config)),
+    }
+
+
+def method_diagnostics(folders: dict[str, Path]) -> str:
     """What the awareness and transfer stages found: layer selection, neuron classes, fill-ins, and
     how much each pair's init overlaps the general init."""
-    classes, transfer = run_dir / "classes" / "classes.json", run_dir / "transfer" / "transfer.json"
+    if not folders:
+        return ""
+    classes, transfer = folders["classes"] / "classes.json", folders["transfer"] / "transfer.json"
     if not (classes.is_file() and transfer.is_file()):
         return ""
     meta, moved = json.loads(classes.read_text()), json.loads(transfer.read_text())
     total, pairs = meta["summary"]["total"], meta["pairs"]
-    scored = run_dir / "awareness" / "awareness.json"
+    scored = folders["awareness"] / "awareness.json"
     awareness = json.loads(scored.read_text()) if scored.is_file() else {}
     lines = [
         "## What the teacher analysis found\n",
@@ -301,6 +312,8 @@ def method_diagnostics(run_dir: Path) -> str:
     filled = sum(s["filled_rows"] + s["filled_cols"] for s in subs)
     chosen = sum(s["shape"][0] + s["shape"][1] for s in subs)
     energy = [s["energy_kept"] for s in subs]
+    if moved.get("plan"):
+        lines.append(f"Init plan (transfer/plan.py): {moved['plan']}.")
     lines.append(
         f"Rows/columns filled from outside their neuron set: {filled / chosen:.1%}; "
         f"SVD energy kept at rank r: mean {sum(energy) / len(energy):.3f}."
@@ -328,12 +341,15 @@ def overlap_table(transfer: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(config: ExperimentConfig, run_dir: Path, splits: Splits, all_outputs, timings) -> Path:
+def write_report(
+    config: ExperimentConfig, systems: list[System], run_dir: Path, splits: Splits, all_outputs, timings
+) -> Path:
     """results/{split}.json, significance.json and a Markdown report with Table-1-style tables."""
     from mlas_lora.evaluation.report import markdown_table, significance_table, write_results
 
     records: dict[str, list] = {}
     unavailable: dict[str, str] = {}
+    names = [s.name for s in systems]
     for system, outputs in all_outputs.items():
         by_split, missing = evaluate_outputs(system, outputs, splits, config)
         for split, rows in by_split.items():
@@ -346,14 +362,15 @@ def write_report(config: ExperimentConfig, run_dir: Path, splits: Splits, all_ou
         sections.append(f"## {SPLIT_TITLES[split]}: segments per direction {n}\n")
         for metric in config.evaluation.metrics:
             if metric not in unavailable:
-                sections.append(f"### {metric}\n\n" + markdown_table(rows, metric, config.systems, list(n)))
+                sections.append(f"### {metric}\n\n" + markdown_table(rows, metric, names, list(n)))
     sections += [f"{metric}: unavailable ({reason})\n" for metric, reason in unavailable.items()]
-    challengers = [s for s in config.systems if s.startswith("mlas-lora")]
+    challengers = [s.name for s in systems if s.method.trains]
     comparisons = [row for c in challengers for row in significance(all_outputs, splits, config, c)]
     if comparisons:
         write_json_atomic(run_dir / "significance.json", comparisons)
         sections.append("## Paired bootstrap significance\n\n" + significance_table(comparisons))
-    sections.append(method_diagnostics(run_dir))
+    diagnosed = next((f for s in systems if (f := teacher_folders(s, run_dir))), {})
+    sections.append(method_diagnostics(diagnosed))
     stages_file = run_dir / "stages.json"
     stages = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
     sections.append("## Wall time (this invocation)\n\n" + _timing_table(timings, stages))

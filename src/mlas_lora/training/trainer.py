@@ -28,7 +28,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.experiments.config import TrainingConfig
+from mlas_lora.training.config import TrainingConfig
 from mlas_lora.training.data import Feature, collate, epoch_batches, featurize
 from mlas_lora.training.loss import IGNORE, predicting_positions, target_loss
 

@@ -56,6 +56,7 @@ from torch import Tensor
 
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import ArchInfo
+from mlas_lora.transfer.plan import PAPER_PLAN, init_ranking
 
 PLAIN = "plain"
 HEAD_RULE = "gqa-rotary"
@@ -229,13 +230,13 @@ def select_side(
 
 
 def general_ranking(phi: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
-    """Scores and candidates of the general init: mean awareness over pairs, class -1 neurons."""
-    return phi.mean(dim=0), classes == -1
+    """Scores and candidates of the paper's general init: mean awareness over pairs, class -1 neurons."""
+    return init_ranking(PAPER_PLAN, phi, classes, None)
 
 
 def specific_ranking(phi: Tensor, classes: Tensor, pair_index: int) -> tuple[Tensor, Tensor]:
-    """Scores and candidates of pair i's init: pair i's awareness, neurons specific to pair i."""
-    return phi[pair_index], classes == pair_index
+    """Scores and candidates of the paper's init of pair i: pair i's awareness, neurons specific to i."""
+    return init_ranking(PAPER_PLAN, phi, classes, pair_index)
 
 
 def index_mask(indices: Tensor, n: int) -> Tensor:
@@ -305,7 +306,9 @@ def overlap_summary(submatrices: dict, pairs: Sequence[str], targets: Sequence[s
     summary = {}
     for pair in pairs:
         for proj in targets:
-            recs = [r for k, r in submatrices.items() if k.split(".")[1:] == [proj, pair]]
+            recs = [
+                r for k, r in submatrices.items() if k.split(".")[1:] == [proj, pair] and "overlap_rows" in r
+            ]
             if recs:
                 summary.setdefault(pair, {})[proj] = {
                     axis: sum(r[f"overlap_{axis}"]["fraction"] for r in recs) / len(recs)

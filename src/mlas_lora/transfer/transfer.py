@@ -1,6 +1,7 @@
 """Transfer stage driver: awareness + classes + teacher weights -> SVD-initialised LoRA factors.
 
-For every student layer j (fed by teacher layer selected_layers[j]) and every target projection,
+For every student layer j (fed by teacher layer selected_layers[j], or by the layers the InitPlan
+draws: plan.py) and every target projection,
 Eq. (4)-(5) (extract.py) cut one submatrix for the general LoRA and one per language pair, and
 Eq. (7)-(8) (svd_init.py) turn each into (B, A). Only the selected teacher layers are read, one
 projection at a time; a teacher given as a checkpoint directory is read tensor by tensor from its
@@ -47,11 +48,10 @@ from mlas_lora.transfer.extract import (
     RANKED,
     choose_init,
     extract_submatrix,
-    general_ranking,
     overlap_record,
     overlap_summary,
-    specific_ranking,
 )
+from mlas_lora.transfer.plan import PAPER_PLAN, InitPlan, choose_layers, init_ranking
 from mlas_lora.transfer.svd_init import svd_factors
 
 GENERAL = "general"
@@ -183,10 +183,20 @@ def _arch(model_or_path) -> ArchInfo:
 
 
 def _check_plan(
-    inputs: AwarenessInputs, pairs, teacher: ArchInfo, student: ArchInfo, targets, ranks, fill_rule=RANKED
+    inputs: AwarenessInputs,
+    pairs,
+    teacher: ArchInfo,
+    student: ArchInfo,
+    targets,
+    ranks,
+    fill_rule=RANKED,
+    plan: InitPlan = PAPER_PLAN,
 ) -> None:
     """Gather every problem with the requested transfer into one error, before any work is done."""
     problems = [f"unknown pair {p!r} (awareness has {inputs.pairs})" for p in pairs if p not in inputs.pairs]
+    problems += plan.problems()
+    if not ranks:
+        problems.append("r_gen and r_spe are both 0: no init to build")
     if fill_rule not in FILL_RULES:
         problems.append(f"unknown fill rule {fill_rule!r} (known: {', '.join(FILL_RULES)})")
     problems += [
@@ -213,13 +223,16 @@ def _check_plan(
         raise MlasLoraError("cannot transfer:\n  " + "\n  ".join(problems))
 
 
-def _inits(inputs: AwarenessInputs, layer: int, proj: str, pairs: Sequence[str]) -> dict:
-    """name -> {side: (scores, candidates)} for the general init and each pair's init."""
+def _inits(inputs: AwarenessInputs, layer: int, proj: str, names: Sequence[str], plan: InitPlan) -> dict:
+    """name -> {side: (scores, candidates)} for each init to build (GENERAL first, then pairs)."""
     sides = {side: inputs.side(layer, proj, side) for side in ("out", "in")}
-    inits = {GENERAL: {s: general_ranking(phi, cls) for s, (phi, cls) in sides.items()}}
-    for pair in pairs:
-        i = inputs.pairs.index(pair)
-        inits[pair] = {s: specific_ranking(phi, cls, i) for s, (phi, cls) in sides.items()}
+    inits = {}
+    for name in names:
+        i = None if name == GENERAL else inputs.pairs.index(name)
+        inits[name] = {
+            s: init_ranking(plan, phi, cls, i, f"{layer}.{proj}.{s}.{name}")
+            for s, (phi, cls) in sides.items()
+        }
     return inits
 
 
@@ -251,7 +264,7 @@ def _one_projection(
         }
         if name == GENERAL:
             general = chosen
-        else:
+        elif general:
             records[name].update(overlap_record(chosen, general, sides, fill_rule))
     return factors, indices, records
 
@@ -268,6 +281,7 @@ def transfer_factors(
     progress: bool = True,
     device: str | torch.device | None = None,
     fill_rule: str = RANKED,
+    plan: InitPlan = PAPER_PLAN,
 ) -> Factors:
     """Eq. (4)-(8) for every selected layer: the general and per-pair LoRA inits of the student.
 
@@ -276,16 +290,20 @@ def transfer_factors(
     pairs to build specific inits for (None: all pairs of awareness.json); device: where the SVDs
     run (None: where the teacher weight is; factors always come back on CPU); fill_rule: how a
     pair's too-small neuron set is filled (extract.FILL_RULES). The general ranking averages the
-    awareness over all pairs of awareness.json, the set the classes were built on.
+    awareness over all pairs of awareness.json, the set the classes were built on. A rank of 0 builds
+    no such init (no general LoRA, or no per-pair LoRAs). plan: which layers and neurons (plan.py).
     """
     inputs = AwarenessInputs(awareness_dir, classes_dir)
     weights, s_info = _teacher_weights(teacher), _arch(student)
     pairs, targets = list(inputs.pairs if pairs is None else pairs), list(targets)
     ranks = {GENERAL: r_gen, **dict.fromkeys(pairs, r_spe)}
-    _check_plan(inputs, pairs, weights.info, s_info, targets, {"r_gen": r_gen, "r_spe": r_spe}, fill_rule)
+    ranks = {name: rank for name, rank in ranks.items() if rank}
+    given = {k: v for k, v in {"r_gen": r_gen, "r_spe": r_spe}.items() if v}
+    _check_plan(inputs, pairs, weights.info, s_info, targets, given, fill_rule, plan)
     out = Factors(meta=_meta(inputs, pairs, r_gen, r_spe, targets, weights.info, s_info))
-    out.meta["fill_rule"] = fill_rule
-    layer_map = list(enumerate(inputs.selected_layers))
+    layers = choose_layers(plan, inputs.selected_layers, weights.info.num_layers)
+    out.meta.update(fill_rule=fill_rule, plan=vars(plan), layer_map={str(s): t for s, t in enumerate(layers)})
+    layer_map = list(enumerate(layers))
     for s_layer, t_layer in tqdm(layer_map, desc="transfer", unit="layer", disable=not progress):
         for proj in targets:
             weight = weights.weight(t_layer, proj)
@@ -294,7 +312,7 @@ def transfer_factors(
                     f"teacher layer {t_layer} {proj}: weight {tuple(weight.shape)} "
                     f"!= config shape {weights.info.projection_shape(proj)}"
                 )
-            inits = _inits(inputs, t_layer, proj, pairs)
+            inits = _inits(inputs, t_layer, proj, list(ranks), plan)
             factors, indices, records = _one_projection(
                 weight, inits, proj, weights.info, s_info, ranks, device, fill_rule
             )
@@ -398,6 +416,7 @@ def run_transfer(
     progress: bool = True,
     device=None,
     fill_rule: str = RANKED,
+    plan: InitPlan = PAPER_PLAN,
 ) -> Factors:
     """transfer_factors then save_factors: the stage's entry point."""
     factors = transfer_factors(
@@ -412,6 +431,7 @@ def run_transfer(
         progress,
         device,
         fill_rule,
+        plan,
     )
     save_factors(factors, out_dir)
     return factors

@@ -1,0 +1,197 @@
+"""The teacher stages of an experiment, each a library call that writes a folder of the run:
+
+    awareness-<key>/  Eq. (1)-(2) on the teacher's seed sentences     (score_teacher)
+    classes-<key>/    general vs specific neurons, lambda (Sec. 3.1)   (classify_neurons)
+    transfer-<key>/   Eq. (4)-(5) submatrices -> Eq. (7)-(8) SVD factors (run_transfer)
+
+A folder is named by the hash of everything its stage read and holds `stage.json` with that hash, so
+variants of a sweep keep their folders side by side and share what they have in common (the teacher
+is scored once for every lambda; a classification serves every init that reads it). A folder of an
+older run without the hash in its name (`awareness/`) is adopted when its key matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from mlas_lora.config import config_hash, to_dict
+from mlas_lora.experiments.config import DataConfig, ExperimentConfig
+from mlas_lora.experiments.data import Splits
+from mlas_lora.models.arch import describe
+from mlas_lora.stage_files import fresh_dir
+
+SEED_DATA_FIELDS = ("corpus", "split_names", "directions", "seed_per_direction")
+"""The data settings the awareness stage reads (the seed sentences); train / test sizes are not."""
+
+CLASSIFY_ONLY = ("lam", "normalize")
+"""Awareness settings only the classify stage reads: changing them does not re-score the teacher."""
+
+
+def seed_data_settings(data: DataConfig) -> dict:
+    """The data settings that pick the seed sentences: the data part of the awareness stage's key.
+
+    `sample` and `seed` enter only where they act (a non-embedded corpus, or a data seed other than
+    0), so the keys of embedded runs made before those fields existed stay valid.
+    """
+    settings = {k: v for k, v in to_dict(data).items() if k in SEED_DATA_FIELDS}
+    if data.corpus != "embedded":
+        settings.update(sample=data.sample, seed=data.seed)
+    elif data.seed != 0:
+        settings["seed"] = data.seed
+    return settings
+
+
+def stage_key(**parts) -> str:
+    return config_hash(parts)
+
+
+def stage_done(folder: Path, key: str) -> bool:
+    marker = folder / "stage.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def mark_done(folder: Path, key: str, seconds: float) -> None:
+    write_json_atomic(folder / "stage.json", {"key": key, "seconds": round(seconds, 1)})
+    record_stage_time(folder.parent, folder.name, seconds)
+
+
+def record_stage_time(run_dir: Path, name: str, seconds: float) -> None:
+    path = run_dir / "stages.json"
+    stages = json.loads(path.read_text()) if path.is_file() else {}
+    stages[name] = round(seconds, 1)
+    write_json_atomic(path, stages)
+
+
+def stage_folder(run_dir: Path, kind: str, key: str) -> Path:
+    """`RUN/<kind>-<key[:8]>`; an older run's `RUN/<kind>` with the same key is renamed to it."""
+    folder = run_dir / f"{kind}-{key[:8]}"
+    legacy = run_dir / kind
+    if not folder.exists() and stage_done(legacy, key):
+        legacy.rename(folder)
+    return folder
+
+
+def model_source(name: str):
+    """A checkpoint folder to read lazily (embedded or local), else the loaded model (hub id)."""
+    from mlas_lora.models.loading import load_model, resolve_source
+
+    source, local = resolve_source(name)
+    return source if local else load_model(name, dtype="float32")[0]
+
+
+def awareness_keys(config: ExperimentConfig) -> tuple[str, str]:
+    """(scoring key, classes key): lambda and the normalisation enter only the second."""
+    from mlas_lora.awareness.classify import resolve_lambda
+
+    key = stage_key(
+        teacher=config.models.teacher,
+        student=config.models.student,
+        dtype=config.models.dtype,
+        data=seed_data_settings(config.data),
+        awareness={k: v for k, v in to_dict(config.awareness).items() if k not in CLASSIFY_ONLY},
+    )
+    lam = resolve_lambda(config.awareness.lam, len(config.data.directions))
+    return key, stage_key(scores=key, lam=lam, normalize=config.awareness.normalize)
+
+
+def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> tuple[Path, Path]:
+    """Score the teacher on each pair's seed sentences, then classify the neurons; returns both folders."""
+    from mlas_lora.awareness.classify import classify_neurons, resolve_lambda, save_classes
+    from mlas_lora.awareness.scoring import load_awareness, save_awareness, score_teacher
+    from mlas_lora.models.loading import load_model, load_model_config, resolve_source
+
+    key, classes_key = awareness_keys(config)
+    scored, classes = stage_folder(run_dir, "awareness", key), stage_folder(run_dir, "classes", classes_key)
+    scores = None
+    if not stage_done(scored, key):
+        start = time.perf_counter()
+        student_layers = describe(load_model_config(*resolve_source(config.models.student))).num_layers
+        teacher, tokenizer = load_model(config.models.teacher, dtype=config.models.dtype)
+        scores = score_teacher(
+            teacher,
+            tokenizer,
+            splits.dev,
+            batch_size=config.awareness.batch_size,
+            dtype=teacher.dtype,
+            num_student_layers=student_layers,
+            relevance_reading=config.awareness.relevance_reading,
+            max_tokens=config.awareness.max_tokens,
+        )
+        del teacher
+        fresh_dir(scored)
+        save_awareness(scores, scored)
+        mark_done(scored, key, time.perf_counter() - start)
+    if not stage_done(classes, classes_key):
+        start = time.perf_counter()
+        fresh_dir(classes)
+        if scores is None:  # scoring was skipped: read its files
+            scores = load_awareness(scored)
+        lam = resolve_lambda(config.awareness.lam, len(config.data.directions))
+        save_classes(classify_neurons(scores, lam=lam, normalize=config.awareness.normalize), classes)
+        mark_done(classes, classes_key, time.perf_counter() - start)
+    return scored, classes
+
+
+def transfer_ranks(config: ExperimentConfig) -> tuple[int, int]:
+    """(general rank, per-pair rank) of the inits to build; 0 = none (lora.structure)."""
+    from mlas_lora.adapters.structure import routed_shape
+
+    shape = routed_shape(config.lora)
+    return shape.r_gen, shape.r_spe
+
+
+def transfer_key(config: ExperimentConfig) -> str:
+    """What the transfer stage reads; the InitPlan enters only where it differs from the paper's."""
+    r_gen, r_spe = transfer_ranks(config)
+    lora = config.lora
+    parts = dict(
+        classes=awareness_keys(config)[1],
+        r_gen=r_gen,
+        r_spe=r_spe,
+        targets=list(lora.targets),
+        fill_rule=lora.fill_rule,
+    )
+    if plan := config.transfer.changed():
+        parts["plan"] = plan
+    return stage_key(**parts)
+
+
+def transfer_stage(config: ExperimentConfig, splits: Splits, run_dir: Path):
+    """Extract student-shaped teacher submatrices and their SVD factors (reads the teacher lazily).
+
+    Returns (factors, folder).
+    """
+    from mlas_lora.transfer.transfer import load_factors, run_transfer
+
+    scored, classes = awareness_stage(config, splits, run_dir)
+    key = transfer_key(config)
+    folder = stage_folder(run_dir, "transfer", key)
+    if not stage_done(folder, key):
+        start = time.perf_counter()
+        fresh_dir(folder)
+        r_gen, r_spe = transfer_ranks(config)
+        run_transfer(
+            model_source(config.models.teacher),
+            model_source(config.models.student),
+            scored,
+            classes,
+            folder,
+            list(splits.dev),
+            r_gen,
+            r_spe,
+            tuple(config.lora.targets),
+            fill_rule=config.lora.fill_rule,
+            plan=config.transfer,
+        )
+        mark_done(folder, key, time.perf_counter() - start)
+    return load_factors(folder), folder

@@ -1,0 +1,82 @@
+"""The two protocols a method implements: prompting an untuned student, or training one.
+
+An experiment calls a trained method in this order: `problems` (before any stage runs),
+`needs_transfer` (the runner then hands it the teacher factors), `build`, the trainer with
+`route` / `update_norms` / `save` / `load`, then `decode_scope` per test set and `export`.
+`train_key` names every setting its training reads, and nothing else, so a change elsewhere (a
+lambda, the teacher) does not retrain it; `inputs` carries the keys of the earlier stages it used
+(`{"transfer": key}` when it needed the teacher factors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from mlas_lora.data.records import Example
+    from mlas_lora.experiments.config import ExperimentConfig
+    from mlas_lora.experiments.data import Splits
+    from mlas_lora.transfer.transfer import Factors
+    from mlas_lora.translation.generate import TranslationRequest
+
+
+@dataclass
+class Student:
+    """A student model as a method built it, with its tokenizer."""
+
+    model: Any
+    tokenizer: Any
+
+
+class PromptingMethod(Protocol):
+    name: str
+    trains: bool  # False
+
+    def problems(self, config: ExperimentConfig) -> list[str]: ...
+
+    def requests(
+        self, examples: list[Example], splits: Splits, config: ExperimentConfig
+    ) -> list[TranslationRequest]: ...
+
+
+class TrainedMethod(Protocol):
+    name: str
+    trains: bool  # True
+
+    def problems(self, config: ExperimentConfig) -> list[str]: ...
+
+    def needs_transfer(self, config: ExperimentConfig) -> bool: ...
+
+    def train_key(self, config: ExperimentConfig, inputs: dict) -> dict: ...
+
+    def build(self, config: ExperimentConfig, pairs: list[str], factors: Factors | None) -> Student: ...
+
+    def route(self, student: Student) -> Callable | None: ...
+
+    def update_norms(self, student: Student) -> Callable[[], dict[str, float]]: ...
+
+    def save(self, student: Student, path: Path) -> None: ...
+
+    def load(self, student: Student, path: Path) -> None: ...
+
+    def for_evaluation(self, student: Student, merge: str) -> Student: ...
+
+    def decode_scope(
+        self, student: Student, examples: list[Example], merge: str
+    ) -> tuple[AbstractContextManager, Callable | None]: ...
+
+    def export(self, student: Student, config: ExperimentConfig, folder: Path, merge: bool) -> Path: ...
+
+    def trainable_parameters(self, student: Student) -> int: ...
+
+
+Method = PromptingMethod | TrainedMethod
+
+
+def count_trainable(model) -> int:
+    """Parameters the optimizer updates (requires_grad), each counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,119 @@
+"""`mlas-lora`: the routed student of Eq. (9), initialised from the teacher (Eq. 4-8), and the
+variants Table 2 ablates, which are data in its config (presets.py):
+
+    lora.structure   mlas (general + per-pair) | shared (one LoRA) | per-pair (no general LoRA)
+    lora.init        teacher (SVD factors of the transfer stage) | random (PEFT's init)
+    lora.init_mode   add (W + teacher update) | residual (function-preserving at step 0)
+    transfer.*       which teacher layers and neurons the inits are cut from (transfer/plan.py)
+
+Checkpoints are `save_routed` folders (safetensors + manifest, resumable); the export is one PEFT
+LoRA adapter folder per pair (adapters/export.py), for PeftModel and vLLM multi-LoRA serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from mlas_lora.config import to_dict
+from mlas_lora.methods.base import Student, count_trainable
+
+
+class MlasLora:
+    name = "mlas-lora"
+    trains = True
+
+    def problems(self, config) -> list[str]:
+        out = []
+        lora = config.lora
+        if lora.init == "random" and config.transfer.changed():
+            out.append("transfer.* settings have no effect with lora.init: random")
+        if lora.init_mode == "residual" and lora.init == "random":
+            out.append("lora.init_mode: residual needs lora.init: teacher (a random init starts at B = 0)")
+        return out
+
+    def needs_transfer(self, config) -> bool:
+        return config.lora.init == "teacher"
+
+    def train_key(self, config, inputs: dict) -> dict:
+        models = to_dict(config.models)
+        if not self.needs_transfer(config):
+            models.pop("teacher")
+        return {
+            "method": self.name,
+            "models": models,
+            "data": config.data.train_settings(),
+            "lora": to_dict(config.lora),
+            "training": to_dict(config.training),
+            **inputs,
+        }
+
+    def build(self, config, pairs, factors=None) -> Student:
+        from mlas_lora.adapters.routed_lora import attach_routed_lora, init_from_factors
+        from mlas_lora.adapters.structure import routed_shape
+        from mlas_lora.models.loading import load_model
+
+        lora, shape = config.lora, routed_shape(config.lora)
+        model, tokenizer = load_model(config.models.student, dtype=config.models.dtype)
+        routed = attach_routed_lora(
+            model,
+            pairs,
+            tuple(lora.targets),
+            shape.r_gen,
+            shape.r_spe,
+            shape.alpha_gen,
+            shape.alpha_spe,
+            lora.dropout,
+        )
+        if factors is not None:
+            init_from_factors(routed, factors, mode=lora.init_mode, teacher_scale=lora.teacher_scale)
+        return Student(routed, tokenizer)
+
+    def route(self, student):
+        return student.model.routing
+
+    def update_norms(self, student):
+        from mlas_lora.adapters.update_norms import routed_update_norms
+
+        return routed_update_norms(student.model)
+
+    def save(self, student, path: Path) -> None:
+        from mlas_lora.adapters.export import save_routed
+
+        save_routed(student.model, path)
+
+    def load(self, student, path: Path) -> None:
+        from mlas_lora.adapters.export import load_routed
+
+        load_routed(student.model, path)
+
+    def for_evaluation(self, student, merge: str) -> Student:
+        student.model.eval()
+        return student
+
+    def decode_scope(self, student, examples, merge: str):
+        """Routed and unmerged (the trained function, the default), or merged per pair (`weights`).
+
+        Unmerged, the LoRA factors stay in float32 beside the frozen bfloat16 weights. `weights`
+        folds the set's pair update into the base weights (base-model speed), where bfloat16 rounds a
+        small update partly away.
+        """
+        pairs = {example.pair for example in examples}
+        if len(pairs) != 1 or merge != "weights":
+            return contextlib.nullcontext(), student.model.routing
+        return student.model.merged(pairs.pop()), None
+
+    def export(self, student, config, folder: Path, merge: bool = False) -> Path:
+        from mlas_lora.adapters.export import export_peft_adapters
+        from mlas_lora.models.loading import resolve_source
+        from mlas_lora.stage_files import fresh_dir
+
+        fresh_dir(folder)
+        export_peft_adapters(student.model, folder, resolve_source(config.models.student)[0], merge=merge)
+        return folder
+
+    def trainable_parameters(self, student) -> int:
+        return count_trainable(student.model)
+
+
+METHODS = (MlasLora(),)

@@ -1,0 +1,39 @@
+"""0-shot and 5-shot in-context translation with the untuned student (Table 1's first two rows)."""
+
+from __future__ import annotations
+
+from mlas_lora.translation.baselines import in_context_requests, zero_shot_requests
+
+
+class ZeroShot:
+    """The untuned student, asked to translate with the chat prompt of prompting.py."""
+
+    name = "zero-shot"
+    trains = False
+
+    def problems(self, config) -> list[str]:
+        return []
+
+    def requests(self, examples, splits, config):
+        return zero_shot_requests(examples)
+
+
+class InContext:
+    """The untuned student with `data.shots` demonstrations from the direction's training split."""
+
+    name = "in-context"
+    trains = False
+
+    def problems(self, config) -> list[str]:
+        return (
+            []
+            if config.data.shots >= 1
+            else [f"in-context: data.shots must be >= 1, got {config.data.shots}"]
+        )
+
+    def requests(self, examples, splits, config):
+        train = splits.train.get(examples[0].pair, [])
+        return in_context_requests(examples, train, shots=config.data.shots, seed=config.seed)
+
+
+METHODS = (ZeroShot(), InContext())
