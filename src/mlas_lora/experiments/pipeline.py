@@ -6,7 +6,8 @@
 
 `train-<system>/stage.json` holds the hash of what the method's training read (`train_key`); a
 finished folder of another system with the same hash is reused instead of training again (Table 2's
--R-i is the `lora` system), and a folder of another hash is never resumed.
+-R-i is the `lora` system: `train-R-i` becomes a link to `train-lora`), and a folder of another hash
+is never resumed.
 """
 
 from __future__ import annotations
@@ -53,10 +54,17 @@ def finished_checkpoint(folder: Path) -> Path:
     return newest_checkpoint(folder) / "adapters"
 
 
+def _remove(folder: Path) -> None:
+    if folder.is_symlink():
+        folder.unlink()
+    elif folder.exists():
+        shutil.rmtree(folder)
+
+
 def _same_training(run_dir: Path, key: str) -> Path | None:
     """A finished training folder of this run with the same key (another system's), if any."""
     for folder in sorted(run_dir.glob("train-*")):
-        if stage_done(folder, key):
+        if not folder.is_symlink() and stage_done(folder, key):
             return folder
     return None
 
@@ -68,13 +76,15 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
     method, config = system.method, system.config
     folder, key = train_dir(system, run_dir), train_key(system)
     student = initial_student(system, splits, run_dir)
-    done = folder if stage_done(folder, key) else _same_training(run_dir, key)
-    if done is not None:
-        method.load(student, finished_checkpoint(done))
+    if not stage_done(folder, key) and (same := _same_training(run_dir, key)) is not None:
+        _remove(folder)
+        folder.symlink_to(same.name)  # train-R-i -> train-lora: one training, both names
+    if stage_done(folder, key):
+        method.load(student, finished_checkpoint(folder))
         return student
     started = folder / "key.json"
-    if started.is_file() and json.loads(started.read_text())["key"] != key:
-        shutil.rmtree(folder)  # checkpoints of another config must not be resumed
+    if folder.is_symlink() or started.is_file() and json.loads(started.read_text())["key"] != key:
+        _remove(folder)  # checkpoints of another config must not be resumed
     folder.mkdir(parents=True, exist_ok=True)
     started.write_text(json.dumps({"key": key}))
     start = time.perf_counter()
