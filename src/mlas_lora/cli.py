@@ -195,6 +195,20 @@ def _evaluate(args) -> None:
         print(f"numbers written to {write_evaluation(result, args.json)}")
 
 
+def _experiment(args) -> None:
+    from mlas_lora.config import load_config
+    from mlas_lora.experiments.config import ExperimentConfig
+    from mlas_lora.experiments.experiment import LAMBDAS, run_named_experiment
+
+    config = load_config(ExperimentConfig, args.config, args.overrides)
+    systems = args.systems.split(",") if args.systems else None
+    lambdas = [float(x) for x in args.lambdas.split(",")] if args.lambdas else LAMBDAS
+    folder = run_named_experiment(args.name, config, systems, args.budget, lambdas)
+    for table in sorted(folder.glob("table.test.*.md")) or sorted(folder.glob("table.*.md")):
+        print(f"## {table.stem}\n\n{table.read_text()}")
+    print(f"tables, plots and report in {folder}")
+
+
 def _experiment_parser(sub, name: str, text: str, func):
     stage = sub.add_parser(name, help=text)
     stage.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
@@ -272,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="paired bootstrap resamples")
     ev.add_argument("--json", metavar="OUT", help="also write the numbers to OUT as JSON")
     ev.set_defaults(func=_evaluate)
+
+    exp = sub.add_parser(
+        "experiment",
+        help="a named set of systems (table2: MLAS-LoRA + the ten ablations; lambda: Fig. 5) with tables and plots",
+    )
+    exp.add_argument("name", help="table2, lambda, or any label with --systems")
+    exp.add_argument(
+        "config", help="experiment YAML for data, models and settings, e.g. configs/embedded-4dir.yaml"
+    )
+    exp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.test_per_direction=100")
+    exp.add_argument("--systems", help="comma-separated presets or methods (replaces the named set)")
+    exp.add_argument("--budget", help="scale every system alike: cpu (an afternoon on 2 cores) or paper")
+    exp.add_argument("--lambdas", help="lambda experiment: comma-separated values (default 0.05..0.6 in 8)")
+    exp.set_defaults(func=_experiment)
 
     run = sub.add_parser("run", help="run every stage of an experiment config and print the report")
     run.add_argument("config", help="YAML file, e.g. configs/demo.yaml")

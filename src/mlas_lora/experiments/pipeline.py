@@ -54,6 +54,14 @@ def finished_checkpoint(folder: Path) -> Path:
     return newest_checkpoint(folder) / "adapters"
 
 
+def _record_parameters(system: System, student: Student, folder: Path) -> None:
+    """train-<system>/params.json: the trainable parameters, for the tables' Params column."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.json"
+    if not path.is_file():
+        path.write_text(json.dumps({"trainable": system.method.trainable_parameters(student)}))
+
+
 def _remove(folder: Path) -> None:
     if folder.is_symlink():
         folder.unlink()
@@ -80,6 +88,7 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
         _remove(folder)
         folder.symlink_to(same.name)  # train-R-i -> train-lora: one training, both names
     if stage_done(folder, key):
+        _record_parameters(system, student, folder)
         method.load(student, finished_checkpoint(folder))
         return student
     started = folder / "key.json"
@@ -87,6 +96,7 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
         _remove(folder)  # checkpoints of another config must not be resumed
     folder.mkdir(parents=True, exist_ok=True)
     started.write_text(json.dumps({"key": key}))
+    _record_parameters(system, student, folder)
     start = time.perf_counter()
     student.model.train()
     trainer = Trainer(

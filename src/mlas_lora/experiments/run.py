@@ -207,8 +207,12 @@ def system_key(system: System) -> str:
     return config_hash(parts)
 
 
-def run_experiment(config: ExperimentConfig, force: bool = False) -> Path:
-    """Run every system of the config, evaluate, and write results and `report.md`; returns the report path."""
+def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Path | None = None) -> Path:
+    """Run every system of the config, evaluate, and write results and `report.md`; returns the report path.
+
+    Stages and hypotheses live in the run folder (`output_dir`); the results, significance and report
+    go to `report_dir` (default: the run folder), so named experiments share one run's stages.
+    """
     systems = resolve_systems(config)
     run_dir = Path(config.output_dir)
     write_manifest(config, run_dir)
@@ -236,7 +240,7 @@ def run_experiment(config: ExperimentConfig, force: bool = False) -> Path:
             "wall_s": round(time.perf_counter() - start, 1),
             "cached": cached,
         }
-    return write_report(config, systems, run_dir, splits, all_outputs, timings)
+    return write_report(config, systems, run_dir, splits, all_outputs, timings, report_dir or run_dir)
 
 
 def _timing_table(timings: dict, stages: dict) -> str:
@@ -342,7 +346,13 @@ def overlap_table(transfer: dict) -> str:
 
 
 def write_report(
-    config: ExperimentConfig, systems: list[System], run_dir: Path, splits: Splits, all_outputs, timings
+    config: ExperimentConfig,
+    systems: list[System],
+    run_dir: Path,
+    splits: Splits,
+    all_outputs,
+    timings,
+    report_dir: Path,
 ) -> Path:
     """results/{split}.json, significance.json and a Markdown report with Table-1-style tables."""
     from mlas_lora.evaluation.report import markdown_table, significance_table, write_results
@@ -357,7 +367,7 @@ def write_report(
         unavailable.update(missing)
     sections = [f"# {config.name}\n", f"Config hash `{config_hash(config)}`; run directory `{run_dir}`.\n"]
     for split, rows in records.items():
-        write_results(rows, run_dir / "results" / f"{split}.json")
+        write_results(rows, report_dir / "results" / f"{split}.json")
         n = {d: len(ex) for d, ex in splits.get(split).items()}
         sections.append(f"## {SPLIT_TITLES[split]}: segments per direction {n}\n")
         for metric in config.evaluation.metrics:
@@ -367,14 +377,15 @@ def write_report(
     challengers = [s.name for s in systems if s.method.trains]
     comparisons = [row for c in challengers for row in significance(all_outputs, splits, config, c)]
     if comparisons:
-        write_json_atomic(run_dir / "significance.json", comparisons)
+        write_json_atomic(report_dir / "significance.json", comparisons)
         sections.append("## Paired bootstrap significance\n\n" + significance_table(comparisons))
     diagnosed = next((f for s in systems if (f := teacher_folders(s, run_dir))), {})
     sections.append(method_diagnostics(diagnosed))
     stages_file = run_dir / "stages.json"
     stages = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
     sections.append("## Wall time (this invocation)\n\n" + _timing_table(timings, stages))
-    report = run_dir / "report.md"
+    report = report_dir / "report.md"
+    report_dir.mkdir(parents=True, exist_ok=True)
     tmp = report.with_suffix(".tmp")
     tmp.write_text("\n".join(sections))
     os.replace(tmp, report)

@@ -1,0 +1,131 @@
+"""`mlas-lora experiment NAME CONFIG`: a named set of systems over the config's directions, with
+tables shaped like the paper's and plots.
+
+    table2   MLAS-LoRA and the ten ablations of Table 2 (methods/presets.py), bootstrap vs MLAS-LoRA
+    lambda   Fig. 5: MLAS-LoRA as lambda varies (0.05-0.6 in 8 steps, plus `auto`); one teacher pass
+    NAME     any label, with `--systems a,b,c`
+
+Stages and hypotheses live in the config's run folder, shared with `mlas-lora run`, so a finished
+(system, split, direction) cell is never recomputed and a killed experiment continues; tables and
+plots go to RUN/experiments/NAME/. A budget (BUDGETS) scales every system alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from mlas_lora.config import config_from_dict, merge_trees, to_dict
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.experiments.config import ExperimentConfig
+from mlas_lora.methods.presets import TABLE2
+
+LAMBDAS = (0.05, 0.129, 0.207, 0.286, 0.364, 0.443, 0.521, 0.6)
+"""Fig. 5's range in 8 even steps (rounded to 3 decimals), then `auto`."""
+
+BUDGETS: dict[str, dict] = {
+    # Every system trained and evaluated alike on 2 CPU cores: 11 systems of table2 in an afternoon.
+    "cpu": {
+        "data": {"train_per_direction": 2000, "seed_per_direction": 32, "valid_per_direction": 50,
+                 "test_per_direction": 100, "ood_per_direction": 0},
+        "training": {"max_steps": 48, "micro_batch": 8, "grad_accum": 2, "checkpoint_every": 16},
+    },
+    # The paper's setting (Sec. 4.1): 200k random pairs and 1k seeds per direction, batch 64, 3 epochs.
+    "paper": {
+        "data": {"train_per_direction": 200000, "seed_per_direction": 1000, "sample": "random",
+                 "valid_per_direction": 200, "test_per_direction": None},
+        "training": {"lr": 1.0e-4, "epochs": 3.0, "max_steps": None, "micro_batch": 8, "grad_accum": 8,
+                     "checkpoint_every": 500},
+    },
+}  # fmt: skip
+
+
+def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) -> list:
+    """The systems of a named experiment (or the given ones)."""
+    if systems:
+        return list(systems)
+    if name == "table2":
+        return list(TABLE2)
+    if name == "lambda":
+        points = [*lambdas, "auto"]
+        return [{"name": f"lambda-{lam}", "preset": "mlas-lora", "awareness": {"lam": lam}} for lam in points]
+    raise MlasLoraError(f"experiment {name!r}: give --systems (named experiments: table2, lambda)")
+
+
+def experiment_config(name: str, config: ExperimentConfig, systems: list, budget: str | None):
+    """The config with the experiment's systems (and budget); bootstrap against MLAS-LoRA in table2."""
+    tree = to_dict(config)
+    if budget is not None:
+        if budget not in BUDGETS:
+            raise MlasLoraError(f"unknown budget {budget!r} (known: {', '.join(BUDGETS)})")
+        tree = merge_trees(tree, BUDGETS[budget])
+    tree["systems"] = systems
+    if name == "table2":
+        tree["evaluation"]["baseline_for_significance"] = "mlas-lora"
+    return config_from_dict(ExperimentConfig, tree)
+
+
+def run_named_experiment(
+    name: str,
+    config: ExperimentConfig,
+    systems: list[str] | None = None,
+    budget: str | None = None,
+    lambdas=LAMBDAS,
+) -> Path:
+    """Run the experiment, then write its tables and plots; returns RUN/experiments/NAME/."""
+    from mlas_lora.experiments.run import run_experiment
+    from mlas_lora.experiments.systems import resolve_systems
+
+    if "/" in name or not name:
+        raise MlasLoraError(f"experiment name {name!r}: a non-empty name without '/'")
+    config = experiment_config(name, config, experiment_systems(name, systems, lambdas), budget)
+    resolved = resolve_systems(config)
+    folder = Path(config.output_dir) / "experiments" / name
+    run_experiment(config, report_dir=folder)
+    write_tables(config, resolved, folder)
+    write_plots(name, config, resolved, folder)
+    return folder
+
+
+def trainable_parameters(run_dir: Path, system) -> int | None:
+    """What the system's training recorded (train-<name>/params.json); 0 for a prompting method."""
+    if not system.method.trains:
+        return 0
+    path = run_dir / f"train-{system.name}" / "params.json"
+    return json.loads(path.read_text())["trainable"] if path.is_file() else None
+
+
+def write_tables(config: ExperimentConfig, systems, folder: Path) -> None:
+    """table.{split}.{metric}.md / .csv for every evaluated split and metric."""
+    from mlas_lora.evaluation.report import read_results
+    from mlas_lora.experiments.tables import paper_table
+
+    run_dir = Path(config.output_dir)
+    params = {s.name: trainable_parameters(run_dir, s) for s in systems}
+    sig_path = folder / "significance.json"
+    comparisons = json.loads(sig_path.read_text()) if sig_path.is_file() else []
+    for results in sorted((folder / "results").glob("*.json")):
+        split, records = results.stem, read_results(results)
+        for metric in sorted({r.metric for r in records}):
+            md, rows = paper_table(
+                records, metric, [s.name for s in systems], params, comparisons, split,
+                config.evaluation.baseline_for_significance,
+            )  # fmt: skip
+            (folder / f"table.{split}.{metric}.md").write_text(md)
+            with open(folder / f"table.{split}.{metric}.csv", "w", newline="") as handle:
+                csv.writer(handle).writerows(rows)
+
+
+def write_plots(name: str, config: ExperimentConfig, systems, folder: Path) -> None:
+    """The lambda curve (lambda experiments), layer relevance and neuron counts (MLAS-LoRA's stages)."""
+    from mlas_lora.experiments.plots import lambda_plot, neuron_plot, relevance_plot
+    from mlas_lora.experiments.run import teacher_folders
+
+    run_dir = Path(config.output_dir)
+    stages = next((f for s in systems if (f := teacher_folders(s, run_dir))), {})
+    if stages and (stages["awareness"] / "awareness.json").is_file():
+        relevance_plot(stages["awareness"], folder / "layer_relevance.png")
+        neuron_plot(stages["classes"], folder / "neurons.png")
+    if name == "lambda":
+        lambda_plot(systems, folder, folder / "lambda.png")

@@ -1,0 +1,105 @@
+"""The experiment's figures (matplotlib, PNG): layer relevance (Eq. 1) per pair with the kept layers
+marked, general / specific neuron counts per layer and pair (Sec. 3.1), and BLEU against lambda (Fig. 5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def relevance_plot(awareness_dir: Path, out: Path) -> Path:
+    """R(l) of every pair against the teacher layer; kept layers marked, dropped ones shaded."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((awareness_dir / "awareness.json").read_text())
+    relevance = load_file(str(awareness_dir / "awareness.safetensors"))["relevance"]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    layers = list(range(relevance.shape[1]))
+    for pair, values in zip(meta["pairs"], relevance.tolist(), strict=True):
+        ax.plot(layers, values, label=pair, alpha=0.8)
+    mean = relevance.mean(dim=0).tolist()
+    kept = meta["selected_layers"]
+    ax.scatter(kept, [mean[i] for i in kept], color="black", zorder=3, s=18, label="kept (mean)")
+    for layer in (x for x in layers if x not in kept):
+        ax.axvspan(layer - 0.5, layer + 0.5, color="grey", alpha=0.15, lw=0)
+    ax.set_xlabel("teacher layer (shaded: dropped)")
+    ax.set_ylabel(f"Eq. (1) relevance, reading `{meta.get('relevance_reading', 'all')}`")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def neuron_plot(classes_dir: Path, out: Path) -> Path:
+    """Stacked bars per kept teacher layer: general neurons, then each pair's specific ones."""
+    meta = json.loads((classes_dir / "classes.json").read_text())
+    per_layer, pairs = meta["summary"]["per_layer"], meta["pairs"]
+    layers = sorted(per_layer, key=int)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bottom = [0] * len(layers)
+    for name in ["general", *pairs]:
+        values = [
+            per_layer[x]["general"] if name == "general" else per_layer[x]["specific"][name] for x in layers
+        ]
+        ax.bar(layers, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_xlabel("teacher layer (kept by Eq. 1)")
+    ax.set_ylabel("neurons")
+    ax.set_title(f"lambda {meta['lambda']}, Phi normalised by `{meta.get('normalize', 'none')}`", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def lambda_plot(
+    systems, folder: Path, out: Path, direction: str = "en-de", split: str = "test"
+) -> Path | None:
+    """BLEU of `direction` (or the average, without it) against each system's resolved lambda."""
+    from mlas_lora.awareness.classify import resolve_lambda
+    from mlas_lora.evaluation.report import read_results
+
+    path = folder / "results" / f"{split}.json"
+    if not path.is_file():
+        return None
+    records = [r for r in read_results(path) if r.metric == "bleu"]
+    points = []
+    for system in systems:
+        scores = {r.direction: r.score for r in records if r.system == system.name}
+        if not scores:
+            continue
+        score = scores.get(direction, sum(scores.values()) / len(scores))
+        lam = resolve_lambda(system.config.awareness.lam, len(system.config.data.directions))
+        points.append((lam, score, system.config.awareness.lam == "auto"))
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fixed = sorted((x, y) for x, y, auto in points if not auto)
+    ax.plot([x for x, _ in fixed], [y for _, y in fixed], marker="o", label="lambda")
+    for x, y, auto in points:
+        if auto:
+            ax.scatter([x], [y], marker="*", s=120, color="red", zorder=3, label=f"auto ({x:.3f})")
+    scope = direction if any(r.direction == direction for r in records) else "average"
+    ax.set_xlabel("lambda")
+    ax.set_ylabel(f"BLEU ({scope}, {split})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

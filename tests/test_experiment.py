@@ -1,0 +1,110 @@
+"""`mlas-lora experiment`: table2 and lambda on tiny models, the paper-shaped tables and the plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from mlas_lora.cli import main
+from mlas_lora.config import config_from_dict
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.evaluation.report import ResultRecord
+from mlas_lora.experiments.config import ExperimentConfig
+from mlas_lora.experiments.experiment import experiment_config, run_named_experiment
+from mlas_lora.experiments.tables import paper_table
+from mlas_lora.methods.presets import TABLE2
+from mlas_lora.testing.tiny import save_tiny
+from test_pipeline import _write_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiment")
+    _write_corpus(root / "corpus", ["en-de", "en-fi"], n_test=2)
+    return config_from_dict(ExperimentConfig, {
+        "name": "tiny", "output_dir": str(root / "run"),
+        "data": {"corpus": str(root / "corpus"), "directions": ["en-de", "en-fi"], "seed_per_direction": 4},
+        "models": {"teacher": str(save_tiny(root / "teacher", role="teacher", seed=1)),
+                   "student": str(save_tiny(root / "student", role="student", seed=2)), "dtype": "float32"},
+        "generation": {"batch_size": 4, "max_new_tokens": 3},
+        "evaluation": {"metrics": ["bleu", "chrf"], "bootstrap_samples": 10},
+        "awareness": {"batch_size": 2, "lam": 0.55},
+        "lora": {"r_gen": 4, "r_spe": 4},
+        "training": {"max_steps": 1, "micro_batch": 4, "grad_accum": 1, "checkpoint_every": 1},
+    })  # fmt: skip
+
+
+def test_table2_runs_every_ablation_and_writes_tables_and_plots(tiny_config):
+    folder = run_named_experiment("table2", tiny_config)
+    table = (folder / "table.test.bleu.md").read_text()
+    for system in TABLE2:
+        assert f"| {system} |" in table
+    assert "| System | en-de | en-fi | Avg. | Params |" in table and "paired bootstrap against mlas-lora" in table
+    rows = list(csv.reader(open(folder / "table.test.chrf.csv")))
+    assert rows[0] == ["system", "en-de", "en-de p", "en-fi", "en-fi p", "avg", "trainable_params"]
+    params = {row[0]: int(row[-1]) for row in rows[1:]}
+    assert params["R-i"] == params["R-a"] == params["R-s"]  # one LoRA of rank r_gen + r_spe
+    assert params["M-i"] > params["mlas-lora"] > params["R-i"]  # ranks P (r_g + r_s) > r_g + P r_s > r_g + r_s
+    assert (folder / "layer_relevance.png").stat().st_size > 0 and (folder / "neurons.png").is_file()
+    run = folder.parent.parent
+    sig = json.loads((folder / "significance.json").read_text())
+    assert {r["system_b"] for r in sig} == {"mlas-lora"} and "R-a" in {r["system_a"] for r in sig}
+    cells = {p.name for p in (run / "hyps").iterdir()}
+    assert set(TABLE2) <= cells
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "hyps").rglob("*.jsonl")}
+    run_named_experiment("table2", tiny_config)  # finished cells are kept, not recomputed
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_lambda_sweep_scores_the_teacher_once(tiny_config):
+    folder = run_named_experiment("lambda", tiny_config, lambdas=[0.3, 0.6])
+    run = folder.parent.parent
+    assert (folder / "lambda.png").stat().st_size > 0
+    assert "| lambda-0.3 |" in (folder / "table.test.bleu.md").read_text()
+    assert len(list(run.glob("awareness-*"))) == 1  # one teacher pass for every lambda
+    assert len(list(run.glob("classes-*"))) >= 3  # 0.3, 0.6, auto (and table2's 0.55) side by side
+
+
+def test_budget_scales_every_system_alike(tiny_config):
+    config = experiment_config("table2", tiny_config, list(TABLE2), "cpu")
+    assert config.training.max_steps == 48 and config.data.test_per_direction == 100
+    assert config.evaluation.baseline_for_significance == "mlas-lora"
+    with pytest.raises(MlasLoraError, match="unknown budget"):
+        experiment_config("table2", tiny_config, list(TABLE2), "gpu-week")
+    with pytest.raises(MlasLoraError, match="give --systems"):
+        run_named_experiment("mine", tiny_config)
+
+
+def test_paper_table_bolds_the_best_and_marks_significance():
+    records = [
+        ResultRecord(s, d, "bleu", score, "sig", 10, "h")
+        for s, d, score in [("a", "en-de", 10.0), ("a", "en-fi", 30.0), ("b", "en-de", 12.0), ("b", "en-fi", 20.0)]
+    ]
+    comparisons = [
+        {"system_a": "b", "system_b": "a", "direction": "en-de", "metric": "bleu", "p_value": 0.01},
+        {"system_a": "b", "system_b": "a", "direction": "en-fi", "metric": "bleu", "p_value": 0.2},
+        {"system_a": "b", "system_b": "a", "direction": "en-fi (valid)", "metric": "bleu", "p_value": 0.001},
+    ]
+    md, rows = paper_table(records, "bleu", ["a", "b"], {"a": 0, "b": 2_500_000}, comparisons, "test", "a")
+    assert "| a | 10.00 | **30.00** | **20.00** | 0 |" in md
+    assert "| b | **12.00†** | 20.00 | 16.00 | 2.50M |" in md
+    assert rows[2] == ["b", 12.0, 0.01, 20.0, 0.2, 16.0, 2_500_000]
+
+
+def test_experiment_command_prints_the_tables(tiny_config, tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(tiny_config.__dict__, default=lambda o: o.__dict__))))
+    assert main(["experiment", "pair", str(path), "--systems", "zero-shot,lora"]) == 0
+    out = capsys.readouterr().out
+    assert "| zero-shot |" in out and "| lora |" in out and "experiments/pair" in out
+    run = Path(tiny_config.output_dir)
+    if (run / "train-R-i").is_dir():  # table2 ran first in this module: lora is its -R-i training
+        assert (run / "train-lora").is_symlink()
+    assert main(["experiment", "pair", str(path), "--systems", "nope"]) == 2
