@@ -8,7 +8,7 @@ from mlas_lora.config import config_hash, load_config, parse_overrides
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.config import ExperimentConfig
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("**/*.yaml"))
 
 
 def test_overrides_are_parsed_as_yaml_values():
@@ -70,8 +70,73 @@ def test_config_hash_changes_with_values():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_parses(path):
+    from mlas_lora.experiments.systems import resolve_systems
+
     config = load_config(ExperimentConfig, path)
     assert config.data.directions
+    assert resolve_systems(config)
+
+
+def test_ablation_presets_inherit_the_embedded_config():
+    from mlas_lora.methods.presets import ABLATIONS
+
+    folder = Path(__file__).parent.parent / "configs"
+    base = load_config(ExperimentConfig, folder / "embedded-4dir.yaml")
+    for name in ABLATIONS:
+        config = load_config(ExperimentConfig, folder / "ablations" / f"{name}.yaml")
+        assert config.systems == ["mlas-lora", name] and config.name == f"ablation-{name}"
+        assert (config.data, config.training, config.lora, config.output_dir) == (
+            base.data,
+            base.training,
+            base.lora,
+            base.output_dir,
+        )  # only the systems change: every ablation shares the embedded run's stages
+
+
+def test_base_chains_merge_and_loops_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\ntraining:\n  lr: 0.5\n  epochs: 2\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntraining:\n  lr: 0.25\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\nname: c\n")
+    config = load_config(ExperimentConfig, tmp_path / "c.yaml", ["training.epochs=1"])
+    assert (config.name, config.training.lr, config.training.epochs) == ("c", 0.25, 1.0)
+    (tmp_path / "a.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(MlasLoraError, match="loop"):
+        load_config(ExperimentConfig, tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(MlasLoraError, match=r"missing.yaml \(base of"):
+        load_config(ExperimentConfig, tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("- a list\n")
+    with pytest.raises(MlasLoraError, match="expected a mapping"):
+        load_config(ExperimentConfig, tmp_path / "e.yaml")
+
+
+def test_a_system_is_data(tmp_path):
+    from mlas_lora.experiments.systems import resolve_systems
+
+    config = load_config(
+        ExperimentConfig,
+        None,
+        ["systems=[lora, {name: mlas-r4, method: mlas-lora, lora: {r_spe: 4}}, {name: x, preset: Mr-spe}]"],
+    )
+    lora, r4, x = resolve_systems(config)
+    assert (lora.method.name, r4.method.name, r4.config.lora.r_spe, r4.config.lora.r_gen) == (
+        "lora",
+        "mlas-lora",
+        4,
+        8,
+    )
+    assert x.config.lora.structure == "per-pair" and x.config.transfer.pair_from == "specific"
+    bad = load_config(
+        ExperimentConfig,
+        None,
+        [
+            "systems=[nope, {name: y, method: mlas-lora, lora: {r_spe: abc}}, {name: z, method: m, data: {}}, lora, lora]"
+        ],
+    )
+    with pytest.raises(MlasLoraError) as err:
+        resolve_systems(bad)
+    for expected in ("unknown system 'nope'", "system 'y'", "r_spe", "system 'z'", "'lora' is used twice"):
+        assert expected in str(err.value)
 
 
 def test_configs_are_shipped():

@@ -44,12 +44,17 @@ def test_table2_runs_every_ablation_and_writes_tables_and_plots(tiny_config):
     table = (folder / "table.test.bleu.md").read_text()
     for system in TABLE2:
         assert f"| {system} |" in table
-    assert "| System | en-de | en-fi | Avg. | Params |" in table and "paired bootstrap against mlas-lora" in table
+    assert (
+        "| System | en-de | en-fi | Avg. | Params |" in table
+        and "paired bootstrap against mlas-lora" in table
+    )
     rows = list(csv.reader(open(folder / "table.test.chrf.csv")))
     assert rows[0] == ["system", "en-de", "en-de p", "en-fi", "en-fi p", "avg", "trainable_params"]
     params = {row[0]: int(row[-1]) for row in rows[1:]}
     assert params["R-i"] == params["R-a"] == params["R-s"]  # one LoRA of rank r_gen + r_spe
-    assert params["M-i"] > params["mlas-lora"] > params["R-i"]  # ranks P (r_g + r_s) > r_g + P r_s > r_g + r_s
+    assert (
+        params["M-i"] > params["mlas-lora"] > params["R-i"]
+    )  # ranks P (r_g + r_s) > r_g + P r_s > r_g + r_s
     assert (folder / "layer_relevance.png").stat().st_size > 0 and (folder / "neurons.png").is_file()
     run = folder.parent.parent
     sig = json.loads((folder / "significance.json").read_text())
@@ -83,7 +88,12 @@ def test_budget_scales_every_system_alike(tiny_config):
 def test_paper_table_bolds_the_best_and_marks_significance():
     records = [
         ResultRecord(s, d, "bleu", score, "sig", 10, "h")
-        for s, d, score in [("a", "en-de", 10.0), ("a", "en-fi", 30.0), ("b", "en-de", 12.0), ("b", "en-fi", 20.0)]
+        for s, d, score in [
+            ("a", "en-de", 10.0),
+            ("a", "en-fi", 30.0),
+            ("b", "en-de", 12.0),
+            ("b", "en-fi", 20.0),
+        ]
     ]
     comparisons = [
         {"system_a": "b", "system_b": "a", "direction": "en-de", "metric": "bleu", "p_value": 0.01},
@@ -100,7 +110,9 @@ def test_experiment_command_prints_the_tables(tiny_config, tmp_path, capsys):
     import yaml
 
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(json.loads(json.dumps(tiny_config.__dict__, default=lambda o: o.__dict__))))
+    path.write_text(
+        yaml.safe_dump(json.loads(json.dumps(tiny_config.__dict__, default=lambda o: o.__dict__)))
+    )
     assert main(["experiment", "pair", str(path), "--systems", "zero-shot,lora"]) == 0
     out = capsys.readouterr().out
     assert "| zero-shot |" in out and "| lora |" in out and "experiments/pair" in out
