@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from mlas_lora.experiments import stages
-from mlas_lora.experiments.config import ExperimentConfig, LoraConfig
+from mlas_lora.experiments.config import ExperimentConfig, LoraSettings
 from mlas_lora.experiments.run import method_diagnostics
 from mlas_lora.models.arch import PROJECTIONS, ArchInfo, describe
 from mlas_lora.testing.tiny import save_tiny, tiny_model
@@ -208,8 +208,8 @@ def test_factors_and_records_survive_save_and_load(two_rules, tmp_path):
 
 
 def test_fill_rule_is_validated():
-    assert LoraConfig().fill_rule == "ranked" and LoraConfig().problems() == []
-    problems = LoraConfig(fill_rule="avoid").problems()
+    assert LoraSettings().fill_rule == "ranked" and LoraSettings().problems() == []
+    problems = LoraSettings(fill_rule="avoid").problems()
     assert problems == ["lora.fill_rule: 'avoid' (known: ranked, exclude-general)"]
 
 

@@ -159,8 +159,8 @@ class AwarenessConfig:
 
 
 @dataclass
-class LoraConfig:
-    """The general and specific LoRAs (Eq. 7-9)."""
+class LoraSettings:
+    """The `lora:` section: the general and specific LoRAs (Eq. 7-9); not PEFT's LoraConfig."""
 
     r_gen: int = 8
     r_spe: int = 8
@@ -223,7 +223,7 @@ class ExperimentConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     awareness: AwarenessConfig = field(default_factory=AwarenessConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     transfer: InitPlan = field(default_factory=InitPlan)
     """Which teacher layers and neurons the inits are cut from (transfer/plan.py; ablations)."""

@@ -25,6 +25,8 @@ from math import comb
 import torch
 from torch import Tensor
 
+from mlas_lora.awareness.classify import GENERAL_CLASS
+
 LAYER_CHOICES = ("relevant", "random")
 GENERAL_FROM = ("general", "all")
 PAIR_FROM = ("specific", "general", "all")
@@ -86,7 +88,7 @@ def candidates(plan: InitPlan, cls: Tensor, pair_index: int | None) -> Tensor:
     source = plan.general_from if pair_index is None else plan.pair_from
     if source == "all":
         return torch.ones_like(cls, dtype=torch.bool)
-    return cls == (-1 if source == "general" else pair_index)
+    return cls == (GENERAL_CLASS if source == "general" else pair_index)
 
 
 def ranking_scores(plan: InitPlan, phi: Tensor, pair_index: int | None, where: str) -> Tensor:
