@@ -25,9 +25,22 @@ from mlas_lora.experiments.systems import System
 from mlas_lora.methods import Student
 
 
+def prior_system(system: System) -> System | None:
+    """The system a method trains on top of (its `prerequisite`), resolved with this system's config."""
+    from mlas_lora.experiments.systems import resolve_system
+
+    name = system.method.prerequisite(system.config)
+    if name is None:
+        return None
+    prior = resolve_system(name, system.config)
+    return System(f"{system.name}.prior", prior.method, prior.config, prior.spec)
+
+
 def train_key(system: System) -> str:
-    """What the system's training read: its method's `train_key` with the teacher stages' key."""
+    """What the system's training read: its method's `train_key` with the earlier stages' keys."""
     inputs = {"transfer": transfer_key(system.config)} if system.method.needs_transfer(system.config) else {}
+    if (prior := prior_system(system)) is not None:
+        inputs["prior"] = train_key(prior)
     return stage_key(**system.method.train_key(system.config, inputs))
 
 
@@ -41,7 +54,9 @@ def initial_student(system: System, splits: Splits, run_dir: Path) -> Student:
 
     config = system.config
     factors = transfer_stage(config, splits, run_dir)[0] if system.method.needs_transfer(config) else None
-    return system.method.build(config, list(splits.train), factors)
+    prior = prior_system(system)
+    trained = train_stage(prior, splits, run_dir) if prior is not None else None
+    return system.method.build(config, list(splits.train), factors, trained)
 
 
 def _bf16(model) -> bool:

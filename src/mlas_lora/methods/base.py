@@ -1,8 +1,12 @@
 """The two protocols a method implements: prompting an untuned student, or training one.
 
 An experiment calls a trained method in this order: `problems` (before any stage runs),
-`needs_transfer` (the runner then hands it the teacher factors), `build`, the trainer with
-`route` / `update_norms` / `save` / `load`, then `decode_scope` per test set and `export`.
+`needs_transfer` (the runner then hands it the teacher factors) and `prerequisite` (the name of a
+preset the runner trains first, in the same run, and hands over as `prior`: LoRA-Flow's per-pair
+LoRAs), `build`, the trainer with `route` / `update_norms` / `save` / `load`, then `decode_scope` per
+test set and `export`. `export_format` says what the export is: "peft" (folders that
+`PeftModel.from_pretrained` loads as they are) or "safetensors" (the method's own files, for methods
+PEFT does not have).
 `train_key` names every setting its training reads, and nothing else, so a change elsewhere (a
 lambda, the teacher) does not retrain it; `inputs` carries the keys of the earlier stages it used
 (`{"transfer": key}` when it needed the teacher factors).
@@ -46,14 +50,19 @@ class PromptingMethod(Protocol):
 class TrainedMethod(Protocol):
     name: str
     trains: bool  # True
+    export_format: str  # "peft" or "safetensors"
 
     def problems(self, config: ExperimentConfig) -> list[str]: ...
 
     def needs_transfer(self, config: ExperimentConfig) -> bool: ...
 
+    def prerequisite(self, config: ExperimentConfig) -> str | None: ...
+
     def train_key(self, config: ExperimentConfig, inputs: dict) -> dict: ...
 
-    def build(self, config: ExperimentConfig, pairs: list[str], factors: Factors | None) -> Student: ...
+    def build(
+        self, config: ExperimentConfig, pairs: list[str], factors: Factors | None, prior: Student | None
+    ) -> Student: ...
 
     def route(self, student: Student) -> Callable | None: ...
 

@@ -22,6 +22,7 @@ from mlas_lora.methods.base import Student, count_trainable
 class MlasLora:
     name = "mlas-lora"
     trains = True
+    export_format = "peft"
 
     def problems(self, config) -> list[str]:
         out = []
@@ -31,6 +32,9 @@ class MlasLora:
         if lora.init_mode == "residual" and lora.init == "random":
             out.append("lora.init_mode: residual needs lora.init: teacher (a random init starts at B = 0)")
         return out
+
+    def prerequisite(self, config) -> None:
+        return None
 
     def needs_transfer(self, config) -> bool:
         return config.lora.init == "teacher"
@@ -48,7 +52,7 @@ class MlasLora:
             **inputs,
         }
 
-    def build(self, config, pairs, factors=None) -> Student:
+    def build(self, config, pairs, factors=None, prior=None) -> Student:
         from mlas_lora.adapters.routed_lora import attach_routed_lora, init_from_factors
         from mlas_lora.adapters.structure import routed_shape
         from mlas_lora.models.loading import load_model

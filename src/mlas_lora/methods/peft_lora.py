@@ -35,9 +35,13 @@ def peft_config(lora):
 class PeftLora:
     name = "lora"
     trains = True
+    export_format = "peft"
 
     def problems(self, config) -> list[str]:
         return []
+
+    def prerequisite(self, config) -> None:
+        return None
 
     def needs_transfer(self, config) -> bool:
         return False
@@ -58,7 +62,7 @@ class PeftLora:
             "training": to_dict(config.training),
         }
 
-    def build(self, config, pairs, factors=None) -> Student:
+    def build(self, config, pairs, factors=None, prior=None) -> Student:
         from peft import get_peft_model
 
         from mlas_lora.models.loading import load_model
