@@ -227,3 +227,6 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     transfer: InitPlan = field(default_factory=InitPlan)
     """Which teacher layers and neurons the inits are cut from (transfer/plan.py; ablations)."""
+    options: dict = field(default_factory=dict)
+    """Settings of one method that no other reads (e.g. MELoRA's number of mini-LoRAs), given per
+    system; the method checks them against its own dataclass (`methods.base.method_options`)."""

@@ -16,7 +16,7 @@ from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.methods import METHODS, Method
 from mlas_lora.methods.presets import PRESETS
 
-SECTIONS = ("lora", "training", "awareness", "transfer", "generation")
+SECTIONS = ("lora", "training", "awareness", "transfer", "generation", "options")
 """The config sections a system may change; data, models and evaluation are the experiment's."""
 
 

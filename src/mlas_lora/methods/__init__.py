@@ -29,10 +29,13 @@ def get_method(name: str) -> Method:
 
 
 def _register_builtin() -> None:
-    from mlas_lora.methods import mlas, peft_lora, prompting
+    """Register the METHODS of every module of this package (a new method is a new module)."""
+    import importlib
+    import pkgutil
 
-    for module in (prompting, peft_lora, mlas):
-        for method in module.METHODS:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for method in getattr(module, "METHODS", ()):
             register(method)
 
 

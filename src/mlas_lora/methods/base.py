@@ -89,3 +89,10 @@ Method = PromptingMethod | TrainedMethod
 def count_trainable(model) -> int:
     """Parameters the optimizer updates (requires_grad), each counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def method_options(cls, config):
+    """`config.options` as the method's own dataclass `cls`; unknown keys and bad types are one error."""
+    from mlas_lora.config import config_from_dict
+
+    return config_from_dict(cls, dict(config.options))
