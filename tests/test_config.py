@@ -148,3 +148,43 @@ def test_configs_are_shipped():
         "embedded-4dir.yaml",
         "paper-wmt18.yaml",
     } <= names
+
+
+def test_values_a_run_cannot_use_are_config_problems():
+    bad = [
+        "generation.batch_size=0", "generation.num_beams=0", "generation.max_new_tokens=-1",
+        "models.dtype=int8", "lora.dropout=1.5", "evaluation.bootstrap_samples=0",
+        "data.train_per_direction=-1", "data.test_per_direction=-2", "training.epochs=-1",
+        "training.warmup_ratio=2", "training.max_steps=0", "training.checkpoint_every=0",
+    ]  # fmt: skip
+    with pytest.raises(MlasLoraError) as err:
+        load_config(ExperimentConfig, None, bad)
+    message = str(err.value)
+    for expected in (
+        "generation.batch_size must be >= 1", "generation.num_beams must be >= 1",
+        "generation.max_new_tokens must be >= 1", "models.dtype: 'int8'", "lora.dropout must be in [0, 1)",
+        "evaluation.bootstrap_samples must be >= 1", "data.train_per_direction must be >= 0",
+        "data.test_per_direction must be >= 0", "training.epochs must be > 0",
+        "training.warmup_ratio must be in [0, 1)", "training.max_steps must be >= 1",
+        "training.checkpoint_every must be >= 1",
+    ):  # fmt: skip
+        assert expected in message, expected
+
+
+def test_what_the_model_configs_rule_out_is_found_before_any_stage(tmp_path):
+    from mlas_lora.experiments.systems import resolve_systems
+    from mlas_lora.testing.tiny import save_tiny
+
+    teacher, student = save_tiny(tmp_path / "t", role="teacher"), save_tiny(tmp_path / "s", role="student")
+    models = [f"models.teacher={student}", f"models.student={teacher}"]  # swapped: the teacher is smaller
+    config = load_config(ExperimentConfig, None, [*models, "systems=[lora, mlas-lora]", "lora.r_gen=60"])
+    with pytest.raises(MlasLoraError) as err:
+        resolve_systems(config)
+    message = str(err.value)
+    assert "rank r_gen + r_spe = 68 exceeds" in message and "'lora'" in message and "'mlas-lora'" in message
+    assert "projections are smaller than the student's" in message
+    unknown = load_config(
+        ExperimentConfig, None, ["systems=[lora]", "evaluation.baseline_for_significance=nope"]
+    )
+    with pytest.raises(MlasLoraError, match="'nope' is not a system of this config"):
+        resolve_systems(unknown)

@@ -71,6 +71,14 @@ class DataConfig:
         out = []
         if self.sample not in SAMPLING:
             out.append(f"data.sample: {self.sample!r} (known: {', '.join(SAMPLING)})")
+        for name in ("train_per_direction", "test_per_direction", "ood_per_direction"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                out.append(f"data.{name} must be >= 0 (or null: all), got {value}")
+        if self.seed_per_direction < 1:
+            out.append(f"data.seed_per_direction must be >= 1, got {self.seed_per_direction}")
+        if self.shots < 0 or self.min_test_words < 0:
+            out.append("data.shots and data.min_test_words must be >= 0")
         if not isinstance(self.valid_per_direction, int) or self.valid_per_direction < 0:
             out.append(f"data.valid_per_direction must be an int >= 0, got {self.valid_per_direction!r}")
         for d in self.directions:
@@ -90,6 +98,13 @@ class ModelsConfig:
     dtype: str = "auto"
     """'auto' (bfloat16 where the CPU supports it), 'bfloat16', 'float32' or 'float16'."""
 
+    def problems(self) -> list[str]:
+        from mlas_lora.models.loading import DTYPES
+
+        if self.dtype == "auto" or self.dtype in DTYPES:
+            return []
+        return [f"models.dtype: {self.dtype!r} (known: auto, {', '.join(DTYPES)})"]
+
 
 MERGE_MODES = ("none", "weights")
 
@@ -99,7 +114,8 @@ class EvaluationConfig:
     metrics: list[str] = field(default_factory=lambda: ["bleu", "chrf", "meteor"])
     comet_model: str | None = None
     bootstrap_samples: int = 1000
-    baseline_for_significance: str = "lora"
+    baseline_for_significance: str | None = "lora"
+    """The system every trained system is bootstrapped against (a system of the config); null: none."""
     merge: str = "none"
     """How a trained system is run while its test sets are translated: 'none' (adapters unmerged:
     exactly the trained function, the default) or 'weights' (each pair's update merged into the base
@@ -115,6 +131,8 @@ class EvaluationConfig:
         ]
         if self.merge not in MERGE_MODES:
             out.append(f"evaluation.merge: {self.merge!r} (known: {', '.join(MERGE_MODES)})")
+        if self.bootstrap_samples < 1:
+            out.append(f"evaluation.bootstrap_samples must be >= 1, got {self.bootstrap_samples}")
         return out
 
 
@@ -200,6 +218,12 @@ class LoraSettings:
             out.append(f"lora.init_mode: {self.init_mode!r} (known: add, residual)")
         if self.r_gen < 1 or self.r_spe < 1:
             out.append("lora.r_gen and lora.r_spe must be >= 1")
+        if not 0 <= self.dropout < 1:
+            out.append(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.alpha_gen <= 0 or self.alpha_spe <= 0:
+            out.append("lora.alpha_gen and lora.alpha_spe must be > 0")
+        if self.teacher_scale < 0:
+            out.append(f"lora.teacher_scale must be >= 0, got {self.teacher_scale}")
         if self.fill_rule not in FILL_RULES:
             out.append(f"lora.fill_rule: {self.fill_rule!r} (known: {', '.join(FILL_RULES)})")
         if self.structure not in STRUCTURES:

@@ -54,15 +54,21 @@ def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) ->
 
 
 def experiment_config(name: str, config: ExperimentConfig, systems: list, budget: str | None):
-    """The config with the experiment's systems (and budget); bootstrap against MLAS-LoRA in table2."""
+    """The config with the experiment's systems (and budget). The bootstrap baseline is MLAS-LoRA in
+    table2, else the config's where it is one of the systems, else MLAS-LoRA if present, else none."""
+    from mlas_lora.experiments.systems import system_spec
+
     tree = to_dict(config)
     if budget is not None:
         if budget not in BUDGETS:
             raise MlasLoraError(f"unknown budget {budget!r} (known: {', '.join(BUDGETS)})")
         tree = merge_trees(tree, BUDGETS[budget])
     tree["systems"] = systems
+    names = [system_spec(s)[0] for s in systems]
     if name == "table2":
         tree["evaluation"]["baseline_for_significance"] = "mlas-lora"
+    elif tree["evaluation"]["baseline_for_significance"] not in names:
+        tree["evaluation"]["baseline_for_significance"] = "mlas-lora" if "mlas-lora" in names else None
     return config_from_dict(ExperimentConfig, tree)
 
 

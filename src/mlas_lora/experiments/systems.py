@@ -84,6 +84,14 @@ def resolve_systems(config: ExperimentConfig) -> list[System]:
     names = [s.name for s in systems]
     problems += [f"system name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
     problems += [f"system name {n!r} may not contain '/'" for n in names if "/" in n]
+    baseline = config.evaluation.baseline_for_significance
+    complete = len(systems) == len(config.systems)
+    if complete and baseline is not None and any(s.method.trains for s in systems) and baseline not in names:
+        problems.append(
+            f"evaluation.baseline_for_significance: {baseline!r} is not a system of this config "
+            f"(systems: {', '.join(names)})"
+        )
+    problems += model_problems(config, systems)
     if problems:
         raise MlasLoraError("invalid systems:\n  - " + "\n  - ".join(problems))
     return systems
@@ -94,3 +102,53 @@ def find_system(systems: list[System], name: str) -> System:
         if system.name == name:
             return system
     raise MlasLoraError(f"no system {name!r} in this config (systems: {', '.join(s.name for s in systems)})")
+
+
+def _arch(name: str):
+    """The architecture of a model from its config alone, or None where it cannot be read here
+    (an embedded model not prepared yet, a hub id offline): its stage then says what to do."""
+    from mlas_lora.models.arch import describe
+    from mlas_lora.models.loading import load_model_config, resolve_source
+
+    try:
+        return describe(load_model_config(*resolve_source(name)))
+    except Exception:  # noqa: BLE001 - any failure here is reported by the stage that loads the model
+        return None
+
+
+def model_problems(config: ExperimentConfig, systems: list[System]) -> list[str]:
+    """What the two model configs (read without weights) rule out, before any stage runs."""
+    from mlas_lora.models.arch import PROJECTIONS
+
+    student = _arch(config.models.student)
+    if student is None:
+        return []
+    out = []
+    smallest = min(min(student.projection_shape(p)) for p in PROJECTIONS)
+    for system in systems:
+        lora = system.config.lora
+        if system.method.trains and lora.r_gen + lora.r_spe > smallest:
+            out.append(
+                f"system {system.name!r}: rank r_gen + r_spe = {lora.r_gen + lora.r_spe} exceeds the "
+                f"student's smallest projection dimension {smallest}"
+            )
+    if not any(s.method.trains and s.method.needs_transfer(s.config) for s in systems):
+        return out
+    teacher = _arch(config.models.teacher)
+    if teacher is None:
+        return out
+    if teacher.num_layers < student.num_layers:
+        out.append(
+            f"models: the teacher has {teacher.num_layers} layers, fewer than the student's "
+            f"{student.num_layers}; Eq. (1) keeps as many teacher layers as the student has"
+        )
+    narrower = [
+        p for p in PROJECTIONS
+        if any(t < s for t, s in zip(teacher.projection_shape(p), student.projection_shape(p), strict=True))
+    ]  # fmt: skip
+    if narrower:
+        out.append(
+            f"models: the teacher's {', '.join(narrower)} projections are smaller than the student's; "
+            "Eq. (4)-(5) cut student-shaped submatrices out of the teacher"
+        )
+    return out

@@ -39,7 +39,7 @@ def paper_table(
     params: Mapping[str, int | None],
     comparisons: Sequence[Mapping],
     split: str,
-    baseline: str,
+    baseline: str | None,
     alpha: float = 0.05,
 ) -> tuple[str, list[list]]:
     """(Markdown, CSV rows) of one split and metric."""
@@ -67,9 +67,6 @@ def paper_table(
         lines.append("| " + " | ".join([system, *cells, format_params(params.get(system))]) + " |")
         per_dir = [x for i, d in enumerate(directions) for x in (scores[i], p_values.get((system, d)))]
         csv_rows.append([system, *per_dir, scores[-1], params.get(system)])
-    lines += [
-        "",
-        f"{metric} on {split}; best of each column in bold; {DAGGER}: paired bootstrap against "
-        f"{baseline}, p < {alpha}; Params: trainable parameters.",
-    ]
+    marks = f"{DAGGER}: paired bootstrap against {baseline}, p < {alpha}; " if baseline else ""
+    lines += ["", f"{metric} on {split}; best of each column in bold; {marks}Params: trainable parameters."]
     return "\n".join(lines) + "\n", csv_rows

@@ -29,4 +29,16 @@ class TrainingConfig:
             out.append(f"training.lr must be > 0, got {self.lr}")
         if self.micro_batch < 1 or self.grad_accum < 1:
             out.append("training.micro_batch and training.grad_accum must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            out.append(f"training.max_steps must be >= 1 (or null: use epochs), got {self.max_steps}")
+        if self.epochs <= 0:
+            out.append(f"training.epochs must be > 0, got {self.epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.checkpoint_every < 1:
+            out.append(f"training.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.max_tokens < 2:
+            out.append(f"training.max_tokens must be >= 2, got {self.max_tokens}")
+        if self.weight_decay < 0:
+            out.append(f"training.weight_decay must be >= 0, got {self.weight_decay}")
         return out

@@ -44,6 +44,20 @@ class GenerationConfig:
     chat: bool | None = None
     """Wrap prompts in the chat template: True, False, or None for 'if the tokenizer has one'."""
 
+    def problems(self) -> list[str]:
+        out = [
+            f"generation.{name} must be >= 1, got {value!r}"
+            for name, value in (
+                ("batch_size", self.batch_size),
+                ("num_beams", self.num_beams),
+                ("max_new_tokens", self.max_new_tokens),
+            )
+            if value < 1
+        ]
+        if self.length_ratio < 0 or self.length_margin < 0:
+            out.append("generation.length_ratio and generation.length_margin must be >= 0")
+        return out
+
 
 @dataclass(frozen=True)
 class TranslationRequest:
