@@ -231,3 +231,22 @@ def test_hf_rows_become_examples_one_at_a_time(monkeypatch):
     stream = read_hf("wmt18", "de-en", "train", "de-en")
     assert next(stream) == Example("de", "en", "Satz 0", "Sentence 0")
     assert read == [0]
+
+
+def test_bad_bytes_a_bom_and_a_directory_are_named(tmp_path):
+    from mlas_lora.cli import main
+    from mlas_lora.data.readers import read_segments, read_tsv
+
+    bom = tmp_path / "bom.tsv"
+    bom.write_bytes("\ufeffHello\tHallo\nBye\tTschüss\n".encode())
+    assert [e.source for e in read_tsv(bom, "en-de")] == ["Hello", "Bye"]
+    bad = tmp_path / "bad.tsv"
+    bad.write_bytes(b"a\tb\nc\td\n\xff\xfe\tx\n")
+    with pytest.raises(MlasLoraError, match=r"bad.tsv:3: not valid UTF-8"):
+        list(read_tsv(bad, "en-de"))
+    folder = tmp_path / "x.tsv"
+    folder.mkdir()
+    with pytest.raises(MlasLoraError, match="is a directory"):
+        list(read_tsv(folder, "en-de"))
+    assert read_segments(bom, "input") == ["Hello\tHallo", "Bye\tTschüss"]
+    assert main(["translate", "--model", "unused", "--pair", "en-de", "--input", str(bad)]) == 2

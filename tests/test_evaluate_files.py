@@ -111,8 +111,8 @@ def test_input_errors_are_one_line(files, tmp_path, capsys):
     empty.write_bytes(b"")
     missing = str(tmp_path / "nope.txt")
     cases = [
-        (["--hyp", missing, "--ref", files["ref"]], ["hypothesis file not found", missing]),
-        (["--hyp", files["hyp"], "--ref", str(bad)], ["reference file", str(bad), "not valid UTF-8 at line 3"]),
+        (["--hyp", missing, "--ref", files["ref"]], ["hypothesis file", missing, "does not exist"]),
+        (["--hyp", files["hyp"], "--ref", str(bad)], [f"{bad}:3: not valid UTF-8"]),
         (["--hyp", short, "--ref", files["ref"]], [short, "has 2 lines", files["ref"], "has 3"]),
         (["--hyp", files["hyp"], "--ref", files["ref"], "--baseline", short], ["baseline file", short, "2 lines"]),
         (["--hyp", files["hyp"], "--ref", files["ref"], "--src", short], ["source file", short, "2 lines"]),

@@ -43,12 +43,14 @@ def _models_prepare(args) -> None:
 
 
 def _read_sources(path: str | None) -> list[str]:
+    from mlas_lora.data.readers import read_segments
+
     if path is None or path == "-":
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    file = Path(path)
-    if not file.is_file():
-        raise MlasLoraError(f"input file not found: {file}")
-    return [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            return [line.rstrip("\n").removeprefix("\ufeff") for line in sys.stdin if line.strip()]
+        except UnicodeDecodeError:
+            raise MlasLoraError("standard input is not valid UTF-8") from None
+    return [line for line in read_segments(path, "input") if line.strip()]
 
 
 def _adapter_folder(path: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -29,3 +30,24 @@ def fresh_dir(folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     Path(folder).mkdir(parents=True)
     return Path(folder)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader (or a
+    resumed run) sees the old file or the new one, never half of one; a failed write leaves no
+    temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> Path:
+    """`data` as indented UTF-8 JSON, written atomically (`write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

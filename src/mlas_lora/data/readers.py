@@ -39,23 +39,38 @@ def _direction(direction: str | Direction) -> Direction:
     return direction if isinstance(direction, Direction) else Direction.parse(direction)
 
 
-def _existing(path: str | Path) -> Path:
+def _existing(path: str | Path, role: str = "parallel data") -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise MlasLoraError(f"{role} file {path} is a directory, expected a file")
     if not path.is_file():
-        raise MlasLoraError(f"parallel data file {path} does not exist")
+        raise MlasLoraError(f"{role} file {path} does not exist")
     return path
 
 
 def _lines(path: Path) -> Iterator[str]:
-    """The file's lines without their line ends, read one at a time (\\n, \\r\\n or \\r ends)."""
-    with path.open(encoding="utf-8") as file:
-        for line in file:
-            yield line.rstrip("\r\n")
+    """The file's lines without their line ends (\\n or \\r\\n), read one at a time; a UTF-8 BOM is
+    dropped and a line that is not UTF-8 fails naming the file and the line."""
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MlasLoraError(f"{path}:{number}: not valid UTF-8 (save the file as UTF-8)") from None
+            yield (line.removeprefix("\ufeff") if number == 1 else line).rstrip("\r\n")
 
 
 def _count_lines(path: Path) -> int:
-    with path.open(encoding="utf-8") as file:
+    with path.open("rb") as file:
         return sum(1 for _ in file)
+
+
+def read_segments(path: str | Path, role: str = "input") -> list[str]:
+    """The segments of a one-segment-per-line UTF-8 file (empty lines kept: an empty segment)."""
+    lines = list(_lines(_existing(path, role)))
+    if not lines:
+        raise MlasLoraError(f"{role} file {path} is empty: expected one segment per line")
+    return lines
 
 
 def _nonempty(examples: Iterable[Example], where: str) -> Iterator[Example]:

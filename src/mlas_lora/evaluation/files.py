@@ -14,36 +14,18 @@ of "both systems score the same"; METEOR and COMET get the baseline's score and 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from mlas_lora.data.readers import read_segments
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.evaluation.metrics import DEFAULT_METRICS, SIGNIFICANCE_METRICS, paired_bootstrap, score_corpus
 from mlas_lora.evaluation.report import METRIC_NAMES
 from mlas_lora.languages import language_name
+from mlas_lora.stage_files import write_json_atomic
 
 ALPHA = 0.05
-
-
-def read_segments(path: str | os.PathLike, role: str = "input") -> list[str]:
-    """The segments of a one-segment-per-line UTF-8 file; a bad file fails naming itself (and the line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MlasLoraError(f"{role} file not found: {path}")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise MlasLoraError(f"{role} file {path} is not valid UTF-8 at line {line}") from None
-    lines = text.removeprefix("\ufeff").split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    if not lines:
-        raise MlasLoraError(f"{role} file {path} is empty: expected one segment per line")
-    return [line.removesuffix("\r") for line in lines]
 
 
 def read_parallel_files(paths: Mapping[str, str | os.PathLike | None]) -> dict[str, list[str]]:
@@ -183,13 +165,4 @@ def format_evaluation(result: Mapping) -> str:
 
 def write_evaluation(result: Mapping, path: str | os.PathLike) -> Path:
     """Write the result as JSON, atomically (a reader never sees a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
-    try:
-        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomic(path, result)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.evaluation.result import MetricResult
+from mlas_lora.stage_files import write_json_atomic
 
 RESULTS_FORMAT = "mlas-lora-results"
 RESULTS_VERSION = 1
@@ -67,17 +67,7 @@ def write_results(records: Iterable[ResultRecord | Mapping], path: str | os.Path
     path = Path(path)
     rows = [r if isinstance(r, ResultRecord) else ResultRecord.from_dict(r) for r in records]
     doc = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "records": [r.to_dict() for r in rows]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomic(path, doc)
 
 
 def read_results(path: str | os.PathLike) -> list[ResultRecord]:

@@ -114,8 +114,16 @@ class EvaluationConfig:
     metrics: list[str] = field(default_factory=lambda: ["bleu", "chrf", "meteor"])
     comet_model: str | None = None
     bootstrap_samples: int = 1000
-    baseline_for_significance: str | None = "lora"
-    """The system every trained system is bootstrapped against (a system of the config); null: none."""
+    baseline_for_significance: str | None = "auto"
+    """The system every trained system is bootstrapped against (a system of the config); `auto`: `lora`
+    where the config has it, else none; null: none."""
+
+    def significance_baseline(self, systems: list[str]) -> str | None:
+        """The baseline system name, resolved against the config's system names."""
+        if self.baseline_for_significance == "auto":
+            return "lora" if "lora" in systems else None
+        return self.baseline_for_significance
+
     merge: str = "none"
     """How a trained system is run while its test sets are translated: 'none' (adapters unmerged:
     exactly the trained function, the default) or 'weights' (each pair's update merged into the base

@@ -24,8 +24,8 @@ from mlas_lora.config import config_hash
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import Splits, load_splits
-from mlas_lora.experiments.stages import write_json_atomic
 from mlas_lora.experiments.systems import System, resolve_systems
+from mlas_lora.stage_files import write_json_atomic
 
 
 def checkpoints(folder: Path) -> dict[int, Path]:

@@ -67,7 +67,7 @@ def experiment_config(name: str, config: ExperimentConfig, systems: list, budget
     names = [system_spec(s)[0] for s in systems]
     if name == "table2":
         tree["evaluation"]["baseline_for_significance"] = "mlas-lora"
-    elif tree["evaluation"]["baseline_for_significance"] not in names:
+    elif config.evaluation.significance_baseline(names) not in names:
         tree["evaluation"]["baseline_for_significance"] = "mlas-lora" if "mlas-lora" in names else None
     return config_from_dict(ExperimentConfig, tree)
 
@@ -116,7 +116,7 @@ def write_tables(config: ExperimentConfig, systems, folder: Path) -> None:
         for metric in sorted({r.metric for r in records}):
             md, rows = paper_table(
                 records, metric, [s.name for s in systems], params, comparisons, split,
-                config.evaluation.baseline_for_significance,
+                config.evaluation.significance_baseline([s.name for s in systems]),
             )  # fmt: skip
             (folder / f"table.{split}.{metric}.md").write_text(md)
             with open(folder / f"table.{split}.{metric}.csv", "w", newline="") as handle:

@@ -7,7 +7,6 @@ of everything that produced them, so a re-run skips what is done and an interrup
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
@@ -18,8 +17,8 @@ from mlas_lora.config import config_hash, save_yaml, to_dict
 from mlas_lora.data.records import Example
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import Splits, load_splits
-from mlas_lora.experiments.stages import write_json_atomic
 from mlas_lora.experiments.systems import System, resolve_systems
+from mlas_lora.stage_files import write_json_atomic, write_text_atomic
 from mlas_lora.translation.generate import translate
 
 EVAL_SPLITS = ("valid", "test", "ood")
@@ -76,9 +75,7 @@ class HypothesisStore:
             {"source": e.source, "reference": e.reference, "hypothesis": h}
             for e, h in zip(examples, hyps, strict=True)
         ]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
 
 
 # A system's translator: (examples of one direction, split) -> hypotheses.
@@ -148,7 +145,7 @@ def significance(all_outputs, splits: Splits, config: ExperimentConfig, challeng
     """Paired bootstrap of `challenger` against the configured baseline, per split and direction."""
     from mlas_lora.evaluation.metrics import paired_bootstrap
 
-    baseline = config.evaluation.baseline_for_significance
+    baseline = config.evaluation.significance_baseline(list(all_outputs))
     if baseline not in all_outputs or challenger not in all_outputs or challenger == baseline:
         return []
     rows = []
@@ -384,9 +381,4 @@ def write_report(
     stages_file = run_dir / "stages.json"
     stages = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
     sections.append("## Wall time (this invocation)\n\n" + _timing_table(timings, stages))
-    report = report_dir / "report.md"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text("\n".join(sections))
-    os.replace(tmp, report)
-    return report
+    return write_text_atomic(report_dir / "report.md", "\n".join(sections))

@@ -13,7 +13,6 @@ older run without the hash in its name (`awareness/`) is adopted when its key ma
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from mlas_lora.config import config_hash, to_dict
 from mlas_lora.experiments.config import DataConfig, ExperimentConfig
 from mlas_lora.experiments.data import Splits
 from mlas_lora.models.arch import describe
-from mlas_lora.stage_files import fresh_dir
+from mlas_lora.stage_files import fresh_dir, write_json_atomic
 
 SEED_DATA_FIELDS = ("corpus", "split_names", "directions", "seed_per_direction")
 """The data settings the awareness stage reads (the seed sentences); train / test sizes are not."""
@@ -49,15 +48,12 @@ def stage_key(**parts) -> str:
 
 
 def stage_done(folder: Path, key: str) -> bool:
+    """Whether `folder` holds a finished stage of this key (an unreadable marker: not finished)."""
     marker = folder / "stage.json"
-    return marker.is_file() and json.loads(marker.read_text()).get("key") == key
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    try:
+        return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
 
 
 def mark_done(folder: Path, key: str, seconds: float) -> None:
