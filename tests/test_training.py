@@ -1,5 +1,6 @@
 """The training loop: target-only loss, seeded data order, and resume == uninterrupted run."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -129,3 +130,42 @@ def test_routed_resume_ends_with_the_same_adapters(tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     start = _run_routed(tmp_path / "c", 0)
     assert any(not torch.equal(start[k], straight[k]) for k in straight)
+
+
+def test_a_save_killed_halfway_neither_blocks_nor_is_resumed(tmp_path):
+    """A kill during a save leaves `step-N.tmp` (here with an empty state file): the next run resumes
+    from the last complete checkpoint, removes the partial one, and ends where an unbroken run ends."""
+    straight, _ = _run(tmp_path / "a", 3)
+    _run(tmp_path / "b", 3, stop_after=2)
+    partial = tmp_path / "b" / "checkpoints" / "step-000003.tmp"
+    (partial / "adapters").mkdir(parents=True)
+    (partial / "training_state.pt").write_bytes(b"")
+    resumed, result = _run(tmp_path / "b", 3)
+    assert result.steps == 3 and not partial.exists()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    _run(tmp_path / "a", 4)
+    names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert names == ["step-000003", "step-000004"]  # keep_checkpoints 2
+
+
+def test_a_crafted_training_state_runs_no_code(tmp_path):
+    import os
+    import pickle
+
+    from mlas_lora.errors import MlasLoraError
+
+    _run(tmp_path / "a", 2, stop_after=1)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    state = tmp_path / "a" / "checkpoints" / "step-000001" / "training_state.pt"
+    state.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(MlasLoraError, match="unreadable training state"):
+        _run(tmp_path / "a", 2)
+    assert not marker.exists()

@@ -114,18 +114,21 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
     _record_parameters(system, student, folder)
     start = time.perf_counter()
     student.model.train()
+    training = getattr(method, "training_config", lambda c: c.training)(config)  # a method may adjust (lr)
     trainer = Trainer(
         student.model,
         student.tokenizer,
         [example for examples in splits.train.values() for example in examples],
         list(splits.train),
-        config.training,
+        training,
         folder,
         method.route(student),
         lambda path: method.save(student, path),
         lambda path: method.load(student, path),
         bf16=_bf16(student.model),
         update_norms=method.update_norms(student),
+        after_step=getattr(method, "after_step", None)
+        and (lambda step, total: method.after_step(student, step, total)),
     )
     trainer.fit(resume="auto")
     mark_done(folder, key, time.perf_counter() - start)

@@ -48,7 +48,7 @@ class MlasLora:
             "models": models,
             "data": config.data.train_settings(),
             "lora": to_dict(config.lora),
-            "training": to_dict(config.training),
+            "training": config.training.key_settings(),
             **inputs,
         }
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from mlas_lora.config import to_dict
 from mlas_lora.methods.base import Student, count_trainable
 from mlas_lora.models.arch import PROJECTION_PATHS
 from mlas_lora.stage_files import fresh_dir
@@ -59,7 +58,7 @@ class PeftLora:
                 "dropout": lora.dropout,
                 "targets": list(lora.targets),
             },
-            "training": to_dict(config.training),
+            "training": config.training.key_settings(),
         }
 
     def build(self, config, pairs, factors=None, prior=None) -> Student:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -21,7 +21,13 @@ class TrainingConfig:
     """Micro-batches mix pairs (True) or hold one pair each (False)."""
     max_tokens: int = 256
     checkpoint_every: int = 50
+    keep_checkpoints: int | None = 2
+    """Checkpoints kept on disk (the newest); null keeps every one (`mlas-lora curve` reads them all)."""
     seed: int = 0
+
+    def key_settings(self) -> dict:
+        """What a training's result depends on: every field but how many checkpoints stay on disk."""
+        return {k: v for k, v in asdict(self).items() if k != "keep_checkpoints"}
 
     def problems(self) -> list[str]:
         out = []
@@ -35,6 +41,8 @@ class TrainingConfig:
             out.append(f"training.epochs must be > 0, got {self.epochs}")
         if not 0 <= self.warmup_ratio < 1:
             out.append(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            out.append(f"training.keep_checkpoints must be >= 1 (or null: all), got {self.keep_checkpoints}")
         if self.checkpoint_every < 1:
             out.append(f"training.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.max_tokens < 2:

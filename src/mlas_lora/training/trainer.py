@@ -49,9 +49,25 @@ def total_steps(n_micro_per_epoch: int, config: TrainingConfig) -> int:
     return max(1, math.ceil(config.epochs * n_micro_per_epoch / config.grad_accum))
 
 
+STATE = "training_state.pt"
+
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    """`checkpoints/step-NNNNNN` folders that were written completely, oldest first (a save writes
+    `step-N.tmp` and renames it only when adapters and training state are both on disk)."""
+    found = (out_dir / "checkpoints").glob("step-*")
+    return sorted(p for p in found if p.name[5:].isdigit() and (p / STATE).is_file() and (p / "adapters").is_dir())
+
+
 def newest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((out_dir / "checkpoints").glob("step-*"))
+    found = complete_checkpoints(Path(out_dir))
     return found[-1] if found else None
+
+
+def remove_partial_checkpoints(out_dir: Path) -> None:
+    """Delete `step-N.tmp` folders that a killed save left behind."""
+    for path in (Path(out_dir) / "checkpoints").glob("step-*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _PairLoss:
@@ -88,15 +104,18 @@ class Trainer:
         load_adapters: Callable[[Path], None],
         bf16: bool = False,
         update_norms: Callable[[], dict[str, float]] | None = None,
+        after_step: Callable[[int, int], None] | None = None,
     ):
         """`update_norms`, if given, is called after every optimizer step and its {name: ||Delta W|| /
-        ||W||} goes into that step's history record (`adapters.update_norms`)."""
+        ||W||} goes into that step's history record (`adapters.update_norms`). `after_step(step,
+        total)`, if given, runs after every optimizer step (the gradients still set) and before that
+        step's checkpoint: a method's own schedule, e.g. AFLoRA freezing its matrices."""
         if not examples:
             raise MlasLoraError("no training examples")
         self.config, self.out_dir, self.route, self.pairs = config, Path(out_dir), route, pairs
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.save_adapters, self.load_adapters = save_adapters, load_adapters
-        self.update_norms = update_norms
+        self.update_norms, self.after_step = update_norms, after_step
         self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
         self.features: list[Feature] = featurize(tokenizer, examples, pairs, config.max_tokens)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -166,14 +185,24 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "history": self.history,
         }
-        torch.save(state, tmp / "training_state.pt")
+        torch.save(state, tmp / STATE)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        keep = self.config.keep_checkpoints
+        if keep is not None:
+            for old in complete_checkpoints(self.out_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
         return final
 
     def load_checkpoint(self, path: Path) -> None:
         self.load_adapters(path / "adapters")
-        state = torch.load(path / "training_state.pt", weights_only=False)
+        try:  # weights_only: tensors and plain containers only; a crafted pickle runs no code
+            state = torch.load(path / STATE, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - truncated, empty or foreign file
+            raise MlasLoraError(
+                f"{path / STATE}: unreadable training state ({type(err).__name__}); delete {path} "
+                "to resume from the checkpoint before it"
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
@@ -183,6 +212,7 @@ class Trainer:
         self, resume: str | None = "auto", progress: bool = True, stop_after: int | None = None
     ) -> TrainResult:
         """Train to `self.steps` optimizer steps (or stop early after `stop_after`, for tests)."""
+        remove_partial_checkpoints(self.out_dir)
         if resume:
             path = newest_checkpoint(self.out_dir) if resume == "auto" else Path(resume)
             if path is not None:
@@ -191,6 +221,8 @@ class Trainer:
         bar = tqdm(total=self.steps, initial=self.step, desc="train", disable=not progress, unit="step")
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
             loss = self.train_step(tracker)
+            if self.after_step is not None:
+                self.after_step(self.step, self.steps)
             record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
             if self.update_norms is not None:
                 record["update_norm"] = self.update_norms()
