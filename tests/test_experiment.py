@@ -120,3 +120,26 @@ def test_experiment_command_prints_the_tables(tiny_config, tmp_path, capsys):
     if (run / "train-R-i").is_dir():  # table2 ran first in this module: lora is its -R-i training
         assert (run / "train-lora").is_symlink()
     assert main(["experiment", "pair", str(path), "--systems", "nope"]) == 2
+
+
+def test_pairs_transfer_and_family_analyses(tiny_config, tmp_path):
+    from mlas_lora.experiments.analyses import pair_counts
+
+    assert pair_counts(14) == [1, 2, 4, 8, 14] and pair_counts(1) == [1]
+    folder = run_named_experiment("pairs", tiny_config, focus="en-fi")
+    rows = list(csv.reader(open(folder / "pairs.csv")))
+    assert rows[0] == ["pairs", "directions", "lora", "M-i", "mlas-lora"]
+    assert [r[:2] for r in rows[1:]] == [["1", "en-fi"], ["2", "en-fi en-de"]] and (folder / "pairs.png").is_file()
+    folder = run_named_experiment("transfer", tiny_config)
+    rows = list(csv.reader(open(folder / "transfer.csv")))
+    assert rows[0] == ["trained on", "en-de", "en-fi"] and [r[0] for r in rows[1:]] == ["en-de", "en-fi"]
+    assert (folder / "transfer.png").stat().st_size > 0
+    one = json.loads((folder / "from-en-de" / "stages.json").read_text())
+    assert any(name.startswith("train-mlas-lora") for name in one)
+    hyps = (folder / "from-en-de" / "hyps" / "mlas-lora").glob("test.*.jsonl")
+    assert {p.name for p in hyps} == {"test.en-de.jsonl", "test.en-fi.jsonl"}  # every direction evaluated
+    other = save_tiny(tmp_path / "llama", "llama", role="student", seed=3)
+    folder = run_named_experiment("family", tiny_config, systems=["zero-shot", "mlas-lora"], student=str(other))
+    assert "| mlas-lora |" in (folder / "report.md").read_text()
+    with pytest.raises(MlasLoraError, match="not one of data.directions"):
+        run_named_experiment("pairs", tiny_config, focus="en-cs")

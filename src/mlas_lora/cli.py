@@ -205,7 +205,7 @@ def _experiment(args) -> None:
     config = load_config(ExperimentConfig, args.config, args.overrides)
     systems = args.systems.split(",") if args.systems else None
     lambdas = [float(x) for x in args.lambdas.split(",")] if args.lambdas else LAMBDAS
-    folder = run_named_experiment(args.name, config, systems, args.budget, lambdas)
+    folder = run_named_experiment(args.name, config, systems, args.budget, lambdas, args.focus, args.student)
     for table in sorted(folder.glob("table.test.*.md")) or sorted(folder.glob("table.*.md")):
         print(f"## {table.stem}\n\n{table.read_text()}")
     print(f"tables, plots and report in {folder}")
@@ -293,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment",
         help="a named set of systems (table2: MLAS-LoRA + the ten ablations; lambda: Fig. 5) with tables and plots",
     )
-    exp.add_argument("name", help="table2, lambda, or any label with --systems")
+    exp.add_argument(
+        "name", help="table1, table2, lambda, pairs, transfer, family, or any label with --systems"
+    )
     exp.add_argument(
         "config", help="experiment YAML for data, models and settings, e.g. configs/embedded-4dir.yaml"
     )
@@ -301,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--systems", help="comma-separated presets or methods (replaces the named set)")
     exp.add_argument("--budget", help="scale every system alike: cpu (an afternoon on 2 cores) or paper")
     exp.add_argument("--lambdas", help="lambda experiment: comma-separated values (default 0.05..0.6 in 8)")
+    exp.add_argument("--focus", default="en-de", help="pairs experiment: the direction whose BLEU is plotted")
+    exp.add_argument("--student", default="gemma3-270m", help="family experiment: the other student")
     exp.set_defaults(func=_experiment)
 
     run = sub.add_parser("run", help="run every stage of an experiment config and print the report")

@@ -49,6 +49,9 @@ class DataConfig:
     devtest while training on WMT18 (the paper's A.5 check). Train, dev, valid and ood stay in `corpus`."""
     test_split: str = "test"
     """The test split's name in `test_corpus` (FLORES-200: devtest)."""
+    train_directions: list[str] | None = None
+    """The directions trained systems learn from (train split and seed sentences); null: all of
+    `directions`, which are all evaluated (Fig. 2: train on one direction, test on every one)."""
 
     EVAL_FIELDS: ClassVar[tuple[str, ...]] = (
         "valid_per_direction",
@@ -62,8 +65,16 @@ class DataConfig:
     """The settings only evaluation reads: changing them re-runs no training stage."""
 
     def train_settings(self) -> dict:
-        """The settings a training stage reads: all but the evaluation-only ones (EVAL_FIELDS)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.EVAL_FIELDS}
+        """The settings a training stage reads: all but the evaluation-only ones (EVAL_FIELDS); a
+        field added later enters only when set, so the keys of earlier runs stay valid."""
+        out = {k: v for k, v in asdict(self).items() if k not in self.EVAL_FIELDS}
+        if out["train_directions"] is None:
+            del out["train_directions"]
+        return out
+
+    @property
+    def trained_directions(self) -> list[str]:
+        return list(self.directions if self.train_directions is None else self.train_directions)
 
     def problems(self) -> list[str]:
         from mlas_lora.data.sampling import SAMPLING
@@ -88,6 +99,12 @@ class DataConfig:
                 out.append(f"data.directions: {err}")
         if not self.directions:
             out.append("data.directions: at least one direction is needed")
+        if self.train_directions is not None and (
+            not self.train_directions or set(self.train_directions) - set(self.directions)
+        ):
+            out.append(
+                f"data.train_directions must be a non-empty subset of data.directions, got {self.train_directions}"
+            )
         return out
 
 

@@ -131,7 +131,7 @@ def load_splits(config: DataConfig, splits=SPLITS) -> Splits:
     for split in splits:
         if skipped.get(split):
             continue
-        for name in config.directions:
+        for name in config.trained_directions if split in ("train", "dev") else config.directions:
             direction = Direction.parse(name)
             if split == "valid":
                 seeds = out.dev.get(str(direction))

@@ -1,8 +1,11 @@
 """`mlas-lora experiment NAME CONFIG`: a named set of systems over the config's directions, with
 tables shaped like the paper's and plots.
 
+    table1   every method of Table 1 (0-shot, 5-shot, full-ft, P-tuning, Adapter, LoRA, MELoRA, AFLoRA,
+             LSLo, LoRA-Flow, MLAS-LoRA), bootstrap vs MLAS-LoRA
     table2   MLAS-LoRA and the ten ablations of Table 2 (methods/presets.py), bootstrap vs MLAS-LoRA
     lambda   Fig. 5: MLAS-LoRA as lambda varies (0.05-0.6 in 8 steps, plus `auto`); one teacher pass
+    pairs, transfer, family   Figs. 3, 2 and 4 (analyses.py: runs of their own)
     NAME     any label, with `--systems a,b,c`
 
 Stages and hypotheses live in the config's run folder, shared with `mlas-lora run`, so a finished
@@ -18,8 +21,24 @@ from pathlib import Path
 
 from mlas_lora.config import config_from_dict, merge_trees, to_dict
 from mlas_lora.errors import MlasLoraError
+from mlas_lora.experiments.analyses import ANALYSES
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.methods.presets import TABLE2
+
+TABLE1 = (
+    "zero-shot",
+    "in-context",
+    "full-ft",
+    "p-tuning",
+    "adapter",
+    "lora",
+    "melora",
+    "aflora",
+    "lslo",
+    "lora-flow",
+    "mlas-lora",
+)
+"""Table 1's rows, in the paper's order."""
 
 LAMBDAS = (0.05, 0.129, 0.207, 0.286, 0.364, 0.443, 0.521, 0.6)
 """Fig. 5's range in 8 even steps (rounded to 3 decimals), then `auto`."""
@@ -45,6 +64,8 @@ def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) ->
     """The systems of a named experiment (or the given ones)."""
     if systems:
         return list(systems)
+    if name == "table1":
+        return list(TABLE1)
     if name == "table2":
         return list(TABLE2)
     if name == "lambda":
@@ -65,7 +86,7 @@ def experiment_config(name: str, config: ExperimentConfig, systems: list, budget
         tree = merge_trees(tree, BUDGETS[budget])
     tree["systems"] = systems
     names = [system_spec(s)[0] for s in systems]
-    if name == "table2":
+    if name in ("table1", "table2"):
         tree["evaluation"]["baseline_for_significance"] = "mlas-lora"
     elif config.evaluation.significance_baseline(names) not in names:
         tree["evaluation"]["baseline_for_significance"] = "mlas-lora" if "mlas-lora" in names else None
@@ -78,6 +99,8 @@ def run_named_experiment(
     systems: list[str] | None = None,
     budget: str | None = None,
     lambdas=LAMBDAS,
+    focus: str = "en-de",
+    student: str = "gemma3-270m",
 ) -> Path:
     """Run the experiment, then write its tables and plots; returns RUN/experiments/NAME/."""
     from mlas_lora.experiments.run import run_experiment
@@ -85,6 +108,8 @@ def run_named_experiment(
 
     if "/" in name or not name:
         raise MlasLoraError(f"experiment name {name!r}: a non-empty name without '/'")
+    if name in ANALYSES:
+        return run_analysis(name, config, systems, budget, focus, student)
     config = experiment_config(name, config, experiment_systems(name, systems, lambdas), budget)
     resolved = resolve_systems(config)
     folder = Path(config.output_dir) / "experiments" / name
@@ -92,6 +117,22 @@ def run_named_experiment(
     write_tables(config, resolved, folder)
     write_plots(name, config, resolved, folder)
     return folder
+
+
+def run_analysis(name: str, config, systems, budget, focus: str, student: str) -> Path:
+    """pairs, transfer or family (analyses.py) at the budget, into RUN/experiments/NAME/."""
+    from mlas_lora.experiments import analyses
+
+    base = experiment_config(
+        name, config, list((systems or TABLE1) if name == "family" else ["mlas-lora"]), budget
+    )
+    folder = Path(config.output_dir) / "experiments" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "pairs":
+        return analyses.run_pairs(base, folder, focus)
+    if name == "transfer":
+        return analyses.run_transfer(base, folder)
+    return analyses.run_family(base, folder, student, list(base.systems))
 
 
 def trainable_parameters(run_dir: Path, system) -> int | None:

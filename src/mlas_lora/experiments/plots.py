@@ -83,7 +83,7 @@ def lambda_plot(
         if not scores:
             continue
         score = scores.get(direction, sum(scores.values()) / len(scores))
-        lam = resolve_lambda(system.config.awareness.lam, len(system.config.data.directions))
+        lam = resolve_lambda(system.config.awareness.lam, len(system.config.data.trained_directions))
         points.append((lam, score, system.config.awareness.lam == "auto"))
     if not points:
         return None

@@ -36,6 +36,8 @@ def seed_data_settings(data: DataConfig) -> dict:
     0), so the keys of embedded runs made before those fields existed stay valid.
     """
     settings = {k: v for k, v in to_dict(data).items() if k in SEED_DATA_FIELDS}
+    if data.train_directions is not None:
+        settings["directions"] = list(data.train_directions)
     if data.corpus != "embedded":
         settings.update(sample=data.sample, seed=data.seed)
     elif data.seed != 0:
@@ -96,7 +98,7 @@ def awareness_keys(config: ExperimentConfig) -> tuple[str, str]:
         data=seed_data_settings(config.data),
         awareness={k: v for k, v in to_dict(config.awareness).items() if k not in CLASSIFY_ONLY},
     )
-    lam = resolve_lambda(config.awareness.lam, len(config.data.directions))
+    lam = resolve_lambda(config.awareness.lam, len(config.data.trained_directions))
     return key, stage_key(scores=key, lam=lam, normalize=config.awareness.normalize)
 
 
@@ -132,7 +134,7 @@ def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> 
         fresh_dir(classes)
         if scores is None:  # scoring was skipped: read its files
             scores = load_awareness(scored)
-        lam = resolve_lambda(config.awareness.lam, len(config.data.directions))
+        lam = resolve_lambda(config.awareness.lam, len(config.data.trained_directions))
         save_classes(classify_neurons(scores, lam=lam, normalize=config.awareness.normalize), classes)
         mark_done(classes, classes_key, time.perf_counter() - start)
     return scored, classes

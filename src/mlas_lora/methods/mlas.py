@@ -16,6 +16,7 @@ import contextlib
 from pathlib import Path
 
 from mlas_lora.config import to_dict
+from mlas_lora.errors import MlasLoraError
 from mlas_lora.methods.base import Student, count_trainable
 
 
@@ -100,9 +101,18 @@ class MlasLora:
 
         Unmerged, the LoRA factors stay in float32 beside the frozen bfloat16 weights. `weights`
         folds the set's pair update into the base weights (base-model speed), where bfloat16 rounds a
-        small update partly away.
+        small update partly away. A model trained on one direction only decodes every direction with
+        that direction's LoRAs (the transfer analysis of Fig. 2).
         """
-        pairs = {example.pair for example in examples}
+        pairs, trained = {example.pair for example in examples}, student.model.lora_config.pairs
+        untrained = pairs - set(trained)
+        if untrained and len(trained) == 1:  # trained on one direction (Fig. 2): its LoRAs serve every one
+            (only,) = trained
+            return contextlib.nullcontext(), lambda ids: student.model.routing([only] * len(ids))
+        if untrained:
+            raise MlasLoraError(
+                f"{self.name}: no LoRA for {sorted(untrained)} (trained pairs: {list(trained)})"
+            )
         if len(pairs) != 1 or merge != "weights":
             return contextlib.nullcontext(), student.model.routing
         return student.model.merged(pairs.pop()), None

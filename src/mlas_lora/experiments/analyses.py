@@ -1,0 +1,153 @@
+"""The paper's analyses, each a set of runs of its own under RUN/experiments/NAME/:
+
+    pairs     Fig. 3: en-de BLEU as training pairs are added (1, 2, 4, ... all), for one shared LoRA
+              (lora), one LoRA per pair (M-i) and MLAS-LoRA; a line plot
+    transfer  Fig. 2: MLAS-LoRA trained on one direction only (data.train_directions), evaluated on
+              every direction; a heatmap of the BLEU change against the untuned student
+    family    Fig. 4: the Table 1 comparison on another student (default: the embedded Gemma 3 270M
+              under the Qwen teacher, which is cross-family; the paper's is LLaMA-3.1-70B -> 8B)
+
+Each sub-run is a complete run folder (its stages, hypotheses and report), so a killed analysis
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from mlas_lora.config import config_from_dict, merge_trees, to_dict
+from mlas_lora.errors import MlasLoraError
+from mlas_lora.experiments.config import ExperimentConfig
+
+ANALYSES = ("pairs", "transfer", "family")
+PAIRS_SYSTEMS = ("lora", "M-i", "mlas-lora")
+
+
+def _sub_config(config: ExperimentConfig, folder: Path, changes: dict) -> ExperimentConfig:
+    tree = merge_trees(to_dict(config), {"output_dir": str(folder), **changes})
+    if "systems" in changes:
+        tree["systems"] = changes["systems"]
+    return config_from_dict(ExperimentConfig, tree)
+
+
+def _bleu(run_dir: Path, split: str = "test") -> dict[tuple[str, str], float]:
+    from mlas_lora.evaluation.report import read_results
+
+    return {
+        (r.system, r.direction): r.score
+        for r in read_results(run_dir / "results" / f"{split}.json")
+        if r.metric == "bleu"
+    }
+
+
+def pair_counts(n: int) -> list[int]:
+    """1, 2, 4, ... and n itself."""
+    counts, k = [], 1
+    while k < n:
+        counts.append(k)
+        k *= 2
+    return [*counts, n]
+
+
+def run_pairs(config: ExperimentConfig, folder: Path, focus: str = "en-de") -> Path:
+    """Fig. 3: `focus` BLEU of each system as the number of training directions grows."""
+    from mlas_lora.experiments.run import run_experiment
+
+    directions = list(config.data.directions)
+    if focus not in directions:
+        raise MlasLoraError(f"pairs: {focus} is not one of data.directions {directions}")
+    others = [d for d in directions if d != focus]
+    rows = [["pairs", "directions", *PAIRS_SYSTEMS]]
+    for k in pair_counts(len(directions)):
+        chosen = [focus, *others[: k - 1]]
+        sub = _sub_config(
+            config, folder / f"pairs-{k}", {"systems": list(PAIRS_SYSTEMS), "data": {"directions": chosen}}
+        )
+        run_experiment(sub)
+        scores = _bleu(Path(sub.output_dir))
+        rows.append([k, " ".join(chosen), *(scores.get((s, focus)) for s in PAIRS_SYSTEMS)])
+    _write_csv(folder / "pairs.csv", rows)
+    _line_plot(rows, folder / "pairs.png", f"{focus} BLEU (test)")
+    return folder
+
+
+def run_transfer(config: ExperimentConfig, folder: Path) -> Path:
+    """Fig. 2: MLAS-LoRA trained on each direction alone, BLEU on every direction minus zero-shot."""
+    from mlas_lora.experiments.run import run_experiment
+
+    directions = list(config.data.directions)
+    base = _sub_config(config, folder / "zero-shot", {"systems": ["zero-shot"]})
+    run_experiment(base)
+    untuned = _bleu(Path(base.output_dir))
+    rows = [["trained on", *directions]]
+    for trained in directions:
+        sub = _sub_config(
+            config,
+            folder / f"from-{trained}",
+            {"systems": ["mlas-lora"], "data": {"train_directions": [trained]}},
+        )
+        run_experiment(sub)
+        scores = _bleu(Path(sub.output_dir))
+        rows.append([trained, *(scores[("mlas-lora", d)] - untuned[("zero-shot", d)] for d in directions)])
+    _write_csv(folder / "transfer.csv", rows)
+    _heatmap(rows, folder / "transfer.png")
+    return folder
+
+
+def run_family(config: ExperimentConfig, folder: Path, student: str, systems: list[str]) -> Path:
+    """Fig. 4: the comparison with another student (the teacher stays)."""
+    from mlas_lora.experiments.run import run_experiment
+
+    sub = _sub_config(config, folder / "run", {"systems": systems, "models": {"student": student}})
+    run_experiment(sub, report_dir=folder)
+    return folder
+
+
+def _write_csv(path: Path, rows: list[list]) -> None:
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _line_plot(rows: list[list], out: Path, ylabel: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, system in enumerate(rows[0][2:], start=2):
+        points = [(r[0], r[i]) for r in rows[1:] if r[i] is not None]
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=system)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training directions")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _heatmap(rows: list[list], out: Path) -> None:
+    plt = _pyplot()
+    labels, values = rows[0][1:], [r[1:] for r in rows[1:]]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.0 * len(values) + 1.5))
+    bound = max(1e-9, max(abs(v) for row in values for v in row))
+    image = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(values)), [r[0] for r in rows[1:]])
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("MLAS-LoRA trained on")
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="BLEU change vs zero-shot")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
