@@ -129,7 +129,9 @@ def test_pairs_transfer_and_family_analyses(tiny_config, tmp_path):
     folder = run_named_experiment("pairs", tiny_config, focus="en-fi")
     rows = list(csv.reader(open(folder / "pairs.csv")))
     assert rows[0] == ["pairs", "directions", "lora", "M-i", "mlas-lora"]
-    assert [r[:2] for r in rows[1:]] == [["1", "en-fi"], ["2", "en-fi en-de"]] and (folder / "pairs.png").is_file()
+    assert [r[:2] for r in rows[1:]] == [["1", "en-fi"], ["2", "en-fi en-de"]] and (
+        folder / "pairs.png"
+    ).is_file()
     folder = run_named_experiment("transfer", tiny_config)
     rows = list(csv.reader(open(folder / "transfer.csv")))
     assert rows[0] == ["trained on", "en-de", "en-fi"] and [r[0] for r in rows[1:]] == ["en-de", "en-fi"]
@@ -139,7 +141,9 @@ def test_pairs_transfer_and_family_analyses(tiny_config, tmp_path):
     hyps = (folder / "from-en-de" / "hyps" / "mlas-lora").glob("test.*.jsonl")
     assert {p.name for p in hyps} == {"test.en-de.jsonl", "test.en-fi.jsonl"}  # every direction evaluated
     other = save_tiny(tmp_path / "llama", "llama", role="student", seed=3)
-    folder = run_named_experiment("family", tiny_config, systems=["zero-shot", "mlas-lora"], student=str(other))
+    folder = run_named_experiment(
+        "family", tiny_config, systems=["zero-shot", "mlas-lora"], student=str(other)
+    )
     assert "| mlas-lora |" in (folder / "report.md").read_text()
     with pytest.raises(MlasLoraError, match="not one of data.directions"):
         run_named_experiment("pairs", tiny_config, focus="en-cs")

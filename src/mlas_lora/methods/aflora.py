@@ -66,9 +66,7 @@ from mlas_lora.adapters.wrapped import (
     wrap_projections,
     wrapped_update_norms,
 )
-from mlas_lora.config import to_dict
-from mlas_lora.errors import MlasLoraError
-from mlas_lora.methods.base import Student, method_options
+from mlas_lora.methods.base import Standalone, Student, method_options, options_problems, student_key
 
 FORMAT = "mlas-lora-aflora/1"
 FREEZING = "freezing.json"
@@ -270,40 +268,24 @@ def load_freezing(model: nn.Module, path: Path) -> None:
             param.grad = None
 
 
-class AFLoRA:
+class AFLoRA(Standalone):
     name = "aflora"
     trains = True
     export_format = "peft"
 
     def problems(self, config) -> list[str]:
-        try:
-            method_options(AFLoRAOptions, config)
-        except MlasLoraError as err:
-            return [str(err)]
-        return []
-
-    def prerequisite(self, config) -> None:
-        return None
-
-    def needs_transfer(self, config) -> bool:
-        return False
+        return options_problems(AFLoRAOptions, config)
 
     def train_key(self, config, inputs: dict) -> dict:
-        r, scaling, schedule = aflora_settings(config, len(config.data.directions))
-        return {
-            "method": self.name,
-            "student": config.models.student,
-            "dtype": config.models.dtype,
-            "data": config.data.train_settings(),
-            "aflora": {
-                "r": r,
-                "scaling": scaling,
-                "schedule": asdict(schedule),
-                "dropout": config.lora.dropout,
-                "targets": list(config.lora.targets),
-            },
-            "training": to_dict(config.training),
+        r, scaling, schedule = aflora_settings(config, len(config.data.trained_directions))
+        aflora = {
+            "r": r,
+            "scaling": scaling,
+            "schedule": asdict(schedule),
+            "dropout": config.lora.dropout,
+            "targets": list(config.lora.targets),
         }
+        return student_key(self.name, config, aflora=aflora)
 
     def build(self, config, pairs, factors=None, prior=None) -> Student:
         from mlas_lora.models.loading import load_model

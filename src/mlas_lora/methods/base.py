@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mlas_lora.errors import MlasLoraError
+
 if TYPE_CHECKING:
     from mlas_lora.data.records import Example
     from mlas_lora.experiments.config import ExperimentConfig
@@ -96,3 +98,35 @@ def method_options(cls, config):
     from mlas_lora.config import config_from_dict
 
     return config_from_dict(cls, dict(config.options))
+
+
+def options_problems(cls, config) -> list[str]:
+    """`problems()` of a method whose only own settings are its options dataclass `cls`."""
+    try:
+        method_options(cls, config)
+    except MlasLoraError as err:
+        return [str(err)]
+    return []
+
+
+def student_key(name: str, config, dtype: str | None = None, training=None, **parts) -> dict:
+    """The part of a training key every method shares: which student in which dtype, on which data,
+    with which training settings (`training` when the method adjusts them); `parts` add its own."""
+    return {
+        "method": name,
+        "student": config.models.student,
+        "dtype": dtype or config.models.dtype,
+        "data": config.data.train_settings(),
+        **parts,
+        "training": (training or config.training).key_settings(),
+    }
+
+
+class Standalone:
+    """Defaults of a method that needs no earlier stage: no teacher factors, no prior training."""
+
+    def prerequisite(self, config) -> None:
+        return None
+
+    def needs_transfer(self, config) -> bool:
+        return False

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from mlas_lora.config import to_dict
-from mlas_lora.methods.base import Student, count_trainable, method_options
+from mlas_lora.methods.base import Standalone, Student, count_trainable, method_options, student_key
 from mlas_lora.stage_files import fresh_dir
 
 WEIGHTS = "model.safetensors"
@@ -46,7 +45,7 @@ class FullFtOptions:
     """'float32' (trained weights in float32, the default) or 'model' (models.dtype)."""
 
 
-class FullFineTuning:
+class FullFineTuning(Standalone):
     name = "full-ft"
     trains = True
     export_format = "safetensors"
@@ -62,12 +61,6 @@ class FullFineTuning:
             )
         return out
 
-    def prerequisite(self, config) -> None:
-        return None
-
-    def needs_transfer(self, config) -> bool:
-        return False
-
     def training_config(self, config):
         """config.training with lr scaled by options.lr_scale: what the trainer runs."""
         options = method_options(FullFtOptions, config)
@@ -78,13 +71,7 @@ class FullFineTuning:
         return config.models.dtype if weights == "model" else weights
 
     def train_key(self, config, inputs: dict) -> dict:
-        return {
-            "method": self.name,
-            "student": config.models.student,
-            "dtype": self._dtype(config),
-            "data": config.data.train_settings(),
-            "training": to_dict(self.training_config(config)),
-        }
+        return student_key(self.name, config, self._dtype(config), self.training_config(config))
 
     def build(self, config, pairs, factors=None, prior=None) -> Student:
         from mlas_lora.models.loading import load_model

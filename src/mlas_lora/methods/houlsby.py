@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlas_lora.config import to_dict
-from mlas_lora.methods.base import Student, count_trainable, method_options
+from mlas_lora.methods.base import Standalone, Student, count_trainable, method_options, student_key
 from mlas_lora.stage_files import fresh_dir
 
 
@@ -37,7 +37,7 @@ class HoulsbyOptions:
     """Std of W_down and W_up at init (Houlsby's adapter-bert: 1e-3)."""
 
 
-class HoulsbyAdapter:
+class HoulsbyAdapter(Standalone):
     name = "adapter"
     trains = True
     export_format = "safetensors"
@@ -51,22 +51,9 @@ class HoulsbyAdapter:
             out.append(f"options.init_scale must be >= 0, got {options.init_scale}")
         return out
 
-    def prerequisite(self, config) -> None:
-        return None
-
-    def needs_transfer(self, config) -> bool:
-        return False
-
     def train_key(self, config, inputs: dict) -> dict:
         options = method_options(HoulsbyOptions, config)
-        key = {
-            "method": self.name,
-            "student": config.models.student,
-            "dtype": config.models.dtype,
-            "data": config.data.train_settings(),
-            "adapter": to_dict(options),
-            "training": to_dict(config.training),
-        }
+        key = student_key(self.name, config, adapter=to_dict(options))
         if options.bottleneck is None:  # matched to MLAS-LoRA's parameters: the lora section sizes m
             lora = config.lora
             key["budget"] = {

@@ -50,9 +50,15 @@ from mlas_lora.adapters.wrapped import (
     wrap_projections,
     wrapped_update_norms,
 )
-from mlas_lora.config import to_dict
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.methods.base import Student, count_trainable, method_options
+from mlas_lora.methods.base import (
+    Standalone,
+    Student,
+    count_trainable,
+    method_options,
+    options_problems,
+    student_key,
+)
 from mlas_lora.models.arch import decoder_layers, projection
 
 FORMAT = "mlas-lora-melora/1"
@@ -156,33 +162,18 @@ def attach_melora(model: nn.Module, shape: MELoRAShape, dtype: torch.dtype | Non
     )
 
 
-class MELoRA:
+class MELoRA(Standalone):
     name = "melora"
     trains = True
     export_format = "peft"
 
     def problems(self, config) -> list[str]:
-        try:
-            method_options(MELoRAOptions, config)
-        except MlasLoraError as err:
-            return [str(err)]
-        return []
-
-    def prerequisite(self, config) -> None:
-        return None
-
-    def needs_transfer(self, config) -> bool:
-        return False
+        return options_problems(MELoRAOptions, config)
 
     def train_key(self, config, inputs: dict) -> dict:
-        return {
-            "method": self.name,
-            "student": config.models.student,
-            "dtype": config.models.dtype,
-            "data": config.data.train_settings(),
-            "melora": asdict(melora_shape(config, len(config.data.directions))),
-            "training": to_dict(config.training),
-        }
+        return student_key(
+            self.name, config, melora=asdict(melora_shape(config, len(config.data.trained_directions)))
+        )
 
     def build(self, config, pairs, factors=None, prior=None) -> Student:
         from mlas_lora.models.loading import load_model

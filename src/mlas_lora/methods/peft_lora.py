@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mlas_lora.methods.base import Student, count_trainable
+from mlas_lora.methods.base import Standalone, Student, count_trainable, student_key
 from mlas_lora.models.arch import PROJECTION_PATHS
 from mlas_lora.stage_files import fresh_dir
 
@@ -31,7 +31,7 @@ def peft_config(lora):
     )
 
 
-class PeftLora:
+class PeftLora(Standalone):
     name = "lora"
     trains = True
     export_format = "peft"
@@ -39,27 +39,18 @@ class PeftLora:
     def problems(self, config) -> list[str]:
         return []
 
-    def prerequisite(self, config) -> None:
-        return None
-
-    def needs_transfer(self, config) -> bool:
-        return False
-
     def train_key(self, config, inputs: dict) -> dict:
         lora = config.lora
-        return {
-            "method": self.name,
-            "student": config.models.student,
-            "dtype": config.models.dtype,
-            "data": config.data.train_settings(),
-            "lora": {
+        return student_key(
+            self.name,
+            config,
+            lora={
                 "r": lora.r_gen + lora.r_spe,
                 "scaling": lora.alpha_gen / lora.r_gen,
                 "dropout": lora.dropout,
                 "targets": list(lora.targets),
             },
-            "training": config.training.key_settings(),
-        }
+        )
 
     def build(self, config, pairs, factors=None, prior=None) -> Student:
         from peft import get_peft_model

@@ -36,8 +36,7 @@ from pathlib import Path
 
 import torch
 
-from mlas_lora.config import to_dict
-from mlas_lora.methods.base import Student, count_trainable, method_options
+from mlas_lora.methods.base import Standalone, Student, count_trainable, method_options, student_key
 from mlas_lora.stage_files import fresh_dir
 
 
@@ -57,7 +56,7 @@ def matching_virtual_tokens(arch, budget: int) -> int:
     return max(1, round(budget / prefix_parameters(arch, 1)))
 
 
-class PrefixTuning:
+class PrefixTuning(Standalone):
     name = "p-tuning"
     trains = True
     export_format = "peft"
@@ -73,22 +72,9 @@ class PrefixTuning:
             )
         return out
 
-    def prerequisite(self, config) -> None:
-        return None
-
-    def needs_transfer(self, config) -> bool:
-        return False
-
     def train_key(self, config, inputs: dict) -> dict:
         n = method_options(PrefixOptions, config).num_virtual_tokens
-        key = {
-            "method": self.name,
-            "student": config.models.student,
-            "dtype": config.models.dtype,
-            "data": config.data.train_settings(),
-            "num_virtual_tokens": n,
-            "training": to_dict(config.training),
-        }
+        key = student_key(self.name, config, num_virtual_tokens=n)
         if n is None:  # matched to MLAS-LoRA's parameters: the lora section sizes the prefix
             lora = config.lora
             key["budget"] = {

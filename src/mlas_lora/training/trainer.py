@@ -56,7 +56,9 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     """`checkpoints/step-NNNNNN` folders that were written completely, oldest first (a save writes
     `step-N.tmp` and renames it only when adapters and training state are both on disk)."""
     found = (out_dir / "checkpoints").glob("step-*")
-    return sorted(p for p in found if p.name[5:].isdigit() and (p / STATE).is_file() and (p / "adapters").is_dir())
+    return sorted(
+        p for p in found if p.name[5:].isdigit() and (p / STATE).is_file() and (p / "adapters").is_dir()
+    )
 
 
 def newest_checkpoint(out_dir: Path) -> Path | None:
