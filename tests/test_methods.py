@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from mlas_lora.config import config_from_dict
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import load_splits
-from mlas_lora.experiments.pipeline import initial_student, train_dir, train_stage
+from mlas_lora.experiments.pipeline import initial_student, train_dir, train_key, train_stage
 from mlas_lora.experiments.stages import awareness_stage, transfer_stage
 from mlas_lora.experiments.systems import resolve_system, resolve_systems
 from mlas_lora.methods import METHODS
@@ -201,3 +201,20 @@ def test_random_layers_are_seeded_and_never_the_relevant_set():
     assert relevant not in draws and len({tuple(d) for d in draws}) == 3  # the 3 other 3-of-4 sets
     assert draws == [choose_layers(InitPlan(layers="random", seed=s), relevant, 4) for s in range(40)]
     assert choose_layers(InitPlan(layers="random"), [0, 1], 2) == [0, 1]  # no other choice exists
+
+
+def test_stage_keys_of_earlier_runs_stay_valid():
+    """Golden keys of the default config: a new setting must enter a key only where it is set (or
+    not at all when it changes no result), else every finished training and translation is redone."""
+    from mlas_lora.experiments.run import system_key
+
+    config = ExperimentConfig()
+    golden = {
+        "lora": ("640b2f16a78fa31d", "18bb6501fed7e23f"),
+        "mlas-lora": ("b746e9dc8ae58c63", "36f10d6cde91a44b"),
+        "M-i": ("f326f06cf2d0b53d", "c55dc75beb30b3b7"),
+    }
+    for name, (trained, translated) in golden.items():
+        system = resolve_system(name, config)
+        assert (train_key(system), system_key(system)) == (trained, translated), name
+    assert system_key(resolve_system("zero-shot", config)) == "bdca5198283d12ae"

@@ -194,9 +194,11 @@ def system_key(system: System) -> str:
         "student": config.models.student,
         "dtype": config.models.dtype,
         "generation": to_dict(config.generation),
-        "data": to_dict(config.data),
+        "data": {**to_dict(config.data), **config.data.train_settings()},
         "seed": config.seed,
     }
+    if config.data.train_directions is None:  # a field added later enters only when set
+        del parts["data"]["train_directions"]
     if system.method.trains:
         from mlas_lora.experiments.pipeline import train_key
 
