@@ -38,6 +38,9 @@ def test_stage_commands(tiny_config, capsys):
     assert main(["transfer", str(path)]) == 0
     assert "SVD energy kept" in capsys.readouterr().out
     assert main(["export", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(path), "--check"]) == 0
+    assert "pass vLLM's and PEFT's checks" in capsys.readouterr().out
     assert (root / "run" / "adapters-mlas-lora" / "de-en" / "adapter_config.json").is_file()
     capsys.readouterr()
     code = main(["translate", "--model", str(student), "--pair", "de-en", "--text", "hallo welt",

@@ -156,6 +156,24 @@ def _train(args) -> None:
         student.model.eval()
         folder = export_stage(system, student, run_dir, merge=args.merge)
         print(f"{system.name}: exported ({system.method.name}) to {folder}")
+        if getattr(args, "check", False):
+            _check_export(system, folder, config)
+
+
+def _check_export(system, folder: Path, config) -> None:
+    """vLLM's and PEFT's rules on every adapter of an export, then the `vllm serve` line."""
+    from mlas_lora.adapters.serving import adapter_folders, adapter_problems, vllm_command
+    from mlas_lora.models.loading import resolve_source
+
+    if system.method.export_format != "peft":
+        print(f"{system.name}: {system.method.name} exports its own format ({folder}); vLLM cannot serve it")
+        return
+    adapters = adapter_folders(folder)
+    problems = [p for path in adapters.values() for p in adapter_problems(path)]
+    if problems:
+        raise MlasLoraError(f"{system.name}: not servable by vLLM:\n  " + "\n  ".join(problems))
+    print(f"{system.name}: {len(adapters)} adapter(s) pass vLLM's and PEFT's checks; serve them with")
+    print("  " + vllm_command(resolve_source(config.models.student)[0], adapters))
 
 
 def _curve(args) -> None:
@@ -267,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         stage = _experiment_parser(sub, name, text, _train)
         stage.add_argument("--system", help="only this system of the config (e.g. mlas-lora)")
         stage.add_argument("--merge", action="store_true", help="also write merged full weights per pair")
+        if name == "export":
+            stage.add_argument(
+                "--check",
+                action="store_true",
+                help="check every adapter against vLLM's LoRA rules and print `vllm serve`",
+            )
 
     curve = _experiment_parser(
         sub, "curve", "validation BLEU / chrF++ of trained systems at every checkpoint (+ PNG)", _curve
