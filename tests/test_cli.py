@@ -59,3 +59,12 @@ def test_errors_are_one_line_and_exit_2(tiny_config, capsys, tmp_path):
     assert "not a checkpoint directory" in capsys.readouterr().err
     assert main(["translate", "--model", str(student), "--pair", "en-xx", "--text", "x"]) == 2
     assert "supported: cs (Czech)" in capsys.readouterr().err
+
+
+def test_a_failing_run_leaves_no_files_in_a_fresh_output_folder(tiny_config, capsys, tmp_path):
+    path, _, _ = tiny_config
+    fresh = tmp_path / "fresh"
+    for command in ("run", "score"):
+        assert main([command, str(path), f"output_dir={fresh}", f"data.corpus={tmp_path / 'no-corpus'}"]) == 2
+        assert "does not exist" in capsys.readouterr().err
+        assert not fresh.exists(), command

@@ -368,3 +368,73 @@ def test_real_embedded_corpus_targets():
         assert by_split["train"] >= 5000 and by_split["test"] >= 500 and by_split["dev"] >= 800, lang
     assembled = corpus_stats()
     assert assembled.endswith("-> ok")
+
+
+def _cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garbled_data_tar(path: Path) -> None:
+    members = read_ar(path.read_bytes())
+    members["data.tar.xz"] = members["data.tar.xz"][:40] + b"\x00" * 200
+    path.write_bytes(write_ar(members))
+
+
+def _not_a_zip(path: Path) -> None:
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+
+
+def _bad_member(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as wheel:  # stored, so a flipped byte fails the CRC check
+        wheel.writestr("webapp/locale/zh_Hans/LC_MESSAGES/django.po", ZH_PO)
+    data = bytearray(path.read_bytes())
+    data[data.index(b"msgstr") + 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _latin1_po(path: Path) -> None:
+    path.write_bytes(DE_PO.encode("latin-1"))
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "what"),
+    [
+        ("libreoffice-l10n-de_1.0_all.deb", _cut_in_half, "truncated .deb"),
+        ("libreoffice-l10n-de_1.0_all.deb", _garbled_data_tar, "corrupt .deb"),
+        ("webapp-2.1-py3-none-any.whl", _not_a_zip, "not a valid wheel (zip) file"),
+        ("webapp-2.1-py3-none-any.whl", _bad_member, "corrupt wheel"),
+        ("po/de.po", _latin1_po, "not valid UTF-8"),
+    ],
+)
+def test_a_corrupt_input_file_is_named_and_nothing_is_built(
+    inputs, tmp_path, monkeypatch, capsys, name, damage, what
+):
+    from mlas_lora.cli import main
+
+    damage(inputs / name)
+    with pytest.raises(MlasLoraError) as err:
+        build_corpus(("de", "zh"), from_dir=inputs, out_dir=tmp_path / "c", progress=False)
+    assert str(err.value).startswith(str(inputs / name)) and what in str(err.value), str(err.value)
+    assert "download it again or remove it from the folder" in str(err.value)
+    assert not (tmp_path / "c").exists()
+    monkeypatch.setenv("MLAS_LORA_HOME", str(tmp_path / "home"))
+    assert main(["data", "build", "--from", str(inputs)]) == 2
+    assert f"mlas-lora: error: {inputs / name}" in capsys.readouterr().err
+
+
+def test_a_build_that_finds_no_pair_is_an_error(tmp_path, monkeypatch, capsys):
+    from mlas_lora.cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "fr.po").write_text(DE_PO, encoding="utf-8")  # French only: no pair for de or zh
+    with pytest.raises(MlasLoraError) as err:
+        build_corpus(("de", "zh"), from_dir=tmp_path / "in", out_dir=tmp_path / "c", progress=False)
+    assert f"{tmp_path / 'in'}: the 1 file(s) read give no in-domain translation pair for de, zh" in str(
+        err.value
+    )
+    assert "libreoffice-l10n-<lang>" in str(err.value)
+    assert not (tmp_path / "c").exists()
+    monkeypatch.setenv("MLAS_LORA_HOME", str(tmp_path / "home"))
+    assert main(["data", "build", "--from", str(tmp_path / "in")]) == 2
+    assert "no in-domain translation pair for cs, de, et, fi, ru, tr, zh" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "corpus").exists()

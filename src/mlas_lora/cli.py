@@ -79,7 +79,8 @@ def _translate(args) -> None:
     if args.adapters:
         from mlas_lora.adapters.export import load_routed_for_inference
 
-        model, context = load_routed_for_inference(model, _adapter_folder(Path(args.adapters)))
+        folder = _adapter_folder(Path(args.adapters))
+        model, context = load_routed_for_inference(model, folder, check_base=not args.any_base)
     requests = [TranslationRequest(direction.src, direction.tgt, s) for s in sources]
     config = GenerationConfig(batch_size=args.batch_size, num_beams=args.beams)
     for hypothesis in translate(model, tokenizer, requests, config, batch_context=context):
@@ -105,8 +106,9 @@ def _load_experiment(args):
 
     config = load_config(ExperimentConfig, args.config, args.overrides)
     resolve_systems(config)  # every problem of the systems before any stage runs
-    write_manifest(config, Path(config.output_dir))
-    return config, load_splits(config.data, ("train", "dev")), Path(config.output_dir)
+    splits = load_splits(config.data, ("train", "dev"))
+    write_manifest(config, Path(config.output_dir))  # only once the config and the data are good
+    return config, splits, Path(config.output_dir)
 
 
 def _score(args) -> None:
@@ -266,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--input", help="file with one segment per line (default: stdin)")
     tr.add_argument("--text", help="a single segment to translate")
     tr.add_argument("--adapters", help="a trained MLAS-LoRA run's adapter folder")
+    tr.add_argument(
+        "--any-base",
+        action="store_true",
+        help="load --adapters even if they were trained on another base model",
+    )
     tr.add_argument("--dtype", default="auto")
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--beams", type=int, default=1)

@@ -13,7 +13,8 @@ Layout written by `export_peft_adapters(routed, out)`:
 
 Layout written by `save_routed(routed, dir)`:
     dir/routed_lora.safetensors              LoRA factors and residual buffers (A0, B0)
-    dir/routed_lora.json                     manifest: format, RoutedLoRAConfig fields, residual flag
+    dir/routed_lora.json                     manifest: format, base model, RoutedLoRAConfig fields,
+                                             residual flag
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -34,9 +36,12 @@ from mlas_lora.adapters.routed_lora import (
     attach_routed_lora,
 )
 from mlas_lora.errors import MlasLoraError
+from mlas_lora.models.loading import base_model_id
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """vLLM's allowed `max_lora_rank` values (vllm/config/lora.py, MaxLoRARanks)."""
+
+DAMAGED = "the adapter folder is damaged: save or export the adapters again, or use an earlier checkpoint"
 
 MANIFEST = "routed_lora.json"
 WEIGHTS = "routed_lora.safetensors"
@@ -155,6 +160,7 @@ def save_routed(routed: RoutedLoRAModel, path) -> Path:
     residual = any(layer.residual for layer in routed.routed_layers().values())
     manifest = {
         "format": FORMAT,
+        "base_model": _base_of(routed),
         "config": routed.lora_config.to_dict(),
         "residual": residual,
         "tensors": len(tensors),
@@ -170,17 +176,62 @@ def read_routed_manifest(path) -> dict:
         raise MlasLoraError(
             f"{manifest_path}: no routed LoRA manifest (expected a folder written by save_routed)"
         )
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MlasLoraError(f"{manifest_path}: not valid JSON ({err}); {DAMAGED}") from None
+    if not isinstance(manifest, dict):
+        raise MlasLoraError(
+            f"{manifest_path}: expected a JSON object, found {type(manifest).__name__}; {DAMAGED}"
+        )
     if manifest.get("format") != FORMAT:
         raise MlasLoraError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    missing = [key for key in ("config", "residual") if key not in manifest]
+    if missing:
+        raise MlasLoraError(f"{manifest_path}: missing {', '.join(map(repr, missing))}; {DAMAGED}")
     return manifest
 
 
+def _saved_config(manifest: dict, where: Path) -> RoutedLoRAConfig:
+    try:
+        return RoutedLoRAConfig.from_dict(manifest["config"])
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
+        raise MlasLoraError(f"{where}: bad config ({type(err).__name__}: {err}); {DAMAGED}") from None
+
+
+def _check_base(manifest: dict, model, where: Path) -> None:
+    """Adapters fit only the model they were trained on; shapes alone cannot tell two models apart."""
+    recorded = manifest.get("base_model", "")
+    actual = _base_of(model)
+    if recorded and actual and recorded != actual:
+        raise MlasLoraError(
+            f"{where}: these adapters were trained on {recorded}, not on {actual}; load them onto "
+            "that model, or if both are the same weights pass check_base=False (CLI: --any-base)"
+        )
+
+
+def _base_of(model) -> str:
+    """`base_model_id` of the checkpoint a model was loaded from ("" for one built in memory)."""
+    return base_model_id(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise MlasLoraError(f"{path}: truncated or corrupt safetensors file ({err}); {DAMAGED}") from None
+
+
 @torch.no_grad()
-def load_routed(model, path) -> RoutedLoRAModel:
-    """Load a save_routed folder into a RoutedLoRAModel of the same config, or attach it to a base model."""
+def load_routed(model, path, check_base: bool = True) -> RoutedLoRAModel:
+    """Load a save_routed folder into a RoutedLoRAModel of the same config, or attach it to a base model.
+
+    The adapters must come from the same base model (`base_model_id`) unless `check_base` is False.
+    """
     manifest = read_routed_manifest(path)
-    config = RoutedLoRAConfig.from_dict(manifest["config"])
+    config = _saved_config(manifest, Path(path) / MANIFEST)
+    if check_base:
+        _check_base(manifest, model, Path(path) / MANIFEST)
     if not isinstance(model, RoutedLoRAModel):
         fields = {k: v for k, v in config.to_dict().items() if k != "init"}
         model = attach_routed_lora(model, **fields)
@@ -190,18 +241,20 @@ def load_routed(model, path) -> RoutedLoRAModel:
         )
     if manifest["residual"]:
         model.freeze_initial()
-    _copy_into(model, load_file(str(Path(path) / WEIGHTS)), Path(path) / WEIGHTS)
+    _copy_into(model, _load_weights(Path(path) / WEIGHTS), Path(path) / WEIGHTS)
     model.lora_config = config
     return model
 
 
-def load_routed_for_inference(model: nn.Module, path) -> tuple[RoutedLoRAModel, Callable]:
+def load_routed_for_inference(
+    model: nn.Module, path, check_base: bool = True
+) -> tuple[RoutedLoRAModel, Callable]:
     """Attach the adapters saved by `save_routed` at `path` to `model`, in eval mode.
 
     Returns the routed model and its `routing` context manager, which takes the pair names of a
     batch (as `translation.translate(batch_context=...)` passes them).
     """
-    routed = load_routed(model, path).eval()
+    routed = load_routed(model, path, check_base).eval()
     return routed, routed.routing
 
 

@@ -7,12 +7,15 @@ copied from another machine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import lzma
 import os
 import shutil
 import subprocess
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,21 +25,51 @@ AR_MAGIC = b"!<arch>\n"
 AR_HEADER_SIZE = 60
 
 
+REFETCH = "download it again or remove it from the folder"
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError)
+"""What a damaged compressed tarball raises while it is read."""
+
+
 def read_ar(data: bytes, name: str = "<ar>") -> dict[str, bytes]:
     """Members of an `ar` archive by name (the common format: 60-byte headers, even padding)."""
     if not data.startswith(AR_MAGIC):
-        raise MlasLoraError(f"{name}: not an ar archive (a .deb starts with {AR_MAGIC!r})")
+        raise MlasLoraError(f"{name}: not an ar archive (a .deb starts with {AR_MAGIC!r}); {REFETCH}")
     members, at = {}, len(AR_MAGIC)
     while at + AR_HEADER_SIZE <= len(data):
-        header = data[at : at + AR_HEADER_SIZE]
-        if header[58:60] != b"`\n":
-            raise MlasLoraError(f"{name}: corrupt ar member header at byte {at}")
-        member = header[:16].decode("ascii").strip().rstrip("/")
-        size = int(header[48:58].decode("ascii").strip())
+        fields = _ar_fields(data[at : at + AR_HEADER_SIZE])
+        if fields is None:
+            raise MlasLoraError(f"{name}: corrupt ar member header at byte {at}; {REFETCH}")
+        member, size = fields
         at += AR_HEADER_SIZE
+        if at + size > len(data):
+            raise MlasLoraError(
+                f"{name}: truncated .deb (member {member} needs {size} bytes, the file ends "
+                f"{len(data) - at} bytes into it); {REFETCH}"
+            )
         members[member] = data[at : at + size]
         at += size + (size % 2)
     return members
+
+
+def _ar_fields(header: bytes) -> tuple[str, int] | None:
+    """(member name, size) of a 60-byte ar member header, or None if it is not one."""
+    if header[58:60] != b"`\n":
+        return None
+    try:
+        return header[:16].decode("ascii").strip().rstrip("/"), int(header[48:58].decode("ascii").strip())
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+@contextlib.contextmanager
+def _reading(name: str, stem: str) -> Iterator[None]:
+    """A damaged tarball inside a `.deb` as one error naming the file."""
+    try:
+        yield
+    except ARCHIVE_ERRORS as err:
+        raise MlasLoraError(
+            f"{name}: corrupt .deb, cannot read its {stem}.tar member ({type(err).__name__}: {err}); {REFETCH}"
+        ) from None
 
 
 def write_ar(members: dict[str, bytes]) -> bytes:
@@ -54,16 +87,17 @@ def _member_tar(members: dict[str, bytes], stem: str, name: str) -> tarfile.TarF
             if member.endswith(".zst"):
                 raise MlasLoraError(f"{name}: {member} is zstd-compressed, which the stdlib cannot read")
             return tarfile.open(fileobj=io.BytesIO(body), mode="r:*")
-    raise MlasLoraError(f"{name}: no {stem}.tar.* member in the .deb (found {sorted(members)})")
+    raise MlasLoraError(f"{name}: no {stem}.tar.* member in the .deb (found {sorted(members)}); {REFETCH}")
 
 
 def deb_control(path: Path) -> dict[str, str]:
     """The fields of a `.deb`'s control file (Package, Version, ...)."""
-    with _member_tar(read_ar(path.read_bytes(), str(path)), "control", str(path)) as tar:
+    members = read_ar(path.read_bytes(), str(path))
+    with _reading(str(path), "control"), _member_tar(members, "control", str(path)) as tar:
         member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "control"), None)
         if member is None:
-            raise MlasLoraError(f"{path}: control.tar has no control file")
-        text = tar.extractfile(member).read().decode("utf-8")
+            raise MlasLoraError(f"{path}: control.tar has no control file; {REFETCH}")
+        text = tar.extractfile(member).read().decode("utf-8", errors="replace")
     return dict(_control_field(line) for line in text.splitlines() if line and not line[0].isspace())
 
 
@@ -74,7 +108,8 @@ def _control_field(line: str) -> tuple[str, str]:
 
 def deb_files(path: Path, suffix: str) -> Iterator[tuple[str, bytes]]:
     """(path inside the package, bytes) of every data file whose name ends with `suffix`."""
-    with _member_tar(read_ar(path.read_bytes(), str(path)), "data", str(path)) as tar:
+    members = read_ar(path.read_bytes(), str(path))
+    with _reading(str(path), "data"), _member_tar(members, "data", str(path)) as tar:
         for member in tar:
             if member.isfile() and member.name.endswith(suffix):
                 yield member.name, tar.extractfile(member).read()

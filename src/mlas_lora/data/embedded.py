@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from mlas_lora.data.cleaning import clean_pair, english_words, pick_translations, split_of, unit_hash
 from mlas_lora.data.debian import apt_available
+from mlas_lora.data.lines import jsonl_rows
 from mlas_lora.data.records import Example
 from mlas_lora.data.sources import SourceFile, fetch_sources, find_sources, read_messages
 from mlas_lora.errors import MlasLoraError
@@ -69,6 +70,12 @@ def build_corpus(
     if old and old.get("fingerprint") == fingerprint and not force:
         return old
     ui, ood = _read_pairs(sources, langs, progress)
+    if not any(ui.values()):
+        raise MlasLoraError(
+            f"{from_dir or downloads_dir()}: the {len(sources)} file(s) read give no in-domain translation "
+            f"pair for {', '.join(langs)} (train, dev and test come from LibreOffice UI catalogs): add the "
+            "libreoffice-l10n-<lang> .deb files (or <lang>.mo catalogs) of these languages and build again"
+        )
     splits = _split_all(ui, ood, params)
     manifest = _manifest(params, sources, fingerprint, splits)
     _write_atomically(out, splits, manifest)
@@ -193,11 +200,21 @@ def _split_path(out: Path, lang: str, split: str) -> Path:
     return out / lang / f"{split}.jsonl"
 
 
+REBUILD = "rebuild the corpus with `mlas-lora data build --force`"
+
+
 def _read_pairs_file(path: Path, lang: str) -> list[tuple[str, str]]:
     if not path.exists():
         raise MlasLoraError(f"no embedded corpus file {path}: build it with `mlas-lora data build`")
-    rows = (json.loads(line)["translation"] for line in path.read_text(encoding="utf-8").splitlines())
-    return [(row[PIVOT], row[lang]) for row in rows]
+    pairs = []
+    for lineno, row in jsonl_rows(path, REBUILD):
+        pair = row.get("translation") if isinstance(row, dict) else None
+        if not isinstance(pair, dict) or not all(isinstance(pair.get(x), str) for x in (PIVOT, lang)):
+            raise MlasLoraError(
+                f'{path}, line {lineno}: expected {{"translation": {{"{PIVOT}": ..., "{lang}": ...}}}}; {REBUILD}'
+            )
+        pairs.append((pair[PIVOT], pair[lang]))
+    return pairs
 
 
 def load_embedded(

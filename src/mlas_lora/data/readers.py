@@ -14,10 +14,10 @@ and a source without a single example raises at its end.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from mlas_lora.data.lines import count_lines, jsonl_rows, read_lines
 from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.languages import Direction
@@ -48,26 +48,9 @@ def _existing(path: str | Path, role: str = "parallel data") -> Path:
     return path
 
 
-def _lines(path: Path) -> Iterator[str]:
-    """The file's lines without their line ends (\\n or \\r\\n), read one at a time; a UTF-8 BOM is
-    dropped and a line that is not UTF-8 fails naming the file and the line."""
-    with path.open("rb") as file:
-        for number, raw in enumerate(file, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise MlasLoraError(f"{path}:{number}: not valid UTF-8 (save the file as UTF-8)") from None
-            yield (line.removeprefix("\ufeff") if number == 1 else line).rstrip("\r\n")
-
-
-def _count_lines(path: Path) -> int:
-    with path.open("rb") as file:
-        return sum(1 for _ in file)
-
-
 def read_segments(path: str | Path, role: str = "input") -> list[str]:
     """The segments of a one-segment-per-line UTF-8 file (empty lines kept: an empty segment)."""
-    lines = list(_lines(_existing(path, role)))
+    lines = list(read_lines(_existing(path, role)))
     if not lines:
         raise MlasLoraError(f"{role} file {path} is empty: expected one segment per line")
     return lines
@@ -89,7 +72,7 @@ def read_tsv(path: str | Path, direction: str | Direction) -> Iterator[Example]:
 
 
 def _tsv_examples(path: Path, d: Direction) -> Iterator[Example]:
-    for lineno, line in enumerate(_lines(path), start=1):
+    for lineno, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -108,13 +91,7 @@ def read_jsonl(path: str | Path, direction: str | Direction) -> Iterator[Example
 
 
 def _jsonl_examples(path: Path, d: Direction) -> Iterator[Example]:
-    for lineno, line in enumerate(_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MlasLoraError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
+    for lineno, row in jsonl_rows(path):
         pair = row.get("translation") if isinstance(row, dict) else None
         missing = [x for x in (d.src, d.tgt) if not isinstance(pair, dict) or not pair.get(x)]
         if missing:
@@ -141,7 +118,7 @@ def read_aligned(prefix_or_src_path: str | Path, direction: str | Direction) -> 
     """
     d = _direction(direction)
     src_path, tgt_path = (_existing(p) for p in aligned_paths(prefix_or_src_path, d))
-    n_src, n_tgt = _count_lines(src_path), _count_lines(tgt_path)
+    n_src, n_tgt = count_lines(src_path), count_lines(tgt_path)
     if n_src != n_tgt:
         raise MlasLoraError(
             f"aligned files differ in length: {src_path} has {n_src} lines, {tgt_path} has {n_tgt} lines"
@@ -150,7 +127,7 @@ def read_aligned(prefix_or_src_path: str | Path, direction: str | Direction) -> 
 
 
 def _aligned_examples(src_path: Path, tgt_path: Path, d: Direction) -> Iterator[Example]:
-    pairs = zip(_lines(src_path), _lines(tgt_path), strict=True)
+    pairs = zip(read_lines(src_path), read_lines(tgt_path), strict=True)
     for lineno, (s, r) in enumerate(pairs, start=1):
         if bool(s.strip()) != bool(r.strip()):
             raise MlasLoraError(

@@ -12,11 +12,12 @@ import re
 import subprocess
 import sys
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from mlas_lora.data.catalogs import Message, parse_mo, parse_po
-from mlas_lora.data.debian import apt_download, deb_control, deb_files, file_sha256
+from mlas_lora.data.debian import REFETCH, apt_download, deb_control, deb_files, file_sha256
 from mlas_lora.errors import MlasLoraError
 
 SUFFIXES = (".deb", ".whl", ".mo", ".po")
@@ -87,22 +88,50 @@ def read_messages(source: SourceFile, langs: tuple[str, ...]) -> dict[str, list[
     for inner, data in _catalog_files(source):
         lang = locale_code(catalog_locale(inner))
         if lang in langs:
-            parse = parse_mo if inner.endswith(".mo") else parse_po
-            text = data if inner.endswith(".mo") else data.decode("utf-8")
-            found.setdefault(lang, []).extend(parse(text, f"{source.path.name}:{inner}"))
+            found.setdefault(lang, []).extend(_parse_catalog(source, inner, data))
     return found
+
+
+def _parse_catalog(source: SourceFile, inner: str, data: bytes) -> list[Message]:
+    """The entries of one catalog; a damaged one names the input file (and the catalog inside it)."""
+    where = str(source.path) if inner == str(source.path) else f"{source.path}: {inner}"
+    try:
+        if inner.endswith(".mo"):
+            return parse_mo(data, where)
+        return parse_po(data.decode("utf-8"), where)
+    except UnicodeDecodeError as err:
+        raise MlasLoraError(
+            f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}); {REFETCH}"
+        ) from None
+    except MlasLoraError as err:
+        raise MlasLoraError(f"{err}; {REFETCH}") from None
 
 
 def _catalog_files(source: SourceFile):
     if source.kind == "deb":
         yield from deb_files(source.path, ".mo")
     elif source.kind == "whl":
-        with zipfile.ZipFile(source.path) as wheel:
-            for name in wheel.namelist():
-                if name.endswith(".po"):
-                    yield name, wheel.read(name)
+        yield from _wheel_catalogs(source.path)
     else:
         yield str(source.path), source.path.read_bytes()
+
+
+def _wheel_catalogs(path: Path):
+    """(path inside the wheel, bytes) of its `.po` catalogs; a wheel that is not a sound zip is an error."""
+    try:
+        wheel = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as err:
+        raise MlasLoraError(f"{path}: not a valid wheel (zip) file ({err}); {REFETCH}") from None
+    with wheel:
+        for name in wheel.namelist():
+            if name.endswith(".po"):
+                try:
+                    data = wheel.read(name)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+                    raise MlasLoraError(
+                        f"{path}: corrupt wheel, cannot read {name} ({err}); {REFETCH}"
+                    ) from None
+                yield name, data
 
 
 def fetch_sources(langs: tuple[str, ...], dest: Path, refresh: bool = False) -> list[SourceFile]:

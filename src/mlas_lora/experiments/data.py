@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlas_lora.data.records import Example
 from mlas_lora.data.sampling import take
+from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.config import DataConfig
 from mlas_lora.languages import Direction
 
@@ -121,7 +122,22 @@ def _valid(direction: Direction, config: DataConfig, seeds: list[Example]) -> li
 
 def _read_split(direction: Direction, split: str, config: DataConfig) -> list[Example]:
     embedded = _corpus_of(split, config)[0] == "embedded"
-    return (_from_embedded if embedded else _from_spec)(direction, split, config)
+    examples = (_from_embedded if embedded else _from_spec)(direction, split, config)
+    spec = "embedded corpus" if embedded else corpus_spec(direction, split, config)
+    if split == "test" and not examples and spec is not None and _limit(config, split) != 0:
+        raise MlasLoraError(_empty_test(direction, spec, config.min_test_words))
+    return examples
+
+
+def _empty_test(direction: Direction, spec: str, min_words: int) -> str:
+    """Why a test split came out empty, and what to change (a run would otherwise report only dashes)."""
+    if min_words == 0:
+        return f"data: the test split of {direction} ({spec}) is empty: add test segments to it"
+    return (
+        f"data: the test split of {direction} ({spec}) has no segment left after the filter "
+        f"data.min_test_words={min_words} (segments whose English side has fewer words are dropped): "
+        "lower data.min_test_words, or use a test set with longer segments"
+    )
 
 
 def load_splits(config: DataConfig, splits=SPLITS) -> Splits:

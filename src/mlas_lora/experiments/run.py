@@ -214,8 +214,8 @@ def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Pa
     """
     systems = resolve_systems(config)
     run_dir = Path(config.output_dir)
-    write_manifest(config, run_dir)
     splits = load_splits(config.data)
+    write_manifest(config, run_dir)  # only now: a run that fails on its config or data leaves no folder
     store = HypothesisStore(run_dir)
     if force:
         import shutil

@@ -322,11 +322,11 @@ class AFLoRA(Standalone):
         return contextlib.nullcontext(), None
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
-        from mlas_lora.models.loading import resolve_source
+        from mlas_lora.models.loading import base_model_id
         from mlas_lora.stage_files import fresh_dir
 
         fresh_dir(folder)
-        return export_peft(student.model, folder, resolve_source(config.models.student)[0])
+        return export_peft(student.model, folder, base_model_id(config.models.student))
 
     def trainable_parameters(self, student) -> int:
         """Every adapter parameter that trains at some point (A and B until they freeze)."""

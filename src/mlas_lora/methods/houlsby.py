@@ -115,10 +115,10 @@ class HoulsbyAdapter(Standalone):
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
         from mlas_lora.adapters.bottleneck import save_bottleneck
-        from mlas_lora.models.loading import resolve_source
+        from mlas_lora.models.loading import base_model_id
 
         fresh_dir(folder)
-        save_bottleneck(student.model, folder, base_model=resolve_source(config.models.student)[0])
+        save_bottleneck(student.model, folder, base_model=base_model_id(config.models.student))
         return folder
 
     def trainable_parameters(self, student) -> int:

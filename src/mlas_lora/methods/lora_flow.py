@@ -173,7 +173,7 @@ class LoraFlow:
         """Self-contained: gates and frozen LoRAs, so `load_lora_flow` needs only the base model."""
         from safetensors.torch import save_file
 
-        from mlas_lora.models.loading import resolve_source
+        from mlas_lora.models.loading import base_model_id
         from mlas_lora.stage_files import fresh_dir
 
         fresh_dir(folder)
@@ -181,7 +181,7 @@ class LoraFlow:
         tensors = {**flow.gate_state_dict(), **flow.lora_state_dict()}
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
         save_file(tensors, str(Path(folder) / EXPORT), metadata={"format": "pt"})
-        manifest = _manifest(flow, base_model_name_or_path=resolve_source(config.models.student)[0])
+        manifest = _manifest(flow, base_model_name_or_path=base_model_id(config.models.student))
         (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         return folder
 

@@ -210,11 +210,11 @@ class Lslo(Standalone):
         return contextlib.nullcontext(), student.model.routing
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
-        from mlas_lora.models.loading import resolve_source
+        from mlas_lora.models.loading import base_model_id
         from mlas_lora.stage_files import fresh_dir
 
         fresh_dir(folder)
-        export_pair_adapters(student.model, folder, resolve_source(config.models.student)[0])
+        export_pair_adapters(student.model, folder, base_model_id(config.models.student))
         return folder
 
     def trainable_parameters(self, student) -> int:

@@ -119,11 +119,11 @@ class MlasLora:
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
         from mlas_lora.adapters.export import export_peft_adapters
-        from mlas_lora.models.loading import resolve_source
+        from mlas_lora.models.loading import base_model_id
         from mlas_lora.stage_files import fresh_dir
 
         fresh_dir(folder)
-        export_peft_adapters(student.model, folder, resolve_source(config.models.student)[0], merge=merge)
+        export_peft_adapters(student.model, folder, base_model_id(config.models.student), merge=merge)
         return folder
 
     def trainable_parameters(self, student) -> int:

@@ -91,8 +91,13 @@ class PeftLora(Standalone):
         return contextlib.nullcontext(), None
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
+        from mlas_lora.models.loading import base_model_id
+
         fresh_dir(folder)
-        student.model.save_pretrained(str(folder))
+        for peft_config in student.model.peft_config.values():  # the hub id, not the cache path
+            peft_config.base_model_name_or_path = base_model_id(config.models.student)
+        # no embedding layer is trained; "auto" would ask the hub for the base model's vocabulary
+        student.model.save_pretrained(str(folder), save_embedding_layers=False)
         return folder
 
     def trainable_parameters(self, student) -> int:

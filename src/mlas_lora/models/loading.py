@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import describe
-from mlas_lora.models.registry import REGISTRY, require_prepared
+from mlas_lora.models.registry import REGISTRY, prepared_dir, require_prepared
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -64,6 +65,20 @@ def resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
     return text, False
 
 
+def base_model_id(name_or_path: str | Path) -> str:
+    """What adapters record as their base model: an embedded model's hub id (given by name or by its
+    prepared folder), a local folder's absolute path, else the hub id as given ("" for a model built
+    in memory). Recording the hub id, not the cache path, lets others load the adapters."""
+    text = str(name_or_path)
+    if text in REGISTRY:
+        return REGISTRY[text].hub_id
+    path = Path(text).expanduser()
+    if not text or not path.is_dir():
+        return text
+    path = path.resolve()
+    return next((s.hub_id for s in REGISTRY.values() if prepared_dir(s.name).resolve() == path), str(path))
+
+
 def load_model_config(source: str, local: bool):
     """The Hugging Face config of a model (as `resolve_source` resolves it), without its weights."""
     from transformers import AutoConfig
@@ -92,6 +107,31 @@ def load_tokenizer(source: str, local: bool = True):
     return tokenizer
 
 
+def damaged_safetensors(folder: Path) -> tuple[Path, str] | None:
+    """The first safetensors file in `folder` whose header does not read (truncated, empty, garbled)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            return path, str(err)
+    return None
+
+
+def weights_error(name: str, source: str, local: bool, err: Exception) -> MlasLoraError:
+    """The error for weights that do not load: a damaged file is named, with how to get it again."""
+    damaged = damaged_safetensors(Path(source)) if local else None
+    if damaged is None:
+        return MlasLoraError(f"cannot load the weights of {source!r}: {err}")
+    path, reason = damaged
+    fix = (
+        f"run `mlas-lora models prepare {name} --force` to convert the model again"
+        if name in REGISTRY
+        else "save or copy the checkpoint again"
+    )
+    return MlasLoraError(f"{path}: truncated or corrupt safetensors file ({reason}); {fix}")
+
+
 def load_model(name_or_path: str | Path, dtype: str | torch.dtype = "auto", device=None):
     """(model in eval mode, tokenizer) for an embedded model name, a local checkpoint or a hub id."""
     from transformers import AutoModelForCausalLM
@@ -102,8 +142,8 @@ def load_model(name_or_path: str | Path, dtype: str | torch.dtype = "auto", devi
     torch_dtype = resolve_dtype(dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local)
-    except (OSError, ValueError) as err:
-        raise MlasLoraError(f"cannot load the weights of {source!r}: {err}") from None
+    except (OSError, ValueError, SafetensorError) as err:
+        raise weights_error(str(name_or_path), source, local, err) from None
     if device is not None:
         model = model.to(device)
     tokenizer = load_tokenizer(source, local)

