@@ -164,18 +164,25 @@ def _train(args) -> None:
 
 def _check_export(system, folder: Path, config) -> None:
     """vLLM's and PEFT's rules on every adapter of an export, then the `vllm serve` line."""
+    from peft import PeftConfig
+
     from mlas_lora.adapters.serving import adapter_folders, adapter_problems, vllm_command
-    from mlas_lora.models.loading import resolve_source
+    from mlas_lora.models.loading import base_model_id
 
     if system.method.export_format != "peft":
         print(f"{system.name}: {system.method.name} exports its own format ({folder}); vLLM cannot serve it")
         return
     adapters = adapter_folders(folder)
     problems = [p for path in adapters.values() for p in adapter_problems(path)]
+    for path in adapters.values():
+        try:  # PEFT's own reading of the config (the matrix test loads the weights too)
+            PeftConfig.from_pretrained(str(path))
+        except Exception as err:  # noqa: BLE001 - any refusal is the finding
+            problems.append(f"{path}: PEFT cannot read the adapter config ({type(err).__name__}: {err})")
     if problems:
         raise MlasLoraError(f"{system.name}: not servable by vLLM:\n  " + "\n  ".join(problems))
     print(f"{system.name}: {len(adapters)} adapter(s) pass vLLM's and PEFT's checks; serve them with")
-    print("  " + vllm_command(resolve_source(config.models.student)[0], adapters))
+    print("  " + vllm_command(base_model_id(config.models.student), adapters))
 
 
 def _curve(args) -> None:

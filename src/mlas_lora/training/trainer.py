@@ -12,7 +12,6 @@ order and continues from the exact micro-batch it stopped at.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -28,6 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
+from mlas_lora.stage_files import write_json_atomic
 from mlas_lora.training.config import TrainingConfig
 from mlas_lora.training.data import Feature, collate, epoch_batches, featurize
 from mlas_lora.training.loss import IGNORE, predicting_positions, target_loss
@@ -235,5 +235,5 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         result = TrainResult(self.step, time.perf_counter() - start, tracker.means(), self.history)
-        (self.out_dir / "train_log.json").write_text(json.dumps(result.__dict__, indent=2))
+        write_json_atomic(self.out_dir / "train_log.json", result.__dict__)
         return result
