@@ -99,6 +99,7 @@ def _run(args) -> None:
 
 def _load_experiment(args):
     from mlas_lora.config import load_config
+    from mlas_lora.distributed import is_main_process
     from mlas_lora.experiments.config import ExperimentConfig
     from mlas_lora.experiments.data import load_splits
     from mlas_lora.experiments.run import write_manifest
@@ -107,18 +108,41 @@ def _load_experiment(args):
     config = load_config(ExperimentConfig, args.config, args.overrides)
     resolve_systems(config)  # every problem of the systems before any stage runs
     splits = load_splits(config.data, ("train", "dev"))
-    write_manifest(config, Path(config.output_dir))  # only once the config and the data are good
+    if is_main_process():  # under `accelerate launch`, one process writes
+        write_manifest(config, Path(config.output_dir))  # only once the config and the data are good
     return config, splits, Path(config.output_dir)
 
 
 def _score(args) -> None:
     from mlas_lora.awareness.scoring import load_awareness
+    from mlas_lora.distributed import launched
     from mlas_lora.experiments.stages import awareness_stage
 
+    placement = None
+    if args.max_memory:
+        if launched():
+            raise MlasLoraError(
+                "--max-memory spreads one process's teacher over the devices: run it without a launcher"
+            )
+        placement = {"max_memory": parse_max_memory(args.max_memory), "offload_folder": args.offload_folder}
     config, splits, run_dir = _load_experiment(args)
-    scored, _ = awareness_stage(config, splits, run_dir)
+    scored, _ = awareness_stage(config, splits, run_dir, placement)
     scores = load_awareness(scored)
     print(f"{scored}: pairs {scores.pairs}, teacher layers kept (Eq. 1): {scores.selected_layers}")
+
+
+def parse_max_memory(text: str) -> dict:
+    """`0=20GiB,cpu=60GiB` -> {0: "20GiB", "cpu": "60GiB"} (GPU indices as ints, as accelerate wants)."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        device, sep, size = part.partition("=")
+        if not sep or not size.strip():
+            raise MlasLoraError(
+                f"--max-memory: expected DEVICE=SIZE items like 0=20GiB,cpu=60GiB, got {part!r}"
+            )
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = size.strip()
+    return out
 
 
 def _classify(args) -> None:
@@ -142,6 +166,7 @@ def _transfer(args) -> None:
 
 
 def _train(args) -> None:
+    from mlas_lora.distributed import is_main_process
     from mlas_lora.experiments.pipeline import export_stage, train_dir, train_stage
     from mlas_lora.experiments.systems import find_system, resolve_systems
 
@@ -154,6 +179,8 @@ def _train(args) -> None:
                 f"{system.name} is not trained ({system.method.name} prompts the untuned student)"
             )
         student = train_stage(system, splits, run_dir)
+        if not is_main_process():  # under `accelerate launch`, one process exports
+            continue
         print(f"{system.name}: trained, checkpoints in {train_dir(system, run_dir)}")
         student.model.eval()
         folder = export_stage(system, student, run_dir, merge=args.merge)
@@ -285,9 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--beams", type=int, default=1)
     tr.set_defaults(func=_translate)
 
-    _experiment_parser(
+    score = _experiment_parser(
         sub, "score", "Eq. (1)-(2): layer relevance and neuron awareness of the teacher", _score
     )
+    score.add_argument(
+        "--max-memory",
+        help="spread a teacher larger than one device: memory per GPU index and cpu, e.g. 0=20GiB,cpu=60GiB "
+        "(device_map auto; what does not fit goes to --offload-folder)",
+    )
+    score.add_argument("--offload-folder", help="where layers that fit nowhere in --max-memory go (disk)")
     _experiment_parser(
         sub, "classify", "general vs language-specific neurons (prints the summary)", _classify
     )

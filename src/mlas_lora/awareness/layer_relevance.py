@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mlas_lora.distributed import all_reduce_sum_
 from mlas_lora.errors import MlasLoraError
 
 SELECTION_MODES = ("mean", "pair")
@@ -41,10 +42,14 @@ class LayerRelevanceTap:
     (or one bool [B, T] tensor, the `all` reading); `relevance(reading)` gives R [P, N]. The sums
     are in float32 whatever the model dtype; the difference is taken in float32 too, since a
     bfloat16 subtraction of two nearby residual states would lose most of the signal.
+
+    `device` holds the sums (default: the first layer's); layers placed elsewhere by a device map
+    add into it. Under data parallelism each process taps its shard of the seeds, then
+    `sum_across_processes` adds the sums and sentence counts up before any mean is taken.
     """
 
-    def __init__(self, layers: nn.ModuleList, num_pairs: int):
-        self.device = next(layers[0].parameters()).device
+    def __init__(self, layers: nn.ModuleList, num_pairs: int, device: torch.device | None = None):
+        self.device = device or next(layers[0].parameters()).device
         self.shape = (num_pairs, len(layers))
         self.sums: dict[str, torch.Tensor] = {}
         self.sentences = torch.zeros(num_pairs, dtype=torch.float64)
@@ -67,12 +72,21 @@ class LayerRelevanceTap:
             hidden_in = args[0] if args else kwargs["hidden_states"]
             hidden_out = output[0] if isinstance(output, tuple) else output
             with torch.no_grad():
-                per_token = (hidden_out.detach().float() - hidden_in.detach().float()).abs_().sum(-1)
+                hidden_in = hidden_in.detach().to(hidden_out.device)  # the previous layer's device
+                per_token = (hidden_out.detach().float() - hidden_in.float()).abs_().sum(-1)
                 for name, mask in self._masks.items():
+                    mask = mask.to(per_token.device)
                     per_sentence = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
-                    self.sums[name][self._pair, index] += per_sentence.sum()
+                    self.sums[name][self._pair, index] += per_sentence.sum().to(self.device)
 
         return hook
+
+    def sum_across_processes(self, readings: Sequence[str] = READINGS) -> None:
+        """Add up the sums of `readings` and the sentence counts of every process (a process
+        whose shard was empty contributes zeros); nothing to do in a single process."""
+        for name in readings:
+            self.sums.setdefault(name, torch.zeros(self.shape, dtype=torch.float32, device=self.device))
+        all_reduce_sum_([*(self.sums[name] for name in readings), self.sentences])
 
     def relevance(self, reading: str = "all") -> torch.Tensor:
         """R [P, N] (float32, CPU) of one reading: the mean over sentences; pairs with none stay 0."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mlas_lora.distributed import all_reduce_sum_
 from mlas_lora.models.arch import PROJECTIONS, projection
 
 SIDES = ("in", "out")
@@ -48,10 +49,12 @@ class NeuronAwarenessTap:
     """Hooks on the seven projections of every decoder layer that accumulate Eq. (2) per pair.
 
     Call `start_batch(pair_index, token_mask)` before each forward and `end_batch()` after the
-    backward; `scores()` returns {phi_key: float32 [P, features]} on the CPU.
+    backward; `scores()` returns {phi_key: float32 [P, features]} on the CPU. `device` holds the
+    buffers (default: each projection's weight's, which is `meta` for a block offloaded by a device
+    map). Under data parallelism `sum_across_processes` adds every process's buffers up.
     """
 
-    def __init__(self, layers: nn.ModuleList, num_pairs: int):
+    def __init__(self, layers: nn.ModuleList, num_pairs: int, device: torch.device | None = None):
         self.buffers: dict[str, torch.Tensor] = {}
         self.aliases: dict[str, str] = {}
         self._handles = []
@@ -68,7 +71,7 @@ class NeuronAwarenessTap:
                 module = projection(layer, proj)
                 for side, size in (("in", module.in_features), ("out", module.out_features)):
                     self.buffers[phi_key(index, proj, side)] = torch.zeros(
-                        num_pairs, size, dtype=torch.float32, device=module.weight.device
+                        num_pairs, size, dtype=torch.float32, device=device or module.weight.device
                     )
                 self._handles.append(module.register_forward_hook(self._hook(index, proj)))
 
@@ -153,10 +156,14 @@ class NeuronAwarenessTap:
                 activation = self._saved.pop(key) if key in self._saved else self._rebuild[key]()
                 taylor = grad * activation
                 taylor.abs_()
-                taylor.masked_fill_(padding, 0)
-                buffer[pair].add_(taylor.sum(dim=(0, 1), dtype=torch.float32))
+                taylor.masked_fill_(padding.to(taylor.device), 0)
+                buffer[pair].add_(taylor.sum(dim=(0, 1), dtype=torch.float32).to(buffer.device))
 
         return accumulate
+
+    def sum_across_processes(self) -> None:
+        """Add up every process's buffers (the sums of Eq. 2 over its shard); nothing to do alone."""
+        all_reduce_sum_(self.buffers.values())
 
     def scores(self) -> dict[str, torch.Tensor]:
         """{phi_key: float32 [P, features]} on the CPU; aliased `in` scores are copies of their owner."""

@@ -54,7 +54,9 @@ from tqdm.auto import tqdm
 
 from mlas_lora.awareness.layer_relevance import READINGS, LayerRelevanceTap, select_layers
 from mlas_lora.awareness.neuron_awareness import NeuronAwarenessTap, phi_key
+from mlas_lora.awareness.offload import input_device, saved_weights_on_host
 from mlas_lora.data.records import Example
+from mlas_lora.distributed import is_main_process, shard
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS, decoder_layers
 from mlas_lora.prompting import PromptStyle, build_prompt, training_ids, uses_chat
@@ -358,6 +360,13 @@ def score_teacher(
     in another dtype is cast in place (None keeps the model's dtype). Scores accumulate in float32.
     `num_student_layers` sets the top-L selection by mean relevance (None keeps every layer) under
     `relevance_reading` (layer_relevance.READINGS); `max_tokens` cuts each seed as training does.
+
+    Data-parallel under `accelerate launch` (`mlas_lora.distributed`): every process builds the same
+    batches, scores every size-th one from its index, and the sums (Phi, the relevance sums and
+    their sentence counts) are added up across processes before the means are taken, so each
+    process returns the scores of one process scoring everything (up to float summation order).
+    Token counts are counted on the full batch list. A model placed by `device_map` (offloaded
+    layers) is scored as it is (`awareness.offload`).
     """
     if relevance_reading not in READINGS:
         raise MlasLoraError(f"relevance_reading must be one of {READINGS}, got {relevance_reading!r}")
@@ -365,7 +374,7 @@ def score_teacher(
     if dtype is not None and model.dtype != dtype:
         model.to(dtype)
     layers = decoder_layers(model)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     batches = [
         (i, b)
         for i, pair in enumerate(pairs)
@@ -376,14 +385,18 @@ def score_teacher(
     for i, b in batches:
         tokens[pairs[i]] += int(b.tokens.sum())
         target_tokens[pairs[i]] += int(b.targets.sum())
-    relevance_tap, neuron_tap = LayerRelevanceTap(layers, len(pairs)), NeuronAwarenessTap(layers, len(pairs))
+    relevance_tap = LayerRelevanceTap(layers, len(pairs), device)
+    neuron_tap = NeuronAwarenessTap(layers, len(pairs), device)
+    shown = progress and is_main_process()
     try:
-        with scoring_mode(model):
-            for pair_index, batch in tqdm(batches, desc="awareness", unit="batch", disable=not progress):
+        with scoring_mode(model), saved_weights_on_host(model):
+            for pair_index, batch in tqdm(shard(batches), desc="awareness", unit="batch", disable=not shown):
                 _score_batch(model, batch.to(device), pair_index, relevance_tap, neuron_tap)
     finally:
         relevance_tap.remove()
         neuron_tap.remove()
+    relevance_tap.sum_across_processes(READINGS)
+    neuron_tap.sum_across_processes()
     by_reading = {name: relevance_tap.relevance(name) for name in READINGS}
     relevance = by_reading[relevance_reading]
     chosen = select_layers(relevance, num_student_layers or len(layers))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mlas_lora.distributed import barrier, is_main_process
 from mlas_lora.experiments.data import Splits
 from mlas_lora.experiments.stages import mark_done, record_stage_time, stage_done, stage_key, transfer_key
 from mlas_lora.experiments.systems import System
@@ -99,19 +100,12 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
     method, config = system.method, system.config
     folder, key = train_dir(system, run_dir), train_key(system)
     student = initial_student(system, splits, run_dir)
-    if not stage_done(folder, key) and (same := _same_training(run_dir, key)) is not None:
-        _remove(folder)
-        folder.symlink_to(same.name)  # train-R-i -> train-lora: one training, both names
+    if is_main_process():  # under `accelerate launch` one process prepares, the others wait
+        _prepare_train_dir(system, student, run_dir, folder, key)
+    barrier()
     if stage_done(folder, key):
-        _record_parameters(system, student, folder)
         method.load(student, finished_checkpoint(folder))
         return student
-    started = folder / "key.json"
-    if folder.is_symlink() or started.is_file() and json.loads(started.read_text())["key"] != key:
-        _remove(folder)  # checkpoints of another config must not be resumed
-    folder.mkdir(parents=True, exist_ok=True)
-    started.write_text(json.dumps({"key": key}))
-    _record_parameters(system, student, folder)
     start = time.perf_counter()
     student.model.train()
     training = getattr(method, "training_config", lambda c: c.training)(config)  # a method may adjust (lr)
@@ -131,8 +125,25 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
         and (lambda step, total: method.after_step(student, step, total)),
     )
     trainer.fit(resume="auto")
-    mark_done(folder, key, time.perf_counter() - start)
+    if is_main_process():
+        mark_done(folder, key, time.perf_counter() - start)
     return student
+
+
+def _prepare_train_dir(system: System, student: Student, run_dir: Path, folder: Path, key: str) -> None:
+    """Make `folder` ready to train into, or link it to a finished training of the same key."""
+    if not stage_done(folder, key) and (same := _same_training(run_dir, key)) is not None:
+        _remove(folder)
+        folder.symlink_to(same.name)  # train-R-i -> train-lora: one training, both names
+    if stage_done(folder, key):
+        _record_parameters(system, student, folder)
+        return
+    started = folder / "key.json"
+    if folder.is_symlink() or started.is_file() and json.loads(started.read_text())["key"] != key:
+        _remove(folder)  # checkpoints of another config must not be resumed
+    folder.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps({"key": key}))
+    _record_parameters(system, student, folder)
 
 
 def export_stage(system: System, student: Student, run_dir: Path, merge: bool = False) -> Path:

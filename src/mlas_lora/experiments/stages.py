@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mlas_lora.config import config_hash, to_dict
+from mlas_lora.distributed import barrier, is_main_process, main_process_first, process_device
 from mlas_lora.experiments.config import DataConfig, ExperimentConfig
 from mlas_lora.experiments.data import Splits
 from mlas_lora.models.arch import describe
@@ -102,10 +103,16 @@ def awareness_keys(config: ExperimentConfig) -> tuple[str, str]:
     return key, stage_key(scores=key, lam=lam, normalize=config.awareness.normalize)
 
 
-def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> tuple[Path, Path]:
-    """Score the teacher on each pair's seed sentences, then classify the neurons; returns both folders."""
-    from mlas_lora.awareness.classify import classify_neurons, resolve_lambda, save_classes
-    from mlas_lora.awareness.scoring import load_awareness, save_awareness, score_teacher
+def awareness_stage(
+    config: ExperimentConfig, splits: Splits, run_dir: Path, placement: dict | None = None
+) -> tuple[Path, Path]:
+    """Score the teacher on each pair's seed sentences, then classify the neurons; returns both folders.
+
+    Under `accelerate launch` every process scores its shard on its own device and holds the summed
+    scores; the main process writes them. `placement` ({"max_memory": ..., "offload_folder": ...},
+    `load_model`'s arguments) spreads a teacher larger than one device (one process).
+    """
+    from mlas_lora.awareness.scoring import save_awareness, score_teacher
     from mlas_lora.models.loading import load_model, load_model_config, resolve_source
 
     key, classes_key = awareness_keys(config)
@@ -114,7 +121,9 @@ def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> 
     if not stage_done(scored, key):
         start = time.perf_counter()
         student_layers = describe(load_model_config(*resolve_source(config.models.student))).num_layers
-        teacher, tokenizer = load_model(config.models.teacher, dtype=config.models.dtype)
+        teacher, tokenizer = load_model(
+            config.models.teacher, dtype=config.models.dtype, device=process_device(), **(placement or {})
+        )
         scores = score_teacher(
             teacher,
             tokenizer,
@@ -126,9 +135,20 @@ def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> 
             max_tokens=config.awareness.max_tokens,
         )
         del teacher
-        fresh_dir(scored)
-        save_awareness(scores, scored)
-        mark_done(scored, key, time.perf_counter() - start)
+        if is_main_process():
+            fresh_dir(scored)
+            save_awareness(scores, scored)
+            mark_done(scored, key, time.perf_counter() - start)
+        barrier()
+    with main_process_first():
+        _classify_stage(config, scored, classes, classes_key, scores)
+    return scored, classes
+
+
+def _classify_stage(config: ExperimentConfig, scored: Path, classes: Path, classes_key: str, scores) -> None:
+    from mlas_lora.awareness.classify import classify_neurons, resolve_lambda, save_classes
+    from mlas_lora.awareness.scoring import load_awareness
+
     if not stage_done(classes, classes_key):
         start = time.perf_counter()
         fresh_dir(classes)
@@ -137,7 +157,6 @@ def awareness_stage(config: ExperimentConfig, splits: Splits, run_dir: Path) -> 
         lam = resolve_lambda(config.awareness.lam, len(config.data.trained_directions))
         save_classes(classify_neurons(scores, lam=lam, normalize=config.awareness.normalize), classes)
         mark_done(classes, classes_key, time.perf_counter() - start)
-    return scored, classes
 
 
 def transfer_ranks(config: ExperimentConfig) -> tuple[int, int]:
@@ -174,22 +193,23 @@ def transfer_stage(config: ExperimentConfig, splits: Splits, run_dir: Path):
     scored, classes = awareness_stage(config, splits, run_dir)
     key = transfer_key(config)
     folder = stage_folder(run_dir, "transfer", key)
-    if not stage_done(folder, key):
-        start = time.perf_counter()
-        fresh_dir(folder)
-        r_gen, r_spe = transfer_ranks(config)
-        run_transfer(
-            model_source(config.models.teacher),
-            model_source(config.models.student),
-            scored,
-            classes,
-            folder,
-            list(splits.dev),
-            r_gen,
-            r_spe,
-            tuple(config.lora.targets),
-            fill_rule=config.lora.fill_rule,
-            plan=config.transfer,
-        )
-        mark_done(folder, key, time.perf_counter() - start)
+    with main_process_first():  # the others find it done
+        if not stage_done(folder, key):
+            start = time.perf_counter()
+            fresh_dir(folder)
+            r_gen, r_spe = transfer_ranks(config)
+            run_transfer(
+                model_source(config.models.teacher),
+                model_source(config.models.student),
+                scored,
+                classes,
+                folder,
+                list(splits.dev),
+                r_gen,
+                r_spe,
+                tuple(config.lora.targets),
+                fill_rule=config.lora.fill_rule,
+                plan=config.transfer,
+            )
+            mark_done(folder, key, time.perf_counter() - start)
     return load_factors(folder), folder

@@ -132,19 +132,37 @@ def weights_error(name: str, source: str, local: bool, err: Exception) -> MlasLo
     return MlasLoraError(f"{path}: truncated or corrupt safetensors file ({reason}); {fix}")
 
 
-def load_model(name_or_path: str | Path, dtype: str | torch.dtype = "auto", device=None):
-    """(model in eval mode, tokenizer) for an embedded model name, a local checkpoint or a hub id."""
+def load_model(
+    name_or_path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device=None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
+):
+    """(model in eval mode, tokenizer) for an embedded model name, a local checkpoint or a hub id.
+
+    `max_memory` ({0: "20GiB", "cpu": "60GiB"}: per GPU index, "cpu") places a model larger than one
+    device with `device_map="auto"`: layers fill the GPUs in order, then CPU memory, then
+    `offload_folder` on disk; offloaded layers run on the first GPU (or the CPU) with their weights
+    loaded for each forward. `device` is then ignored. Awareness scoring runs on such a model as on
+    a resident one (`awareness.offload`).
+    """
     from transformers import AutoModelForCausalLM
 
     source, local = resolve_source(name_or_path)
     config = load_model_config(source, local)
     describe(config)  # unsupported architectures fail here, before any weights are read
     torch_dtype = resolve_dtype(dtype, device)
+    placed = {}
+    if max_memory is not None:
+        placed = dict(device_map="auto", max_memory=max_memory, offload_folder=offload_folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, local_files_only=local, **placed
+        )
     except (OSError, ValueError, SafetensorError) as err:
         raise weights_error(str(name_or_path), source, local, err) from None
-    if device is not None:
+    if device is not None and not placed:
         model = model.to(device)
     tokenizer = load_tokenizer(source, local)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

@@ -12,7 +12,11 @@ class TrainingConfig:
     lr: float = 1e-4
     epochs: float = 3.0
     micro_batch: int = 8
+    """Examples per forward pass (per process)."""
     grad_accum: int = 8
+    """Micro-batches per optimizer step, over all processes: the global batch is micro_batch x
+    grad_accum with any number of processes (under `accelerate launch` each process runs every
+    N-th micro-batch of a step, so grad_accum must be >= N)."""
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_steps: int | None = None

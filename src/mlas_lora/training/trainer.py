@@ -7,6 +7,15 @@ target tokens), with logits computed at the target-predicting positions only (`t
 Checkpoints hold the adapters (safetensors, written by `save_adapters`) and the training state
 (optimizer, scheduler, RNG, data position) apart, as torchtune does; a resumed run rebuilds the seeded data
 order and continues from the exact micro-batch it stopped at.
+
+Data-parallel under `accelerate launch` (DDP): the global batch stays micro_batch x grad_accum
+whatever the number of processes N. Of each step's grad_accum micro-batches, process i runs
+i, i + N, ... (so grad_accum >= N; it need not divide), scaling its losses by N / grad_accum so
+that DDP's average over processes is the one-process mean; gradients are synchronised once per
+step (`no_sync` before the process's last micro-batch). Every process routes its own rows. A pair
+absent from a step on every process keeps grad None (DDP with `find_unused_parameters` leaves a
+parameter unused everywhere untouched), so AdamW skips it as in one process. The main process
+writes the checkpoints and the log; every process resumes from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -21,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from mlas_lora.data.records import Example
+from mlas_lora.distributed import all_reduce_sum_, barrier, is_main_process, rank_and_size
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.stage_files import write_json_atomic
 from mlas_lora.training.config import TrainingConfig
@@ -72,6 +82,15 @@ def remove_partial_checkpoints(out_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _sum_over_processes(values: list[float]) -> list[float]:
+    """The element-wise sums over all processes (float64); `values` as they are in one process."""
+    if rank_and_size()[1] == 1:
+        return values
+    summed = torch.tensor(values, dtype=torch.float64)
+    all_reduce_sum_([summed])
+    return summed.tolist()
+
+
 class _PairLoss:
     """Running mean loss per pair, for the progress bar and the log."""
 
@@ -85,6 +104,12 @@ class _PairLoss:
 
     def means(self) -> dict[str, float]:
         return {p: self.sum[i] / self.count[i] for i, p in enumerate(self.pairs) if self.count[i]}
+
+    def sum_across_processes(self) -> None:
+        self.sum, self.count = (
+            _sum_over_processes(self.sum),
+            [int(c) for c in _sum_over_processes(self.count)],
+        )
 
     def reset(self) -> None:
         self.sum, self.count = [0.0] * len(self.pairs), [0] * len(self.pairs)
@@ -118,7 +143,16 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.save_adapters, self.load_adapters = save_adapters, load_adapters
         self.update_norms, self.after_step = update_norms, after_step
-        self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+        self.rank, self.processes = rank_and_size()  # sets up the process group under a launcher
+        if config.grad_accum < self.processes:
+            raise MlasLoraError(
+                f"training.grad_accum ({config.grad_accum}) must be >= the number of processes "
+                f"({self.processes}): each process runs some of a step's micro-batches"
+            )
+        self.accelerator = Accelerator(
+            mixed_precision="bf16" if bf16 else "no",
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
         self.features: list[Feature] = featurize(tokenizer, examples, pairs, config.max_tokens)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -161,21 +195,31 @@ class Trainer:
 
     def train_step(self, tracker: _PairLoss) -> float:
         self.optimizer.zero_grad(set_to_none=True)  # pairs absent from this step keep grad None
-        total = 0.0
-        for k in range(self.config.grad_accum):
-            batch = collate(self._micro_batch(self.step * self.config.grad_accum + k), self.pad_id)
-            loss, sums, counts = self._forward(batch)
-            self.accelerator.backward(loss / self.config.grad_accum)
+        total, accum = 0.0, self.config.grad_accum
+        mine = range(self.rank, accum, self.processes)  # this process's micro-batches of the step
+        for k in mine:
+            batch = collate(self._micro_batch(self.step * accum + k), self.pad_id)
+            sync = contextlib.nullcontext() if k == mine[-1] else self.accelerator.no_sync(self.model)
+            with sync:
+                loss, sums, counts = self._forward(batch)
+                self.accelerator.backward(loss / (accum / self.processes))
             tracker.add(batch["pair_ids"], sums, counts)
-            total += loss.item() / self.config.grad_accum
+            total += loss.item() / accum
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return total
+        return _sum_over_processes([total])[0]
 
     def save_checkpoint(self) -> Path:
-        """Adapters + training state in `checkpoints/step-N/`, written to a temp dir then renamed."""
+        """Adapters + training state in `checkpoints/step-N/`, written to a temp dir then renamed
+        (by the main process; the others wait for it)."""
         final = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+        if is_main_process():
+            self._write_checkpoint(final)
+        barrier()
+        return final
+
+    def _write_checkpoint(self, final: Path) -> None:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "adapters").mkdir(parents=True)
@@ -194,7 +238,6 @@ class Trainer:
         if keep is not None:
             for old in complete_checkpoints(self.out_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def load_checkpoint(self, path: Path) -> None:
         self.load_adapters(path / "adapters")
@@ -214,13 +257,17 @@ class Trainer:
         self, resume: str | None = "auto", progress: bool = True, stop_after: int | None = None
     ) -> TrainResult:
         """Train to `self.steps` optimizer steps (or stop early after `stop_after`, for tests)."""
-        remove_partial_checkpoints(self.out_dir)
+        main = is_main_process()
+        if main:
+            remove_partial_checkpoints(self.out_dir)
         if resume:
             path = newest_checkpoint(self.out_dir) if resume == "auto" else Path(resume)
             if path is not None:
                 self.load_checkpoint(path)
         tracker, start = _PairLoss(self.pairs), time.perf_counter()
-        bar = tqdm(total=self.steps, initial=self.step, desc="train", disable=not progress, unit="step")
+        bar = tqdm(
+            total=self.steps, initial=self.step, desc="train", disable=not (progress and main), unit="step"
+        )
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
             loss = self.train_step(tracker)
             if self.after_step is not None:
@@ -234,6 +281,8 @@ class Trainer:
             if self.step % self.config.checkpoint_every == 0 or self.step == self.steps:
                 self.save_checkpoint()
         bar.close()
+        tracker.sum_across_processes()
         result = TrainResult(self.step, time.perf_counter() - start, tracker.means(), self.history)
-        write_json_atomic(self.out_dir / "train_log.json", result.__dict__)
+        if main:
+            write_json_atomic(self.out_dir / "train_log.json", result.__dict__)
         return result
