@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mlas_lora.adapters.projection import ProjectionWrapper
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTION_PATHS, decoder_layers, projection
 
@@ -85,20 +86,12 @@ class BottleneckAdapter(nn.Module):
         return h + self.up(self.act(self.down(x))).to(h.dtype)
 
 
-class AdaptedProjection(nn.Module):
+class AdaptedProjection(ProjectionWrapper):
     """A frozen projection followed by its bottleneck adapter: adapter(base(x))."""
 
     def __init__(self, base: nn.Linear, adapter: BottleneckAdapter):
-        super().__init__()
-        self.base, self.adapter = base, adapter
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+        super().__init__(base)
+        self.adapter = adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.base(x))

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlas_lora.adapters.projection import ProjectionWrapper
 from mlas_lora.adapters.routed_lora import Router
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTION_PATHS, PROJECTIONS, decoder_layers, projection
@@ -129,26 +130,18 @@ class MaskedFactors(nn.Module):
         self.B.mul_(self.mask_B)
 
 
-class LanguageLoRALinear(nn.Module):
+class LanguageLoRALinear(ProjectionWrapper):
     """A frozen nn.Linear plus one LoRA per language of its side, routed per sample by `router`."""
 
     def __init__(self, base: nn.Linear, router: Router, rank: int, scaling: float, dropout: float, dtype):
-        super().__init__()
-        self.base, self.router = base, router
+        super().__init__(base)
+        self.router = router
         self.rank, self.scaling = rank, scaling
         kw = dict(device=base.weight.device, dtype=dtype or base.weight.dtype)
         shape = (base.in_features, base.out_features)
         self.loras = nn.ModuleDict({lang: MaskedFactors(*shape, rank, **kw) for lang in router.pairs})
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._cache: tuple | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

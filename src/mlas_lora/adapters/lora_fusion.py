@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlas_lora.adapters.projection import ProjectionWrapper
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTION_PATHS, decoder_layers, projection
 
@@ -46,22 +47,14 @@ class _Slot:
     weights: torch.Tensor | None = None
 
 
-class FusedLoRALinear(nn.Module):
+class FusedLoRALinear(ProjectionWrapper):
     """A frozen nn.Linear plus k frozen LoRAs mixed per token by its layer's fusion weights."""
 
     def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, rank: int, slot: _Slot):
-        super().__init__()
-        self.base, self.rank, self.slot = base, rank, slot
+        super().__init__(base)
+        self.rank, self.slot = rank, slot
         self.register_buffer("A", a.detach().clone())  # [k r, in]
         self.register_buffer("B", b.detach().clone())  # [out, k r], scalings folded in
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

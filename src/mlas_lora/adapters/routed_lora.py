@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlas_lora.adapters.projection import ProjectionWrapper
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTION_PATHS, PROJECTIONS, decoder_layers, projection
 
@@ -199,12 +200,11 @@ class Router:
         return self._masks[key]
 
 
-class RoutedLoRALinear(nn.Module):
+class RoutedLoRALinear(ProjectionWrapper):
     """A frozen nn.Linear plus the general and per-pair LoRAs of Eq. (9), routed per sample."""
 
     def __init__(self, base: nn.Linear, router: Router, config: RoutedLoRAConfig, dtype=None):
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.router = router
         self.pairs = config.pairs
         self.r_gen, self.r_spe = config.r_gen, config.r_spe
@@ -217,22 +217,6 @@ class RoutedLoRALinear(nn.Module):
         self.merged_pair: str | None = None
         self.merged_copy: torch.Tensor | None = None
         """W + B A in a wider dtype than W's (RoutedLoRAModel.merged with a dtype), else None."""
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     @property
     def residual(self) -> bool:

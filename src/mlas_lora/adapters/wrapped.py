@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mlas_lora.adapters.export import VLLM_LORA_RANKS
+from mlas_lora.adapters.projection import ProjectionWrapper
 from mlas_lora.adapters.update_norms import lowrank_norm
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTION_PATHS, decoder_layers, projection
@@ -34,28 +35,11 @@ WEIGHTS = "adapter.safetensors"
 MANIFEST = "adapter.json"
 
 
-class ProjectionAdapter(nn.Module):
+class ProjectionAdapter(ProjectionWrapper):
     """A frozen nn.Linear `base` plus an update of the subclass's own; shows the base's shapes."""
 
     def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.base = base
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
+        super().__init__(base)
 
     def lowrank_update(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [out, R], A [R, in]), detached, with B A the layer's whole update (scaling in B)."""

@@ -47,7 +47,6 @@ with the vectors and s folded in, B' = s diag(Lambda_b) B, A' = diag(Lambda_d) A
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -66,7 +65,14 @@ from mlas_lora.adapters.wrapped import (
     wrap_projections,
     wrapped_update_norms,
 )
-from mlas_lora.methods.base import Standalone, Student, method_options, options_problems, student_key
+from mlas_lora.methods.base import (
+    Standalone,
+    Student,
+    Unrouted,
+    method_options,
+    options_problems,
+    student_key,
+)
 
 FORMAT = "mlas-lora-aflora/1"
 FREEZING = "freezing.json"
@@ -268,7 +274,7 @@ def load_freezing(model: nn.Module, path: Path) -> None:
             param.grad = None
 
 
-class AFLoRA(Standalone):
+class AFLoRA(Standalone, Unrouted):
     name = "aflora"
     trains = True
     export_format = "peft"
@@ -299,9 +305,6 @@ class AFLoRA(Standalone):
     def after_step(self, student, step: int, total_steps: int) -> None:
         freeze_step(student.model, student.schedule, step, total_steps)
 
-    def route(self, student):
-        return None
-
     def update_norms(self, student):
         return wrapped_update_norms(student.model)
 
@@ -313,13 +316,6 @@ class AFLoRA(Standalone):
     def load(self, student, path: Path) -> None:
         load_adapter(student.model, path, FORMAT)
         load_freezing(student.model, path)
-
-    def for_evaluation(self, student, merge: str) -> Student:
-        student.model.eval()
-        return student
-
-    def decode_scope(self, student, examples, merge: str):
-        return contextlib.nullcontext(), None
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
         from mlas_lora.models.loading import base_model_id

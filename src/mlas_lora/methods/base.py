@@ -14,6 +14,7 @@ lambda, the teacher) does not retrain it; `inputs` carries the keys of the earli
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -130,3 +131,18 @@ class Standalone:
 
     def needs_transfer(self, config) -> bool:
         return False
+
+
+class Unrouted:
+    """Defaults of a method whose student needs no routing and has nothing to merge: it is trained
+    and decoded as it is (`evaluation.merge` does not apply)."""
+
+    def route(self, student) -> None:
+        return None
+
+    def for_evaluation(self, student, merge: str) -> Student:
+        student.model.eval()
+        return student
+
+    def decode_scope(self, student, examples, merge: str):
+        return contextlib.nullcontext(), None

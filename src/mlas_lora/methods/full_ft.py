@@ -23,14 +23,13 @@ which holds a copy of those weights (1.43 GB for Qwen2.5-0.5B in float32).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mlas_lora.methods.base import Standalone, Student, count_trainable, method_options, student_key
+from mlas_lora.methods.base import Standalone, Student, Unrouted, count_trainable, method_options, student_key
 from mlas_lora.stage_files import fresh_dir
 
 WEIGHTS = "model.safetensors"
@@ -45,7 +44,7 @@ class FullFtOptions:
     """'float32' (trained weights in float32, the default) or 'model' (models.dtype)."""
 
 
-class FullFineTuning(Standalone):
+class FullFineTuning(Standalone, Unrouted):
     name = "full-ft"
     trains = True
     export_format = "safetensors"
@@ -79,9 +78,6 @@ class FullFineTuning(Standalone):
         model, tokenizer = load_model(config.models.student, dtype=self._dtype(config))
         model.requires_grad_(True)
         return Student(model, tokenizer)
-
-    def route(self, student):
-        return None
 
     def update_norms(self, student):
         from mlas_lora.models.arch import decoder_layers, projections
@@ -117,14 +113,6 @@ class FullFineTuning(Standalone):
             raise MlasLoraError(f"{path}/{WEIGHTS}: parameter names differ from the student's")
         for name, param in params.items():
             param.copy_(saved[name])
-
-    def for_evaluation(self, student, merge: str) -> Student:
-        """The trained model as it is (nothing to merge)."""
-        student.model.eval()
-        return student
-
-    def decode_scope(self, student, examples, merge: str):
-        return contextlib.nullcontext(), None
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
         fresh_dir(folder)

@@ -20,12 +20,11 @@ The adapters are nonlinear, so there is nothing to merge: `evaluation.merge` is 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlas_lora.config import to_dict
-from mlas_lora.methods.base import Standalone, Student, count_trainable, method_options, student_key
+from mlas_lora.methods.base import Standalone, Student, Unrouted, count_trainable, method_options, student_key
 from mlas_lora.stage_files import fresh_dir
 
 
@@ -37,7 +36,7 @@ class HoulsbyOptions:
     """Std of W_down and W_up at init (Houlsby's adapter-bert: 1e-3)."""
 
 
-class HoulsbyAdapter(Standalone):
+class HoulsbyAdapter(Standalone, Unrouted):
     name = "adapter"
     trains = True
     export_format = "safetensors"
@@ -89,9 +88,6 @@ class HoulsbyAdapter(Standalone):
         torch.manual_seed(config.training.seed)
         return Student(attach_bottleneck(model, shape), tokenizer)
 
-    def route(self, student):
-        return None
-
     def update_norms(self, student):
         """No weight update to measure (the adapters add a function, not a Delta W): nothing logged."""
         return lambda: {}
@@ -105,13 +101,6 @@ class HoulsbyAdapter(Standalone):
         from mlas_lora.adapters.bottleneck import load_bottleneck
 
         load_bottleneck(student.model, path)
-
-    def for_evaluation(self, student, merge: str) -> Student:
-        student.model.eval()
-        return student
-
-    def decode_scope(self, student, examples, merge: str):
-        return contextlib.nullcontext(), None
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
         from mlas_lora.adapters.bottleneck import save_bottleneck

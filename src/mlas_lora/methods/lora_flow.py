@@ -25,14 +25,13 @@ The trained function is run unmerged (`merge` is ignored: the weights differ per
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import torch
 
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.methods.base import Student, count_trainable, student_key
+from mlas_lora.methods.base import Student, Unrouted, count_trainable, student_key
 
 GATES = "gates.safetensors"
 MANIFEST = "lora_flow.json"
@@ -109,7 +108,7 @@ def load_lora_flow(model, folder):
     return flow.eval()
 
 
-class LoraFlow:
+class LoraFlow(Unrouted):
     name = "lora-flow"
     trains = True
     export_format = "safetensors"
@@ -138,9 +137,6 @@ class LoraFlow:
             )
         return Student(fuse_routed(prior.model), prior.tokenizer)
 
-    def route(self, student):
-        return None
-
     def update_norms(self, student):
         """Nothing: the update of a projection differs per token (its gate), so no ||Delta W|| exists."""
         return lambda: {}
@@ -161,13 +157,6 @@ class LoraFlow:
         if manifest != _manifest(student.model):
             raise MlasLoraError(f"{Path(path) / MANIFEST}: {manifest} does not match the model's")
         _copy_gates(student.model, load_file(str(Path(path) / GATES)), Path(path) / GATES)
-
-    def for_evaluation(self, student, merge: str) -> Student:
-        student.model.eval()
-        return student
-
-    def decode_scope(self, student, examples, merge: str):
-        return contextlib.nullcontext(), None
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
         """Self-contained: gates and frozen LoRAs, so `load_lora_flow` needs only the base model."""

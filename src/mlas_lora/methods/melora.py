@@ -32,7 +32,6 @@ s B_i placed in their output slices, so B A is the block-diagonal update, and Pe
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.methods.base import (
     Standalone,
     Student,
+    Unrouted,
     count_trainable,
     method_options,
     options_problems,
@@ -162,7 +162,7 @@ def attach_melora(model: nn.Module, shape: MELoRAShape, dtype: torch.dtype | Non
     )
 
 
-class MELoRA(Standalone):
+class MELoRA(Standalone, Unrouted):
     name = "melora"
     trains = True
     export_format = "peft"
@@ -183,9 +183,6 @@ class MELoRA(Standalone):
         attach_melora(model, melora_shape(config, len(pairs)))
         return Student(model, tokenizer)
 
-    def route(self, student):
-        return None
-
     def update_norms(self, student):
         return wrapped_update_norms(student.model)
 
@@ -197,13 +194,6 @@ class MELoRA(Standalone):
 
     def load(self, student, path: Path) -> None:
         load_adapter(student.model, path, FORMAT)
-
-    def for_evaluation(self, student, merge: str) -> Student:
-        student.model.eval()
-        return student
-
-    def decode_scope(self, student, examples, merge: str):
-        return contextlib.nullcontext(), None
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
         from mlas_lora.models.loading import base_model_id

@@ -30,13 +30,12 @@ Checkpoints and the export are PEFT adapter folders (`adapter_config.json` +
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mlas_lora.methods.base import Standalone, Student, count_trainable, method_options, student_key
+from mlas_lora.methods.base import Standalone, Student, Unrouted, count_trainable, method_options, student_key
 from mlas_lora.stage_files import fresh_dir
 
 
@@ -56,7 +55,7 @@ def matching_virtual_tokens(arch, budget: int) -> int:
     return max(1, round(budget / prefix_parameters(arch, 1)))
 
 
-class PrefixTuning(Standalone):
+class PrefixTuning(Standalone, Unrouted):
     name = "p-tuning"
     trains = True
     export_format = "peft"
@@ -107,9 +106,6 @@ class PrefixTuning(Standalone):
         peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
         return Student(get_peft_model(model, peft_config), tokenizer)
 
-    def route(self, student):
-        return None
-
     def update_norms(self, student):
         """{"prefix": ||P - P0|| / ||P0||} of the prefix embedding P (there is no Delta W)."""
         prefix = student.model.prompt_encoder[student.model.active_adapter].embedding.weight
@@ -135,9 +131,6 @@ class PrefixTuning(Standalone):
 
         student.model.eval()
         return Student(PrefixDecoder(student.model), student.tokenizer)
-
-    def decode_scope(self, student, examples, merge: str):
-        return contextlib.nullcontext(), None
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
         from mlas_lora.models.loading import base_model_id
