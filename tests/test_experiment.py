@@ -81,8 +81,8 @@ def test_budget_scales_every_system_alike(tiny_config):
     assert config.evaluation.baseline_for_significance == "mlas-lora"
     with pytest.raises(MlasLoraError, match="unknown budget"):
         experiment_config("table2", tiny_config, list(TABLE2), "gpu-week")
-    with pytest.raises(MlasLoraError, match="give --systems"):
-        run_named_experiment("mine", tiny_config)
+    own = experiment_config("mine", tiny_config, None, None)  # a label alone: the config's systems
+    assert own.systems == tiny_config.systems
 
 
 def test_paper_table_bolds_the_best_and_marks_significance():
@@ -147,3 +147,16 @@ def test_pairs_transfer_and_family_analyses(tiny_config, tmp_path):
     assert "| mlas-lora |" in (folder / "report.md").read_text()
     with pytest.raises(MlasLoraError, match="not one of data.directions"):
         run_named_experiment("pairs", tiny_config, focus="en-cs")
+
+
+def test_the_choice_is_made_on_valid_and_only_reported_on_test():
+    from mlas_lora.experiments.tables import choice_on_valid
+
+    def records(scores):
+        return [ResultRecord(s, d, "chrf", v, "sig", 10, "h") for (s, d), v in scores.items()]
+
+    valid = records({("a", "en-de"): 50.0, ("a", "en-fi"): 40.0, ("b", "en-de"): 48.0, ("b", "en-fi"): 46.0})
+    test = records({("a", "en-de"): 60.0, ("a", "en-fi"): 60.0, ("b", "en-de"): 10.0, ("b", "en-fi"): 10.0})
+    text = choice_on_valid(valid, test)
+    assert text.startswith("Chosen on the validation split by average chrf: **b** (test average 10.00")
+    assert "| 1 | b | 47.00 | 10.00 |" in text and "| 2 | a | 45.00 | 60.00 |" in text

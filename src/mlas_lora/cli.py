@@ -262,6 +262,8 @@ def _experiment(args) -> None:
     folder = run_named_experiment(args.name, config, systems, args.budget, lambdas, args.focus, args.student)
     for table in sorted(folder.glob("table.test.*.md")) or sorted(folder.glob("table.*.md")):
         print(f"## {table.stem}\n\n{table.read_text()}")
+    if (folder / "choice.md").is_file():
+        print(f"## choice on the validation split\n\n{(folder / 'choice.md').read_text()}")
     print(f"tables, plots and report in {folder}")
 
 

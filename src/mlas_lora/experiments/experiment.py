@@ -6,7 +6,7 @@ tables shaped like the paper's and plots.
     table2   MLAS-LoRA and the ten ablations of Table 2 (methods/presets.py), bootstrap vs MLAS-LoRA
     lambda   Fig. 5: MLAS-LoRA as lambda varies (0.05-0.6 in 8 steps, plus `auto`); one teacher pass
     pairs, transfer, family   Figs. 3, 2 and 4 (analyses.py: runs of their own)
-    NAME     any label, with `--systems a,b,c`
+    NAME     any label: the config's systems (e.g. a sweep file in configs/sweeps/), or `--systems a,b,c`
 
 Stages and hypotheses live in the config's run folder, shared with `mlas-lora run`, so a finished
 (system, split, direction) cell is never recomputed and a killed experiment continues; tables and
@@ -60,8 +60,8 @@ BUDGETS: dict[str, dict] = {
 }  # fmt: skip
 
 
-def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) -> list:
-    """The systems of a named experiment (or the given ones)."""
+def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) -> list | None:
+    """The systems of a named experiment, the given ones, or None: the config's own (a sweep file)."""
     if systems:
         return list(systems)
     if name == "table1":
@@ -71,10 +71,10 @@ def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) ->
     if name == "lambda":
         points = [*lambdas, "auto"]
         return [{"name": f"lambda-{lam}", "preset": "mlas-lora", "awareness": {"lam": lam}} for lam in points]
-    raise MlasLoraError(f"experiment {name!r}: give --systems (named experiments: table2, lambda)")
+    return None  # the config's own systems
 
 
-def experiment_config(name: str, config: ExperimentConfig, systems: list, budget: str | None):
+def experiment_config(name: str, config: ExperimentConfig, systems: list | None, budget: str | None):
     """The config with the experiment's systems (and budget). The bootstrap baseline is MLAS-LoRA in
     table2, else the config's where it is one of the systems, else MLAS-LoRA if present, else none."""
     from mlas_lora.experiments.systems import system_spec
@@ -84,8 +84,9 @@ def experiment_config(name: str, config: ExperimentConfig, systems: list, budget
         if budget not in BUDGETS:
             raise MlasLoraError(f"unknown budget {budget!r} (known: {', '.join(BUDGETS)})")
         tree = merge_trees(tree, BUDGETS[budget])
-    tree["systems"] = systems
-    names = [system_spec(s)[0] for s in systems]
+    if systems is not None:
+        tree["systems"] = systems
+    names = [system_spec(s)[0] for s in tree["systems"]]
     if name in ("table1", "table2"):
         tree["evaluation"]["baseline_for_significance"] = "mlas-lora"
     elif config.evaluation.significance_baseline(names) not in names:
@@ -146,7 +147,7 @@ def trainable_parameters(run_dir: Path, system) -> int | None:
 def write_tables(config: ExperimentConfig, systems, folder: Path) -> None:
     """table.{split}.{metric}.md / .csv for every evaluated split and metric."""
     from mlas_lora.evaluation.report import read_results
-    from mlas_lora.experiments.tables import paper_table
+    from mlas_lora.experiments.tables import choice_on_valid, paper_table
 
     run_dir = Path(config.output_dir)
     params = {s.name: trainable_parameters(run_dir, s) for s in systems}
@@ -162,6 +163,9 @@ def write_tables(config: ExperimentConfig, systems, folder: Path) -> None:
             (folder / f"table.{split}.{metric}.md").write_text(md)
             with open(folder / f"table.{split}.{metric}.csv", "w", newline="") as handle:
                 csv.writer(handle).writerows(rows)
+    valid, test = folder / "results" / "valid.json", folder / "results" / "test.json"
+    if valid.is_file() and test.is_file():
+        (folder / "choice.md").write_text(choice_on_valid(read_results(valid), read_results(test)))
 
 
 def write_plots(name: str, config: ExperimentConfig, systems, folder: Path) -> None:

@@ -70,3 +70,31 @@ def paper_table(
     marks = f"{DAGGER}: paired bootstrap against {baseline}, p < {alpha}; " if baseline else ""
     lines += ["", f"{metric} on {split}; best of each column in bold; {marks}Params: trainable parameters."]
     return "\n".join(lines) + "\n", csv_rows
+
+
+def choice_on_valid(valid, test, metric: str = "chrf") -> str:
+    """Markdown: the systems ranked by their average `metric` on the validation split, the one chosen
+    (the best there), and its test scores. Test never takes part in the choice."""
+
+    def averages(records) -> dict[str, float]:
+        by_system: dict[str, list[float]] = {}
+        for r in records:
+            if r.metric == metric:
+                by_system.setdefault(r.system, []).append(r.score)
+        return {s: sum(v) / len(v) for s, v in by_system.items()}
+
+    ranked = sorted(averages(valid).items(), key=lambda kv: -kv[1])
+    if not ranked:
+        return ""
+    tested = averages(test)
+    lines = [
+        f"Chosen on the validation split by average {metric}: **{ranked[0][0]}** "
+        f"(test average {tested.get(ranked[0][0], float('nan')):.2f}; test took no part in the choice).",
+        "",
+        f"| rank | system | valid {metric} | test {metric} |",
+        "| ---: | --- | ---: | ---: |",
+    ]
+    for i, (system, score) in enumerate(ranked, 1):
+        test_score = f"{tested[system]:.2f}" if system in tested else MISSING
+        lines.append(f"| {i} | {system} | {score:.2f} | {test_score} |")
+    return "\n".join(lines) + "\n"
