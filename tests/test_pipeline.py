@@ -239,3 +239,17 @@ def test_learning_curve_scores_every_checkpoint_and_resumes(tiny_run):
     again = json.loads((run / "curve/curve.json").read_text())
     assert again["lora"] == results["lora"] and (run / "curve/curve.json").stat().st_mtime_ns != stamp
     assert [step for step, _, _ in leader_by_step(results)] == [0, 1, 2]
+
+
+def test_stage_markers_are_written_atomically_and_a_garbled_one_means_not_done(tmp_path):
+    from mlas_lora.experiments.stages import mark_done, stage_done
+
+    folder = tmp_path / "run" / "transfer-abc"
+    folder.mkdir(parents=True)
+    (folder / "stage.json").write_text('{"key": "abc"')  # cut off by a kill in an older version
+    assert not stage_done(folder, "abc")
+    mark_done(folder, "abc", 1.0)
+    assert stage_done(folder, "abc") and json.loads((tmp_path / "run" / "stages.json").read_text()) == {
+        "transfer-abc": 1.0
+    }
+    assert sorted(p.name for p in folder.iterdir()) == ["stage.json"]  # no temporary file left
