@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlas_lora.adapters.projection import ProjectionWrapper
+from mlas_lora.adapters.projection import ModelWrapper, ProjectionWrapper
 from mlas_lora.adapters.routed_lora import Router
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTION_PATHS, PROJECTIONS, decoder_layers, projection
@@ -189,26 +189,13 @@ class LanguageLoRALinear(ProjectionWrapper):
         return f"languages={list(self.loras)}, rank={self.rank}, scaling={self.scaling}"
 
 
-class LanguageLoRAModel(nn.Module):
+class LanguageLoRAModel(ModelWrapper):
     """A causal LM with LSLo projections; `routing(pairs)` sets each sample's source and target."""
 
     def __init__(self, model: nn.Module, config: LanguageLoRAConfig, source: Router, target: Router):
-        super().__init__()
-        self.model, self.lslo_config = model, config
+        super().__init__(model)
+        self.lslo_config = config
         self.source_router, self.target_router = source, target
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.model.get_output_embeddings()
 
     def lslo_layers(self) -> dict[tuple[int, str], LanguageLoRALinear]:
         """(layer index, projection) -> LSLo layer, in model order."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlas_lora.adapters.projection import ProjectionWrapper
+from mlas_lora.adapters.projection import ModelWrapper, ProjectionWrapper
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTION_PATHS, decoder_layers, projection
 
@@ -68,26 +68,13 @@ class FusedLoRALinear(ProjectionWrapper):
         return y + F.linear(h, self.B).to(y.dtype)
 
 
-class LoRAFlowModel(nn.Module):
+class LoRAFlowModel(ModelWrapper):
     """A causal LM with fused projections and one FusionGate per decoder layer (`gates`)."""
 
     def __init__(self, model: nn.Module, gates: nn.ModuleList, pairs: tuple[str, ...], rank: int, targets):
-        super().__init__()
-        self.model, self.gates = model, gates
+        super().__init__(model)
+        self.gates = gates
         self.pairs, self.rank, self.targets = tuple(pairs), rank, tuple(targets)
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.model.get_output_embeddings()
 
     def fused_layers(self) -> dict[tuple[int, str], FusedLoRALinear]:
         layers = decoder_layers(self.model)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlas_lora.adapters.projection import ProjectionWrapper
+from mlas_lora.adapters.projection import ModelWrapper, ProjectionWrapper
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTION_PATHS, PROJECTIONS, decoder_layers, projection
 
@@ -353,28 +353,13 @@ class RoutedLoRALinear(ProjectionWrapper):
         return f"pairs={list(self.pairs)}, r_gen={self.r_gen}, r_spe={self.r_spe}, residual={self.residual}"
 
 
-class RoutedLoRAModel(nn.Module):
+class RoutedLoRAModel(ModelWrapper):
     """A causal LM whose target projections are RoutedLoRALinear; `routing()` picks each sample's pair."""
 
     def __init__(self, model: nn.Module, config: RoutedLoRAConfig, router: Router):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.lora_config = config
         self.router = router
-
-    @property
-    def config(self):
-        """The wrapped model's Hugging Face config, so generic code can treat this as the model."""
-        return self.model.config
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.model.get_output_embeddings()
 
     def routed_layers(self) -> dict[tuple[int, str], RoutedLoRALinear]:
         """(layer index, projection) -> routed layer, in model order."""
