@@ -157,13 +157,3 @@ def wrapped_update_norms(model: nn.Module) -> Callable[[], dict[str, float]]:
         return {"all": sum(ratios) / len(ratios)} if ratios else {}
 
     return norms
-
-
-def budget_rank(lora, n_pairs: int) -> int:
-    """r_gen + P r_spe: a rank whose LoRA, r (d_in + d_out) parameters per projection, has exactly
-    MLAS-LoRA's trainable count at the same `lora` section (one general LoRA plus P pair LoRAs, with
-    the ranks of its structure: `routed_shape`)."""
-    from mlas_lora.adapters.structure import routed_shape
-
-    shape = routed_shape(lora)
-    return shape.r_gen + n_pairs * shape.r_spe

@@ -146,3 +146,30 @@ class Unrouted:
 
     def decode_scope(self, student, examples, merge: str):
         return contextlib.nullcontext(), None
+
+
+class PeftFolders:
+    """Save, load and export of a PEFT model as PEFT adapter folders (`adapter_config.json` +
+    `adapter_model.safetensors`) that `PeftModel.from_pretrained` loads as they are."""
+
+    export_format = "peft"
+
+    def save(self, student, path: Path) -> None:
+        student.model.save_pretrained(str(path))
+
+    def load(self, student, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(student.model, load_file(str(Path(path) / "adapter_model.safetensors")))
+
+    def export(self, student, config, folder: Path, merge: bool = False) -> Path:
+        from mlas_lora.models.loading import base_model_id
+        from mlas_lora.stage_files import fresh_dir
+
+        fresh_dir(folder)
+        for peft_config in student.model.peft_config.values():  # the hub id, not the cache path
+            peft_config.base_model_name_or_path = base_model_id(config.models.student)
+        # no embedding layer is trained; "auto" would ask the hub for the base model's vocabulary
+        student.model.save_pretrained(str(folder), save_embedding_layers=False)
+        return folder

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlas_lora.adapters.budget import budget_settings
 from mlas_lora.config import to_dict
 from mlas_lora.methods.base import Standalone, Student, Unrouted, count_trainable, method_options, student_key
 from mlas_lora.stage_files import fresh_dir
@@ -54,13 +55,7 @@ class HoulsbyAdapter(Standalone, Unrouted):
         options = method_options(HoulsbyOptions, config)
         key = student_key(self.name, config, adapter=to_dict(options))
         if options.bottleneck is None:  # matched to MLAS-LoRA's parameters: the lora section sizes m
-            lora = config.lora
-            key["budget"] = {
-                "r_gen": lora.r_gen,
-                "r_spe": lora.r_spe,
-                "targets": list(lora.targets),
-                "structure": lora.structure,
-            }
+            key["budget"] = budget_settings(config.lora)
         return key
 
     def bottleneck(self, config, arch, n_pairs: int) -> int:

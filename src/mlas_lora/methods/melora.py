@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mlas_lora.adapters.budget import budget_rank
 from mlas_lora.adapters.wrapped import (
     ProjectionAdapter,
     adapter_layers,
-    budget_rank,
     export_peft,
     load_adapter,
     save_adapter,

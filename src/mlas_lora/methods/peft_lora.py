@@ -9,13 +9,11 @@ Checkpoints and the export are PEFT adapter folders (`adapter_config.json` +
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
-from mlas_lora.methods.base import Standalone, Student, count_trainable, student_key
+from mlas_lora.methods.base import PeftFolders, Standalone, Student, count_trainable, student_key
 from mlas_lora.models.arch import PROJECTION_PATHS
-from mlas_lora.stage_files import fresh_dir
 
 
 def peft_config(lora):
@@ -31,10 +29,9 @@ def peft_config(lora):
     )
 
 
-class PeftLora(Standalone):
+class PeftLora(Standalone, PeftFolders):
     name = "lora"
     trains = True
-    export_format = "peft"
 
     def problems(self, config) -> list[str]:
         return []
@@ -71,15 +68,6 @@ class PeftLora(Standalone):
 
         return peft_update_norms(student.model)
 
-    def save(self, student, path: Path) -> None:
-        student.model.save_pretrained(str(path))
-
-    def load(self, student, path: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(student.model, load_file(str(Path(path) / "adapter_model.safetensors")))
-
     def for_evaluation(self, student, merge: str) -> Student:
         """Unmerged (PEFT as trained) unless `weights`: then merged into the base weights' dtype."""
         student.model.eval()
@@ -89,16 +77,6 @@ class PeftLora(Standalone):
 
     def decode_scope(self, student, examples, merge: str):
         return contextlib.nullcontext(), None
-
-    def export(self, student, config, folder: Path, merge: bool = False) -> Path:
-        from mlas_lora.models.loading import base_model_id
-
-        fresh_dir(folder)
-        for peft_config in student.model.peft_config.values():  # the hub id, not the cache path
-            peft_config.base_model_name_or_path = base_model_id(config.models.student)
-        # no embedding layer is trained; "auto" would ask the hub for the base model's vocabulary
-        student.model.save_pretrained(str(folder), save_embedding_layers=False)
-        return folder
 
     def trainable_parameters(self, student) -> int:
         return count_trainable(student.model)

@@ -31,12 +31,19 @@ Checkpoints and the export are PEFT adapter folders (`adapter_config.json` +
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from mlas_lora.methods.base import Standalone, Student, Unrouted, count_trainable, method_options, student_key
-from mlas_lora.stage_files import fresh_dir
+from mlas_lora.adapters.budget import budget_settings
+from mlas_lora.methods.base import (
+    PeftFolders,
+    Standalone,
+    Student,
+    Unrouted,
+    count_trainable,
+    method_options,
+    student_key,
+)
 
 
 @dataclass
@@ -55,10 +62,9 @@ def matching_virtual_tokens(arch, budget: int) -> int:
     return max(1, round(budget / prefix_parameters(arch, 1)))
 
 
-class PrefixTuning(Standalone, Unrouted):
+class PrefixTuning(Standalone, Unrouted, PeftFolders):
     name = "p-tuning"
     trains = True
-    export_format = "peft"
 
     def problems(self, config) -> list[str]:
         out = []
@@ -75,13 +81,7 @@ class PrefixTuning(Standalone, Unrouted):
         n = method_options(PrefixOptions, config).num_virtual_tokens
         key = student_key(self.name, config, num_virtual_tokens=n)
         if n is None:  # matched to MLAS-LoRA's parameters: the lora section sizes the prefix
-            lora = config.lora
-            key["budget"] = {
-                "r_gen": lora.r_gen,
-                "r_spe": lora.r_spe,
-                "targets": list(lora.targets),
-                "structure": lora.structure,
-            }
+            key["budget"] = budget_settings(config.lora)
         return key
 
     def num_virtual_tokens(self, config, arch, n_pairs: int) -> int:
@@ -116,31 +116,12 @@ class PrefixTuning(Standalone, Unrouted):
 
         return norms
 
-    def save(self, student, path: Path) -> None:
-        student.model.save_pretrained(str(path))
-
-    def load(self, student, path: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(student.model, load_file(str(Path(path) / "adapter_model.safetensors")))
-
     def for_evaluation(self, student, merge: str) -> Student:
         """A PrefixDecoder for translate's loop (PEFT's generate would drop the prefix)."""
         from mlas_lora.adapters.prefix_decoding import PrefixDecoder
 
         student.model.eval()
         return Student(PrefixDecoder(student.model), student.tokenizer)
-
-    def export(self, student, config, folder: Path, merge: bool = False) -> Path:
-        from mlas_lora.models.loading import base_model_id
-
-        fresh_dir(folder)
-        for peft_config in student.model.peft_config.values():  # the hub id, not the cache path
-            peft_config.base_model_name_or_path = base_model_id(config.models.student)
-        # no embedding layer is trained; "auto" would ask the hub for the base model's vocabulary
-        student.model.save_pretrained(str(folder), save_embedding_layers=False)
-        return folder
 
     def trainable_parameters(self, student) -> int:
         return count_trainable(student.model)
