@@ -1,22 +1,26 @@
 """Translation speed of `translate()` (the shrinking-batch greedy loop) against the previous path (HF generate).
 
-    segments/s   new translate() / old translate(decoder="generate"), same settings     target >= 2.0
+    segments/s   new translate() / old (generate, batch 8, float32 LoRAs in float32)     target >= 2.0
 
 For each model, base student, PEFT LoRA and routed student (all unmerged, LoRA weights float32,
 B factors small random non-zero values so no LoRA is a no-op), `--per-pair` test segments of every
 pair (the embedded corpus, zero-shot requests as the experiments build them) are translated one
 pair at a time, as `experiments/run.py` and `pipeline.py` call `translate()`; the routed student
-gets `batch_context=routed.routing`. Settings ("old" and "new" always; `--extra` adds settings that
-change batch size or threads, or `shrink`: `translate(decoder="shrink")`, finished rows leave the batch
-even where float32 LoRA weights make that inexact) run interleaved, rotating which goes first each round, and the report
-gives the median time. Columns: segments/s; tokens/s, the generated tokens every row needs (up to
-and including its stop token, counted on the new loop) per second; row-steps, the rows the output
-head saw (the old path keeps finished rows in the batch); peak RSS of the process during the
-setting's rounds (VmHWM, reset before each); `same`, the hypotheses equal to the old path's.
+gets `batch_context=routed.routing`. Settings: `old`, the path before the speed work; `ref` (LoRA
+and routed), the function `new` decodes (`precision: training`, the trainer's bf16 autocast) through
+`generate` at batch 8, the reference for `new`'s hypotheses; `new`, today's `translate()` at
+`--batch-size`; `--extra` adds settings that change batch size (`-b32`), threads (`-t1`), the
+prefix cache (`-p1` on, `-p0` off), or `shrink`: `translate(decoder="shrink")`. They run
+interleaved, rotating which goes first each round, and the report gives the median time. Columns:
+segments/s; tokens/s, the generated tokens every row needs (up to and including its stop token,
+counted on the new loop) per second; row-steps, the rows the output head saw (the old path keeps
+finished rows in the batch); peak RSS of the process during the setting's rounds (VmHWM, reset
+before each); `same`, the hypotheses equal to ref's (base: old's); `=old`, equal to old's; BLEU and
+chrF++ of the setting's hypotheses (average over pairs).
 
     python benchmarks/bench_translate.py --tiny
     python benchmarks/bench_translate.py --models base --per-pair 50 --repeats 1
-    python benchmarks/bench_translate.py --models base --per-pair 6 --threads 2 --extra new-t1,new-b16-t1
+    python benchmarks/bench_translate.py --models base,routed --per-pair 25 --extra new-p1,new-b32,new-b32-p1
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import gc
 import statistics
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -41,14 +46,31 @@ TARGET = 2.0
 MODELS = ("base", "lora", "routed")
 
 
-def settings(args) -> dict:
-    """name -> (translate function, GenerationConfig, threads); `old` is today's path."""
-    base = GenerationConfig(batch_size=args.batch_size)
-    old, shrinking = partial(translate, decoder="generate"), partial(translate, decoder="shrink")
-    out = {"old": (old, base, args.threads), "new": (translate, base, args.threads)}
-    for name in filter(None, args.extra.split(",")):  # new-b16, new-t1, shrink, shrink-b16-t1
+OLD = GenerationConfig(batch_size=8, precision="weights")
+"""The settings of `translate()` before this benchmark's work: HF generate, batches of 8, float32 LoRAs
+computed in float32."""
+
+
+def settings(args, kind: str) -> dict:
+    """name -> (translate function, GenerationConfig, threads).
+
+    `old`: the previous path (OLD through `generate`); `ref`: the same function `new` decodes (the
+    training autocast, `precision: training`) through `generate` at batch 8, the reference its
+    hypotheses must equal (for the all-bf16 base model it is `old` itself); `new`: today's `translate()`
+    with `--batch-size` (default: GenerationConfig's)."""
+    generate, shrinking = partial(translate, decoder="generate"), partial(translate, decoder="shrink")
+    new = GenerationConfig(batch_size=args.batch_size)
+    out = {"old": (generate, OLD, args.threads)}
+    if kind != "base":
+        out["ref"] = (generate, replace(OLD, precision=new.precision), args.threads)
+    out["new"] = (translate, new, args.threads)
+    for name in filter(None, args.extra.split(",")):  # new-b16, new-t1, new-p0 (no prefix cache), shrink
         parts = {part[0]: int(part[1:]) for part in name.split("-")[1:]}
-        config = GenerationConfig(batch_size=parts.get("b", args.batch_size))
+        config = replace(
+            new,
+            batch_size=parts.get("b", args.batch_size),
+            prefix_cache=bool(parts.get("p", new.prefix_cache)),
+        )
         fn = shrinking if name.startswith("shrink") else translate
         out[name] = (fn, config, parts.get("t", args.threads))
     return out
@@ -103,7 +125,7 @@ def measure(args, kind: str, pairs: list[str], examples: dict) -> dict:
     """Per setting: median seconds, last hypotheses, row-steps and the largest peak RSS."""
     model, tokenizer, context = build(args, kind, pairs)
     by_pair = {p: zero_shot_requests(examples[p]) for p in pairs}
-    runs = {name: runner(model, tokenizer, context, by_pair, s) for name, s in settings(args).items()}
+    runs = {name: runner(model, tokenizer, context, by_pair, s) for name, s in settings(args, kind).items()}
     results = {name: {"times": [], "peak": 0} for name in runs}
     names = list(runs)
     for i in range(args.warmup + args.repeats):
@@ -119,28 +141,46 @@ def measure(args, kind: str, pairs: list[str], examples: dict) -> dict:
     return results
 
 
-def report(args, pairs, n_segments: int, all_results: dict) -> None:
+def quality(hyps: list[str], examples: dict) -> tuple[float, float]:
+    """(BLEU, chrF++) averaged over pairs: what a change of hypotheses does to the scores."""
+    from mlas_lora.evaluation.metrics import score_corpus
+
+    scores, start = [], 0
+    for ex in examples.values():
+        part, start = hyps[start : start + len(ex)], start + len(ex)
+        s = score_corpus(part, [e.reference for e in ex], ex[0].tgt_lang, metrics=("bleu", "chrf"))
+        scores.append((s["bleu"].score, s["chrf"].score))
+    return tuple(sum(col) / len(scores) for col in zip(*scores, strict=True))
+
+
+def report(args, pairs, n_segments: int, all_results: dict, examples: dict) -> None:
     name = "tiny qwen2 student (2 layers, hidden 32)" if args.tiny else args.model
     print(f"model: {name}; threads {args.threads}; pairs {','.join(pairs)}; {n_segments} segments")
     print(
-        f"zero-shot requests, one pair per translate() call, greedy, batch {args.batch_size}; "
+        f"zero-shot requests, one pair per translate() call, greedy; old: generate, batch 8, float32 LoRAs "
+        f"in float32; new: translate(), batch {args.batch_size}, precision {GenerationConfig().precision}; "
         f"LoRA r {args.r_gen + args.r_spe} (peft) / {args.r_gen} + {args.r_spe} (routed), unmerged, "
         f"B std {args.b_std}; {args.warmup} warm-up + {args.repeats} measured rounds, interleaved"
     )
+    print("same: hypotheses equal to ref's (the same function through generate at batch 8; base: old's)")
     print(
         f"{'model':<7} {'setting':<11} {'seg/s':>7} {'tok/s':>7} {'row-steps':>9} "
-        f"{'peak MiB':>9} {'same':>8} {'vs old':>7}"
+        f"{'peak MiB':>9} {'same':>8} {'=old':>8} {'BLEU':>6} {'chrF++':>6} {'vs old':>7}"
     )
     for kind, results in all_results.items():
         old = results["old"]
+        ref = results.get("ref", old)
         tokens = results["new"]["steps"]
         old_seconds = statistics.median(old["times"])
         for setting, r in results.items():
             seconds = statistics.median(r["times"])
-            same = sum(a == b for a, b in zip(r["hyps"], old["hyps"], strict=True))
+            same = sum(a == b for a, b in zip(r["hyps"], ref["hyps"], strict=True))
+            as_old = sum(a == b for a, b in zip(r["hyps"], old["hyps"], strict=True))
+            bleu, chrf = quality(r["hyps"], examples)
             print(
                 f"{kind:<7} {setting:<11} {n_segments / seconds:>7.3f} {tokens / seconds:>7.1f} "
-                f"{r['steps']:>9} {r['peak'] / 1024:>9.0f} {same:>4}/{n_segments:<3} {old_seconds / seconds:>7.2f}"
+                f"{r['steps']:>9} {r['peak'] / 1024:>9.0f} {same:>4}/{n_segments:<3} {as_old:>4}/{n_segments:<3} "
+                f"{bleu:>6.2f} {chrf:>6.2f} {old_seconds / seconds:>7.2f}"
             )
     for kind, results in all_results.items():
         ratio = statistics.median(results["old"]["times"]) / statistics.median(results["new"]["times"])
@@ -159,7 +199,8 @@ def main() -> None:
     parser.add_argument(
         "--extra",
         default="",
-        help="more settings: new-b16 (batch 16), new-t1 (1 thread), shrink (translate(decoder='shrink'))",
+        help="more settings: new-b16 (batch 16), new-t1 (1 thread), new-p0 (prefix_cache off), "
+        "shrink (translate(decoder='shrink'))",
     )
     parser.add_argument("--b-std", type=float, default=0.01, help="std of the random LoRA B factors")
     parser.add_argument("--repeats", type=int, default=1, help="measured rounds")
@@ -173,7 +214,7 @@ def main() -> None:
     examples = pair_examples(pairs, args.per_pair, "test")
     n_segments = sum(len(v) for v in examples.values())
     all_results = {kind: measure(args, kind, pairs, examples) for kind in args.models.split(",")}
-    report(args, pairs, n_segments, all_results)
+    report(args, pairs, n_segments, all_results, examples)
 
 
 if __name__ == "__main__":

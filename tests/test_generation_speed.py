@@ -88,7 +88,7 @@ def test_loop_equals_generate_with_rows_ending_early(family, dtype):
     """bf16: finished rows leave the batch; float32 (row bits depend on the batch size): they stay."""
     model = sharpened(family).to(dtype)
     assert rows_independent(model) == (dtype == torch.bfloat16)
-    config = GenerationConfig(batch_size=4, max_new_tokens=16)
+    config = GenerationConfig(batch_size=4, max_new_tokens=16, prefix_cache=False)
     new, old, new_rows, old_rows = both_paths(model, requests_of(), config)
     assert new == old
     if dtype == torch.bfloat16:
@@ -98,9 +98,12 @@ def test_loop_equals_generate_with_rows_ending_early(family, dtype):
     assert len(set(new)) > 3, "the test needs outputs that differ between inputs"
 
 
-@pytest.mark.parametrize("float32_lora", [True, False])
-def test_peft_lora_equals_generate(float32_lora):
-    """On a bf16 base: float32 LoRAs keep finished rows (row bits), bf16 LoRAs let them leave."""
+@pytest.mark.parametrize(
+    "float32_lora, precision", [(True, "weights"), (True, "training"), (False, "weights")]
+)
+def test_peft_lora_equals_generate(float32_lora, precision):
+    """On a bf16 base: float32 LoRAs computed in float32 (`weights`) keep finished rows (row bits);
+    under the training autocast (`training`) or as bf16 LoRAs they let them leave."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
@@ -110,11 +113,11 @@ def test_peft_lora_equals_generate(float32_lora):
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
     assert rows_independent(peft) != float32_lora
-    base_out = translate(
-        sharpened().bfloat16(), tiny_tokenizer(), requests_of(), GenerationConfig(batch_size=4)
-    )
-    new, old, new_rows, old_rows = both_paths(peft, requests_of(), GenerationConfig(batch_size=4))
-    assert new == old and (new_rows == old_rows if float32_lora else new_rows < old_rows)
+    generation = GenerationConfig(batch_size=4, precision=precision, prefix_cache=False)
+    base_out = translate(sharpened().bfloat16(), tiny_tokenizer(), requests_of(), generation)
+    new, old, new_rows, old_rows = both_paths(peft, requests_of(), generation)
+    stays = float32_lora and precision == "weights"
+    assert new == old and (new_rows == old_rows if stays else new_rows < old_rows)
     assert new != base_out, "the LoRA must change outputs, or the test checks nothing of it"
 
 
@@ -133,7 +136,10 @@ def test_routed_mixed_batches_equal_generate_and_follow_their_rows():
     """Rows of several pairs share buckets; after rows end, every remaining row keeps its own pair."""
     routed = routed_model()
     assert rows_independent(routed)
-    requests, config = requests_of(PAIRS), GenerationConfig(batch_size=5, max_new_tokens=16)
+    requests, config = (
+        requests_of(PAIRS),
+        GenerationConfig(batch_size=5, max_new_tokens=16, prefix_cache=False),
+    )
     new, old, new_rows, old_rows = both_paths(routed, requests, config, routed.routing)
     assert new == old and new_rows < old_rows
     one_pair = [TranslationRequest("en", "de", r.source) for r in requests]
@@ -143,12 +149,53 @@ def test_routed_mixed_batches_equal_generate_and_follow_their_rows():
     assert routed.router.present == (), "the routing must be restored after translating"
 
 
-def test_routed_float32_loras_equal_generate():
+@pytest.mark.parametrize("precision", ["weights", "training"])
+def test_routed_float32_loras_equal_generate(precision):
     routed = routed_model(torch.float32)
     assert not rows_independent(routed)
-    requests, config = requests_of(PAIRS), GenerationConfig(batch_size=5, max_new_tokens=16)
+    requests = requests_of(PAIRS)
+    config = GenerationConfig(batch_size=5, max_new_tokens=16, precision=precision, prefix_cache=False)
     new, old, new_rows, old_rows = both_paths(routed, requests, config, routed.routing)
-    assert new == old and new_rows == old_rows
+    assert new == old and (new_rows == old_rows if precision == "weights" else new_rows < old_rows)
+
+
+def test_translation_sees_the_logits_training_computed():
+    """`precision: training` decodes a bf16 model with float32 LoRAs under the trainer's autocast:
+    the prefill logits equal, bit for bit, those of a forward inside the bf16 autocast of the trainer's
+    `_forward` (`Accelerator(mixed_precision="bf16").autocast()` is `torch.autocast("cpu", bfloat16)`
+    on CPU; accelerate's state is a process singleton, so the test does not build one), and differ
+    from float32 LoRA numerics."""
+    from mlas_lora.translation.generate import _left_padded, prompt_ids
+
+    routed = routed_model(torch.float32)
+    requests = requests_of(PAIRS)[:4]
+    seen: list[torch.Tensor] = []
+    routed.get_output_embeddings().register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))
+
+    def prefill_logits(precision: str) -> torch.Tensor:
+        seen.clear()
+        config = GenerationConfig(batch_size=4, max_new_tokens=1, precision=precision, prefix_cache=False)
+        translate(routed, tiny_tokenizer(), requests, config, routed.routing, progress=False)
+        return seen[0][:, -1].float()
+
+    from mlas_lora.prompting import PromptStyle, build_prompt
+
+    tok = tiny_tokenizer()
+    ids = [
+        prompt_ids(tok, build_prompt(tok, r.src_lang, r.tgt_lang, r.source), PromptStyle()) for r in requests
+    ]
+    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))  # the bucket's row order
+    input_ids, attention = _left_padded([ids[i] for i in order], tok.pad_token_id, "cpu")
+    positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
+    with (
+        torch.no_grad(),
+        routed.routing([requests[i].pair for i in order]),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):
+        trained = routed(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+    trained = trained[:, -1].float()
+    assert torch.equal(prefill_logits("training"), trained)
+    assert not torch.equal(prefill_logits("weights"), trained), "float32 LoRAs compute another function"
 
 
 def test_batch_context_follows_the_rows_still_decoding():
@@ -166,16 +213,68 @@ def test_batch_context_follows_the_rows_still_decoding():
             return False
 
     requests = requests_of(PAIRS)
-    translate(model, tiny_tokenizer(), requests, GenerationConfig(batch_size=10), Recorder, progress=False)
+    translate(
+        model,
+        tiny_tokenizer(),
+        requests,
+        GenerationConfig(batch_size=10, prefix_cache=False),
+        Recorder,
+        progress=False,
+    )
     assert sorted(seen[0]) == sorted(r.pair for r in requests), "the whole bucket comes first"
     assert len(seen) > 1 and all(len(b) < len(a) for a, b in pairwise(seen)), "then fewer rows"
+
+
+def prompt_tokens(model) -> list[int]:
+    """Tokens (rows x positions) of every model call, recorded into the returned list."""
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["bf16", "float32", "routed"])
+def test_a_shared_prompt_prefix_runs_once_per_pair(kind):
+    """`prefix_cache`: the prompt prefix all rows share runs once per pair of the bucket, each row gets a
+    copy of its cache, and the hypotheses stay those of the full prefill."""
+    model = {"bf16": lambda: sharpened().bfloat16(), "float32": lambda: sharpened("llama")}.get(
+        kind, routed_model
+    )()
+    context = model.routing if kind == "routed" else None
+    requests = requests_of(PAIRS if kind == "routed" else ("en-de",))
+    pairs_seen: list[list[str]] = []
+    if context is not None:
+
+        def context(pairs, routing=model.routing):
+            pairs_seen.append(list(pairs))
+            return routing(pairs)
+
+    tokens = prompt_tokens(model)
+    results = {}
+    for shared in (False, True):
+        tokens.clear()
+        config = GenerationConfig(batch_size=5, max_new_tokens=16, prefix_cache=shared)
+        results[shared] = translate(model, tiny_tokenizer(), requests, config, context, progress=False)
+        results[shared, "tokens"] = sum(tokens)
+    assert results[True] == results[False] and len(set(results[True])) > 3
+    assert results[True, "tokens"] < results[False, "tokens"], "the shared prefix must run fewer tokens"
+    if kind == "routed":  # each bucket: one row per pair for the prefix, then all rows
+        prefix_passes = [p for p in pairs_seen if len(p) == len(set(p)) and len(p) < 5]
+        assert any(sorted(p) == sorted(PAIRS) for p in prefix_passes)
+
+
+def test_shared_prefix_leaves_every_row_a_token():
+    from mlas_lora.translation.generate import shared_prefix
+
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 5, 3]]) == 1
+    assert shared_prefix([[7], [7]]) == 0
 
 
 def test_rows_stop_at_the_bucket_budget():
     """A row that never ends gets the bucket's token budget, like max_new_tokens in generate."""
     model = tiny_model(seed=2)  # no stop hook: rows rarely end
     requests = requests_of()
-    config = GenerationConfig(batch_size=4, length_ratio=0.0, length_margin=3)
+    config = GenerationConfig(batch_size=4, length_ratio=0.0, length_margin=3, prefix_cache=False)
     new, old, new_rows, old_rows = both_paths(model, requests, config)
     assert new == old
     assert new_rows == old_rows == 3 * len(requests), "every row decodes exactly 3 tokens"

@@ -82,7 +82,12 @@ def _translate(args) -> None:
         folder = _adapter_folder(Path(args.adapters))
         model, context = load_routed_for_inference(model, folder, check_base=not args.any_base)
     requests = [TranslationRequest(direction.src, direction.tgt, s) for s in sources]
-    config = GenerationConfig(batch_size=args.batch_size, num_beams=args.beams)
+    config = GenerationConfig(
+        batch_size=args.batch_size,
+        num_beams=args.beams,
+        precision=args.precision,
+        prefix_cache=args.prefix_cache,
+    )
     for hypothesis in translate(model, tokenizer, requests, config, batch_context=context):
         print(hypothesis)
 
@@ -312,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dtype", default="auto")
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--beams", type=int, default=1)
+    tr.add_argument(
+        "--precision",
+        choices=("training", "weights"),
+        default="training",
+        help="training: float32 adapters on a bf16 base run under the bf16 autocast they were trained "
+        "under (the trained function); weights: in float32",
+    )
+    tr.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="run the prompt prefix all segments share once (faster; changes some hypotheses' bits)",
+    )
     tr.set_defaults(func=_translate)
 
     score = _experiment_parser(

@@ -17,13 +17,12 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from mlas_lora.distributed import barrier, is_main_process
 from mlas_lora.experiments.data import Splits
 from mlas_lora.experiments.stages import mark_done, record_stage_time, stage_done, stage_key, transfer_key
 from mlas_lora.experiments.systems import System
 from mlas_lora.methods import Student
+from mlas_lora.translation.generate import trains_under_autocast
 
 
 def prior_system(system: System) -> System | None:
@@ -58,10 +57,6 @@ def initial_student(system: System, splits: Splits, run_dir: Path) -> Student:
     prior = prior_system(system)
     trained = train_stage(prior, splits, run_dir) if prior is not None else None
     return system.method.build(config, list(splits.train), factors, trained)
-
-
-def _bf16(model) -> bool:
-    return next(model.parameters()).dtype == torch.bfloat16
 
 
 def finished_checkpoint(folder: Path) -> Path:
@@ -119,7 +114,7 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
         method.route(student),
         lambda path: method.save(student, path),
         lambda path: method.load(student, path),
-        bf16=_bf16(student.model),
+        bf16=trains_under_autocast(student.model),
         update_norms=method.update_norms(student),
         after_step=getattr(method, "after_step", None)
         and (lambda step, total: method.after_step(student, step, total)),

@@ -199,10 +199,13 @@ def system_key(system: System) -> str:
     }
     if config.data.train_directions is None:  # a field added later enters only when set
         del parts["data"]["train_directions"]
+    if not config.generation.prefix_cache:
+        del parts["generation"]["prefix_cache"]
+    precision = parts["generation"].pop("precision")  # changes no all-bf16 (untrained) model
     if system.method.trains:
         from mlas_lora.experiments.pipeline import train_key
 
-        parts.update(train=train_key(system), merge=config.evaluation.merge)
+        parts.update(train=train_key(system), merge=config.evaluation.merge, precision=precision)
     return config_hash(parts)
 
 

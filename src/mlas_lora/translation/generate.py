@@ -43,6 +43,17 @@ class GenerationConfig:
     max_new_tokens: int = 256
     chat: bool | None = None
     """Wrap prompts in the chat template: True, False, or None for 'if the tokenizer has one'."""
+    prefix_cache: bool = False
+    """Greedy loop: run the prompt prefix that every row of a batch shares (the chat template's system
+    turn and the instruction) once per pair, and give each row a copy of its KV cache, instead of
+    running it for every row. Faster, but not the full prefill's bits (the padding sits after the
+    prefix), which changes some hypotheses (benchmarks/README.md)."""
+    precision: str = "training"
+    """'training': a bfloat16 model with float32 parts (PEFT and routed LoRAs, adapters) decodes under
+    the bfloat16 autocast its training ran under, so the translated function is the trained one, bit
+    for bit, and its rows do not depend on each other (finished rows leave the batch); 'weights': every
+    module computes in its own weights' dtype (float32 LoRAs in float32 on the bf16 base: the default
+    before 2026-11-27, a slightly different function from the one trained)."""
 
     def problems(self) -> list[str]:
         out = [
@@ -56,7 +67,12 @@ class GenerationConfig:
         ]
         if self.length_ratio < 0 or self.length_margin < 0:
             out.append("generation.length_ratio and generation.length_margin must be >= 0")
+        if self.precision not in PRECISIONS:
+            out.append(f"generation.precision: {self.precision!r} (known: {', '.join(PRECISIONS)})")
         return out
+
+
+PRECISIONS = ("training", "weights")
 
 
 @dataclass(frozen=True)
@@ -214,28 +230,79 @@ class _RowScope:
         self.stack.close()
 
 
+MIN_SHARED_PREFIX = 4
+"""Fewer shared prompt tokens than this are not worth a separate prefix pass."""
+
+
+def shared_prefix(batch_ids: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every prompt of the batch starts with, leaving every row >= 1 token."""
+    first, shortest = batch_ids[0], min(len(ids) for ids in batch_ids)
+    n = 0
+    while n < shortest - 1 and all(ids[n] == first[n] for ids in batch_ids):
+        n += 1
+    return n
+
+
+def _prefill_shared_prefix(model, batch_ids, shared: int, cache, scope: _RowScope, pad: int, device):
+    """Run the `shared` prefix once per pair of the batch into `cache`, copy it to every row, and return
+    (suffix input_ids, attention mask over prefix + suffix, suffix position ids) for the prefill."""
+    pairs = scope.pairs
+    firsts = [pairs.index(pair) for pair in dict.fromkeys(pairs)]
+    scope.set(firsts)  # one row per pair: a routed model's prefix depends on the pair's LoRAs
+    prefix = torch.tensor([list(batch_ids[0][:shared])] * len(firsts), device=device)
+    model(
+        input_ids=prefix,
+        attention_mask=torch.ones_like(prefix),
+        position_ids=torch.arange(shared, device=device).expand(len(firsts), -1),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    owner = {pairs[row]: k for k, row in enumerate(firsts)}
+    cache.batch_select_indices(torch.tensor([owner[p] for p in pairs], device=device))
+    scope.set(list(range(len(batch_ids))))
+    input_ids, suffix = _left_padded([ids[shared:] for ids in batch_ids], pad, device)
+    attention = torch.cat([suffix.new_ones(len(batch_ids), shared), suffix], dim=1)
+    positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, shared:]
+    return input_ids, attention, positions
+
+
 @torch.inference_mode()
 def _greedy_batch(
-    model, tokenizer, batch_ids, max_new: int, stops: torch.Tensor, scope: _RowScope, shrink: bool
+    model,
+    tokenizer,
+    batch_ids,
+    max_new: int,
+    stops: torch.Tensor,
+    scope: _RowScope,
+    shrink: bool,
+    prefix_cache: bool = False,
 ):
     """Greedy decoding of one bucket; with `shrink`, a finished row leaves the batch and the KV cache.
 
     The model sees what `generate` gives it: left-padded prompts, position ids counted over the
     attention mask, logits of the last position only, then one token per row and step (padding
-    for a finished row that stays, as `generate` feeds it).
+    for a finished row that stays, as `generate` feeds it). With `prefix_cache`, the prompt prefix
+    all rows share is run once per pair first (`_prefill_shared_prefix`), the padding after it.
     """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
-    input_ids, attention = _left_padded(batch_ids, pad, device)
-    positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
     cache = DynamicCache(config=model.config)
     rows = list(range(len(batch_ids)))  # the bucket row of each row in the batch
     finished = torch.zeros(len(rows), dtype=torch.bool)
     generated: list[list[int]] = [[] for _ in rows]
-    scope.set(rows)
     try:
+        shared = shared_prefix(batch_ids) if prefix_cache and len(batch_ids) > 1 else 0
+        if shared >= MIN_SHARED_PREFIX:
+            input_ids, attention, positions = _prefill_shared_prefix(
+                model, batch_ids, shared, cache, scope, pad, device
+            )
+        else:
+            input_ids, attention = _left_padded(batch_ids, pad, device)
+            positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
+            scope.set(rows)
         with contiguous_head_input(model):
             for step in range(max_new):
                 logits = model(
@@ -269,17 +336,37 @@ def _greedy_batch(
 
 
 def rows_independent(model) -> bool:
-    """Whether a row's logits keep their bits when other rows leave the batch: bf16 weights on CPU.
+    """Whether a row's logits keep their bits when other rows leave the batch: bf16 GEMMs on CPU.
 
     Measured on torch 2.13: a CPU bf16 GEMM (oneDNN) gives every row the same bits for any number of
-    rows (and any thread count), but a float32 one (MKL) does not, e.g. 5 rows vs 8; so a model with
-    float32 weights (a float32 model, or PEFT / routed LoRAs kept in float32 on a bf16 base) keeps
-    finished rows in the batch, as `generate` does, and only skips generate's overheads.
+    rows (and any thread count), but a float32 one (MKL) does not, e.g. 5 rows vs 8. So rows are
+    independent when every weight is bf16, or under a CPU bf16 autocast (every GEMM then runs in
+    bf16, float32 LoRAs included: `precision: training`); a model with float32 GEMMs (a float32
+    model, or float32 LoRAs on a bf16 base with `precision: weights`) keeps finished rows in the
+    batch, as `generate` does, and only skips generate's overheads.
     """
     params = list(model.parameters())
-    return params[0].device.type == "cpu" and all(
-        p.dtype == torch.bfloat16 for p in params if p.is_floating_point()
-    )
+    if params[0].device.type != "cpu":
+        return False
+    if all(p.dtype == torch.bfloat16 for p in params if p.is_floating_point()):
+        return True
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def trains_under_autocast(model) -> bool:
+    """The trainer's rule: a model whose first parameter is bf16 trains under a bf16 autocast."""
+    return next(model.parameters()).dtype == torch.bfloat16
+
+
+def precision_scope(model, precision: str) -> contextlib.AbstractContextManager:
+    """The numerics `translate` decodes with (GenerationConfig.precision): under `training`, the bf16
+    autocast the trainer ran (`Accelerator(mixed_precision="bf16").autocast()`) for a bf16 model that
+    has float32 parts; otherwise nothing (an all-bf16 or float32 model computes as its weights say)."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    mixed = any(p.dtype != torch.bfloat16 for p in params)
+    if precision == "training" and mixed and trains_under_autocast(model):
+        return torch.autocast(params[0].device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _vocab_size(model) -> int:
@@ -312,15 +399,18 @@ def translate(
     """
     if decoder not in DECODERS:
         raise MlasLoraError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    if decoder == "auto":
-        decoder = (
-            "generate"
-            if not _loop_applies(model, config)
-            else "shrink"
-            if rows_independent(model)
-            else "loop"
-        )
-    return _translate(model, tokenizer, requests, config, batch_context, progress, desc, decoder)
+    if problems := config.problems():
+        raise MlasLoraError("; ".join(problems))
+    with precision_scope(model, config.precision):
+        if decoder == "auto":
+            decoder = (
+                "generate"
+                if not _loop_applies(model, config)
+                else "shrink"
+                if rows_independent(model)
+                else "loop"
+            )
+        return _translate(model, tokenizer, requests, config, batch_context, progress, desc, decoder)
 
 
 def _translate(model, tokenizer, requests, config, batch_context, progress, desc, decoder: str) -> list[str]:
@@ -344,7 +434,9 @@ def _translate(model, tokenizer, requests, config, batch_context, progress, desc
         batch_ids = [ids[i] for i in bucket]
         if loop:
             scope = _RowScope(batch_context, [r.pair for r in batch_requests])
-            outputs = _greedy_batch(model, tokenizer, batch_ids, max_new, stops, scope, decoder == "shrink")
+            outputs = _greedy_batch(
+                model, tokenizer, batch_ids, max_new, stops, scope, decoder == "shrink", config.prefix_cache
+            )
         else:
             context = (
                 batch_context([r.pair for r in batch_requests]) if batch_context else contextlib.nullcontext()
