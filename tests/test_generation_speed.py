@@ -162,9 +162,7 @@ def test_routed_float32_loras_equal_generate(precision):
 def test_translation_sees_the_logits_training_computed():
     """`precision: training` decodes a bf16 model with float32 LoRAs under the trainer's autocast:
     the prefill logits equal, bit for bit, those of a forward inside the bf16 autocast of the trainer's
-    `_forward` (`Accelerator(mixed_precision="bf16").autocast()` is `torch.autocast("cpu", bfloat16)`
-    on CPU; accelerate's state is a process singleton, so the test does not build one), and differ
-    from float32 LoRA numerics."""
+    `_forward`, and differ from float32 LoRA numerics."""
     from mlas_lora.translation.generate import _left_padded, prompt_ids
 
     routed = routed_model(torch.float32)

@@ -220,3 +220,70 @@ def test_stage_keys_of_earlier_runs_stay_valid():
         system = resolve_system(name, config)
         assert (train_key(system), system_key(system)) == (trained, translated), name
     assert system_key(resolve_system("zero-shot", config)) == "bdca5198283d12ae"
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory):
+    """The matrix's setting on a bfloat16 student and teacher: adapters float32 beside bf16 weights."""
+    root = tmp_path_factory.mktemp("methods-bf16")
+    _write_corpus(root / "corpus", DIRECTIONS)
+    config = config_from_dict(ExperimentConfig, {
+        "output_dir": str(root / "run"), "systems": CASES,
+        "data": {"corpus": str(root / "corpus"), "directions": DIRECTIONS, "seed_per_direction": 4},
+        "models": {"teacher": str(save_tiny(root / "teacher", role="teacher", seed=1)),
+                   "student": str(save_tiny(root / "student", role="student", seed=2)), "dtype": "bfloat16"},
+        "awareness": {"batch_size": 2, "lam": 0.55},
+        "lora": {"r_gen": 4, "r_spe": 4, "teacher_scale": 0.5},
+        "training": {"max_steps": 1, "micro_batch": 4, "grad_accum": 1, "checkpoint_every": 1, "lr": 1e-2},
+    })  # fmt: skip
+    return config, load_splits(config.data, ("train", "dev")), root / "run"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_evaluation_decodes_the_function_training_computed(tiny_bf16, name):
+    """Every trained method, as the experiment translates with it (for_evaluation, decode_scope,
+    translate's default precision), trained in this process or loaded from its checkpoint as after a
+    restart: its first logits equal, bit for bit, those of the trainer's
+    forward (the method's routing, under the bf16 autocast where the trainer uses one: not for
+    full-ft, whose float32 weights train in float32) on the same prompt."""
+    from mlas_lora.prompting import PromptStyle, build_prompt, prompt_ids
+    from mlas_lora.translation.baselines import zero_shot_requests
+    from mlas_lora.translation.generate import GenerationConfig, trains_under_autocast, translate
+
+    config, splits, run = tiny_bf16
+    system = resolve_system(name, config)
+    examples = splits.dev["en-de"][:1]
+
+    def first_logits(student) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        hook = student.model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits[:, -1].float()))
+        scope, context = system.method.decode_scope(student, examples, "none")
+        with scope:
+            translate(
+                student.model,
+                student.tokenizer,
+                zero_shot_requests(examples),
+                GenerationConfig(max_new_tokens=1),
+                batch_context=context,
+                progress=False,
+            )
+        hook.remove()
+        return seen[0]
+
+    student = system.method.for_evaluation(train_stage(system, splits, run), "none")
+    translated = first_logits(student)
+    reloaded = initial_student(system, splits, run)  # the same model from its checkpoint, as after a restart
+    system.method.load(reloaded, train_dir(system, run) / "checkpoints" / "step-000001" / "adapters")
+    assert torch.equal(first_logits(system.method.for_evaluation(reloaded, "none")), translated)
+    request = zero_shot_requests(examples)[0]
+    ids = prompt_ids(
+        student.tokenizer, build_prompt(student.tokenizer, "en", "de", request.source), PromptStyle()
+    )
+    route = system.method.route(student)
+    with (
+        torch.no_grad(),
+        route(["en-de"]) if route else torch.no_grad(),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=trains_under_autocast(student.model)),
+    ):
+        trained = student.model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[:, -1].float()
+    assert torch.equal(translated, trained)

@@ -169,3 +169,20 @@ def test_a_crafted_training_state_runs_no_code(tmp_path):
     with pytest.raises(MlasLoraError, match="unreadable training state"):
         _run(tmp_path / "a", 2)
     assert not marker.exists()
+
+
+def test_bf16_and_float32_trainers_share_a_process_and_leave_forward_alone(tmp_path):
+    """A bf16 run (autocast) and then a float32 one (full-ft's weights) train in one process, and
+    neither leaves an autocast wrapped around the model's forward: a model trained in this process
+    decodes as the same model loaded from its checkpoint does."""
+    for k, bf16 in enumerate((True, False)):
+        model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj"]))
+        if bf16:
+            model = model.to(torch.bfloat16)
+        config = TrainingConfig(lr=1e-2, micro_batch=4, grad_accum=1, max_steps=1, checkpoint_every=1)
+        trainer = Trainer(
+            model, tiny_tokenizer(), EXAMPLES, PAIRS, config, tmp_path / str(k), None,
+            lambda path: None, lambda path: None, bf16=bf16,
+        )  # fmt: skip
+        assert trainer.fit(progress=False).steps == 1
+        assert "forward" not in vars(model) and "forward" not in vars(model.base_model.model)

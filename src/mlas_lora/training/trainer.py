@@ -149,8 +149,14 @@ class Trainer:
                 f"training.grad_accum ({config.grad_accum}) must be >= the number of processes "
                 f"({self.processes}): each process runs some of a step's micro-batches"
             )
+        # The bf16 autocast is ours (`_forward`), not accelerate's mixed precision: accelerate keeps it in a
+        # process-wide state that refuses another value later in the process (a float32 full-ft after
+        # a bf16 LoRA in one experiment), and `prepare` would wrap the model's forward in an autocast
+        # for good, so that a model trained in this process decoded differently from the same model
+        # loaded from its checkpoint. Translation applies the same autocast (GenerationConfig.precision).
+        self.bf16 = bf16
         self.accelerator = Accelerator(
-            mixed_precision="bf16" if bf16 else "no",
+            mixed_precision="no",
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.features: list[Feature] = featurize(tokenizer, examples, pairs, config.max_tokens)
@@ -185,7 +191,7 @@ class Trainer:
         device = self.accelerator.device
         route = self.route(batch["pair_ids"].to(device)) if self.route else contextlib.nullcontext()
         labels = batch["labels"].to(device)
-        with route, self.accelerator.autocast():
+        with route, torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),

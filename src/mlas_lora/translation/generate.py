@@ -360,7 +360,7 @@ def trains_under_autocast(model) -> bool:
 
 def precision_scope(model, precision: str) -> contextlib.AbstractContextManager:
     """The numerics `translate` decodes with (GenerationConfig.precision): under `training`, the bf16
-    autocast the trainer ran (`Accelerator(mixed_precision="bf16").autocast()`) for a bf16 model that
+    autocast the trainer runs (`Trainer._forward`) for a bf16 model that
     has float32 parts; otherwise nothing (an all-bf16 or float32 model computes as its weights say)."""
     params = [p for p in model.parameters() if p.is_floating_point()]
     mixed = any(p.dtype != torch.bfloat16 for p in params)
