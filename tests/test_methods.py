@@ -40,20 +40,24 @@ def test_every_trained_method_is_in_the_matrix():
     assert set(TABLE2) == {"mlas-lora", *ABLATIONS} and len(ABLATIONS) == 10
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("methods")
+def matrix_setting(root, dtype: str):
+    """(config, splits, run folder) of the matrix: tiny teacher and student in `dtype`, 1 training step."""
     _write_corpus(root / "corpus", DIRECTIONS)
     config = config_from_dict(ExperimentConfig, {
         "output_dir": str(root / "run"), "systems": CASES,
         "data": {"corpus": str(root / "corpus"), "directions": DIRECTIONS, "seed_per_direction": 4},
         "models": {"teacher": str(save_tiny(root / "teacher", role="teacher", seed=1)),
-                   "student": str(save_tiny(root / "student", role="student", seed=2)), "dtype": "float32"},
+                   "student": str(save_tiny(root / "student", role="student", seed=2)), "dtype": dtype},
         "awareness": {"batch_size": 2, "lam": 0.55},
         "lora": {"r_gen": 4, "r_spe": 4, "teacher_scale": 0.5},
         "training": {"max_steps": 1, "micro_batch": 4, "grad_accum": 1, "checkpoint_every": 1, "lr": 1e-2},
     })  # fmt: skip
     return config, load_splits(config.data, ("train", "dev")), root / "run"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return matrix_setting(tmp_path_factory.mktemp("methods"), "float32")
 
 
 def logits(system, student) -> torch.Tensor:
@@ -225,18 +229,7 @@ def test_stage_keys_of_earlier_runs_stay_valid():
 @pytest.fixture(scope="module")
 def tiny_bf16(tmp_path_factory):
     """The matrix's setting on a bfloat16 student and teacher: adapters float32 beside bf16 weights."""
-    root = tmp_path_factory.mktemp("methods-bf16")
-    _write_corpus(root / "corpus", DIRECTIONS)
-    config = config_from_dict(ExperimentConfig, {
-        "output_dir": str(root / "run"), "systems": CASES,
-        "data": {"corpus": str(root / "corpus"), "directions": DIRECTIONS, "seed_per_direction": 4},
-        "models": {"teacher": str(save_tiny(root / "teacher", role="teacher", seed=1)),
-                   "student": str(save_tiny(root / "student", role="student", seed=2)), "dtype": "bfloat16"},
-        "awareness": {"batch_size": 2, "lam": 0.55},
-        "lora": {"r_gen": 4, "r_spe": 4, "teacher_scale": 0.5},
-        "training": {"max_steps": 1, "micro_batch": 4, "grad_accum": 1, "checkpoint_every": 1, "lr": 1e-2},
-    })  # fmt: skip
-    return config, load_splits(config.data, ("train", "dev")), root / "run"
+    return matrix_setting(tmp_path_factory.mktemp("methods-bf16"), "bfloat16")
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -158,6 +158,11 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def _positions(attention: torch.Tensor) -> torch.Tensor:
+    """Position ids counted over the attention mask, as `generate` gives them (padding at 0)."""
+    return (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
+
+
 def _left_padded(batch_ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), left padded: every prompt ends at the last column."""
     width = max(len(ids) for ids in batch_ids)
@@ -263,7 +268,7 @@ def _prefill_shared_prefix(model, batch_ids, shared: int, cache, scope: _RowScop
     scope.set(list(range(len(batch_ids))))
     input_ids, suffix = _left_padded([ids[shared:] for ids in batch_ids], pad, device)
     attention = torch.cat([suffix.new_ones(len(batch_ids), shared), suffix], dim=1)
-    positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, shared:]
+    positions = _positions(attention)[:, shared:]
     return input_ids, attention, positions
 
 
@@ -301,7 +306,7 @@ def _greedy_batch(
             )
         else:
             input_ids, attention = _left_padded(batch_ids, pad, device)
-            positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
+            positions = _positions(attention)
             scope.set(rows)
         with contiguous_head_input(model):
             for step in range(max_new):
