@@ -13,7 +13,7 @@ from mlas_lora.config import config_from_dict
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.evaluation.report import ResultRecord
 from mlas_lora.experiments.config import ExperimentConfig
-from mlas_lora.experiments.experiment import experiment_config, run_named_experiment
+from mlas_lora.experiments.experiment import experiment_config, experiment_systems, run_named_experiment
 from mlas_lora.experiments.tables import paper_table
 from mlas_lora.methods.presets import TABLE2
 from mlas_lora.testing.tiny import save_tiny
@@ -73,6 +73,19 @@ def test_lambda_sweep_scores_the_teacher_once(tiny_config):
     assert "| lambda-0.3 |" in (folder / "table.test.bleu.md").read_text()
     assert len(list(run.glob("awareness-*"))) == 1  # one teacher pass for every lambda
     assert len(list(run.glob("classes-*"))) >= 3  # 0.3, 0.6, auto (and table2's 0.55) side by side
+
+
+def test_lambdas_below_one_over_p_share_one_classification_and_training(tiny_config):
+    from mlas_lora.experiments.pipeline import train_key
+    from mlas_lora.experiments.stages import awareness_keys
+    from mlas_lora.experiments.systems import resolve_systems
+
+    config = experiment_config("lambda", tiny_config, experiment_systems("lambda", None, [0.1, 0.4, 0.6]), None)
+    systems = {s.name: s for s in resolve_systems(config)}  # two pairs: 1/P = 0.5
+    low, mid, high = (systems[f"lambda-{lam}"] for lam in (0.1, 0.4, 0.6))
+    assert awareness_keys(low.config) == awareness_keys(mid.config) != awareness_keys(high.config)
+    assert awareness_keys(low.config)[0] == awareness_keys(high.config)[0]  # one teacher pass
+    assert train_key(low) == train_key(mid) != train_key(high)
 
 
 def test_budget_scales_every_system_alike(tiny_config):

@@ -89,8 +89,9 @@ def model_source(name: str):
 
 
 def awareness_keys(config: ExperimentConfig) -> tuple[str, str]:
-    """(scoring key, classes key): lambda and the normalisation enter only the second."""
-    from mlas_lora.awareness.classify import resolve_lambda
+    """(scoring key, classes key): lambda and the normalisation enter only the second, lambda as the
+    classification uses it (every lambda below 1/P classifies as 0: one folder, one training)."""
+    from mlas_lora.awareness.classify import classification_lambda, resolve_lambda
 
     key = stage_key(
         teacher=config.models.teacher,
@@ -99,7 +100,8 @@ def awareness_keys(config: ExperimentConfig) -> tuple[str, str]:
         data=seed_data_settings(config.data),
         awareness={k: v for k, v in to_dict(config.awareness).items() if k not in CLASSIFY_ONLY},
     )
-    lam = resolve_lambda(config.awareness.lam, len(config.data.trained_directions))
+    pairs = len(config.data.trained_directions)
+    lam = classification_lambda(resolve_lambda(config.awareness.lam, pairs), pairs)
     return key, stage_key(scores=key, lam=lam, normalize=config.awareness.normalize)
 
 
@@ -146,7 +148,7 @@ def awareness_stage(
 
 
 def _classify_stage(config: ExperimentConfig, scored: Path, classes: Path, classes_key: str, scores) -> None:
-    from mlas_lora.awareness.classify import classify_neurons, resolve_lambda, save_classes
+    from mlas_lora.awareness.classify import classification_lambda, classify_neurons, resolve_lambda, save_classes
     from mlas_lora.awareness.scoring import load_awareness
 
     if not stage_done(classes, classes_key):
@@ -154,7 +156,8 @@ def _classify_stage(config: ExperimentConfig, scored: Path, classes: Path, class
         fresh_dir(classes)
         if scores is None:  # scoring was skipped: read its files
             scores = load_awareness(scored)
-        lam = resolve_lambda(config.awareness.lam, len(config.data.trained_directions))
+        pairs = len(config.data.trained_directions)
+        lam = classification_lambda(resolve_lambda(config.awareness.lam, pairs), pairs)
         save_classes(classify_neurons(scores, lam=lam, normalize=config.awareness.normalize), classes)
         mark_done(classes, classes_key, time.perf_counter() - start)
 
