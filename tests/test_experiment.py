@@ -80,7 +80,9 @@ def test_lambdas_below_one_over_p_share_one_classification_and_training(tiny_con
     from mlas_lora.experiments.stages import awareness_keys
     from mlas_lora.experiments.systems import resolve_systems
 
-    config = experiment_config("lambda", tiny_config, experiment_systems("lambda", None, [0.1, 0.4, 0.6]), None)
+    config = experiment_config(
+        "lambda", tiny_config, experiment_systems("lambda", None, [0.1, 0.4, 0.6]), None
+    )
     systems = {s.name: s for s in resolve_systems(config)}  # two pairs: 1/P = 0.5
     low, mid, high = (systems[f"lambda-{lam}"] for lam in (0.1, 0.4, 0.6))
     assert awareness_keys(low.config) == awareness_keys(mid.config) != awareness_keys(high.config)

@@ -148,7 +148,12 @@ def awareness_stage(
 
 
 def _classify_stage(config: ExperimentConfig, scored: Path, classes: Path, classes_key: str, scores) -> None:
-    from mlas_lora.awareness.classify import classification_lambda, classify_neurons, resolve_lambda, save_classes
+    from mlas_lora.awareness.classify import (
+        classification_lambda,
+        classify_neurons,
+        resolve_lambda,
+        save_classes,
+    )
     from mlas_lora.awareness.scoring import load_awareness
 
     if not stage_done(classes, classes_key):
