@@ -410,14 +410,15 @@ def test_auto_lambda_at_four_pairs_allows_general_neurons():
 
 
 def test_every_lambda_below_one_over_p_classifies_as_zero():
-    """max share >= 1/P, so below 1/P lambda cannot matter: the stages key and classify it as 0."""
+    """max share >= 1/P, so below 1/P lambda cannot matter: the stages key and classify it as one."""
     phi = torch.rand(4, 5000, generator=torch.Generator().manual_seed(0)) ** 4
     phi[:, :3] = 1.0  # exactly uniform shares
     phi[:, 3] = 0.0  # never scored: general at every lambda
     zero = classify_scores(phi, 0.0)
     for lam in (0.05, 0.129, 0.207, 0.25 - 2e-9):
         assert torch.equal(classify_scores(phi, lam), zero)
-        assert classification_lambda(lam, 4) == 0.0
+        assert classification_lambda(lam, 4) == 0.2  # the paper's value represents them (keys kept)
+    assert classification_lambda(0.1, 5) == 0.0 and classification_lambda(0.2, 5) == 0.2  # 1/5 = 0.2
     assert zero[3] == GENERAL_CLASS and (zero[:3] == 0).all()
     assert classification_lambda(0.25, 4) == 0.25 and classification_lambda(0.286, 4) == 0.286
     assert not torch.equal(classify_scores(phi, 0.25), zero)  # the uniform ones become general

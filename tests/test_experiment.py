@@ -67,12 +67,23 @@ def test_table2_runs_every_ablation_and_writes_tables_and_plots(tiny_config):
 
 
 def test_lambda_sweep_scores_the_teacher_once(tiny_config):
-    folder = run_named_experiment("lambda", tiny_config, lambdas=[0.3, 0.6])
+    folder = run_named_experiment("lambda", tiny_config, lambdas=[0.1, 0.4, 0.6])  # 2 pairs: 1/P = 0.5
     run = folder.parent.parent
     assert (folder / "lambda.png").stat().st_size > 0
-    assert "| lambda-0.3 |" in (folder / "table.test.bleu.md").read_text()
+    table = (folder / "table.test.bleu.md").read_text()
+    assert "| lambda-0.4 |" in table and "| lambda-0.6 |" in table
     assert len(list(run.glob("awareness-*"))) == 1  # one teacher pass for every lambda
-    assert len(list(run.glob("classes-*"))) >= 3  # 0.3, 0.6, auto (and table2's 0.55) side by side
+    assert len(list(run.glob("classes-*"))) >= 3  # 0 (0.1 and 0.4), 0.6, auto side by side
+    # 0.1 and 0.4 classify alike: one training, whose hypotheses serve both names (0.4 loads nothing)
+    assert not (run / "train-lambda-0.4").exists()
+    for path in (run / "hyps" / "lambda-0.4").glob("*.jsonl"):
+        header, *rows = (json.loads(line) for line in path.read_text().splitlines())
+        assert header["copied_from"] == "lambda-0.1" and header["seconds"] == 0
+        assert rows == [
+            json.loads(x) for x in (run / "hyps" / "lambda-0.1" / path.name).read_text().splitlines()[1:]
+        ]
+    params = {row[0]: row[-1] for row in csv.reader(open(folder / "table.test.bleu.csv"))}
+    assert params["lambda-0.4"] == params["lambda-0.1"] != ""
 
 
 def test_lambdas_below_one_over_p_share_one_classification_and_training(tiny_config):
@@ -133,7 +144,9 @@ def test_experiment_command_prints_the_tables(tiny_config, tmp_path, capsys):
     assert "| zero-shot |" in out and "| lora |" in out and "experiments/pair" in out
     run = Path(tiny_config.output_dir)
     if (run / "train-R-i").is_dir():  # table2 ran first in this module: lora is its -R-i training
-        assert (run / "train-lora").is_symlink()
+        assert not (run / "train-lora").exists()  # so its hypotheses are R-i's, nothing retrained
+        header = json.loads((run / "hyps" / "lora" / "test.en-de.jsonl").read_text().splitlines()[0])
+        assert header["copied_from"] == "R-i"
     assert main(["experiment", "pair", str(path), "--systems", "nope"]) == 2
 
 

@@ -128,7 +128,7 @@ def test_changing_lambda_reclassifies_without_rescoring(tiny_run):
     assert json.loads((classes / "classes.json").read_text())["normalize"] == "total"
     _, classes = awareness_stage(config, load_splits(config.data, ("dev",)), run)  # back to 0.2, tokens
     meta = json.loads((classes / "classes.json").read_text())
-    assert meta["lambda"] == 0.0 and meta["normalize"] == "tokens"  # 0.2 < 1/2 classifies as 0
+    assert meta["lambda"] == 0.2 and meta["normalize"] == "tokens"
     assert len(list(run.glob("classes-*"))) == 3 and len(list(run.glob("awareness-*"))) == 1  # side by side
 
 
@@ -150,7 +150,7 @@ def test_changing_test_sizes_retrains_nothing(tiny_run):
     assert keys[0] == keys[1] != keys[2]
     # the LoRA baseline reads neither the teacher nor the awareness settings: they do not retrain it
     other_teacher = replace(config, models=replace(config.models, teacher="elsewhere"))
-    other_lambda = replace(config, awareness=replace(config.awareness, lam=0.4))
+    other_lambda = replace(config, awareness=replace(config.awareness, lam=0.6))  # above 1/P = 0.5
     assert {train_key(resolve_system("lora", c)) for c in (config, other_teacher, other_lambda)} == {keys[0]}
     assert train_key(resolve_system("mlas-lora", other_lambda)) != train_key(
         resolve_system("mlas-lora", config)

@@ -7,8 +7,8 @@ For a neuron with Eq. (2) scores Phi(s_i,t_i) over the P pairs:
 If max_i lambda_i > lambda (strictly) the neuron is specific to pair argmax_i (the first such pair
 on ties), otherwise it is language-general. A neuron whose total score is 0 is general. Note that
 max_i lambda_i >= 1/P always, so lambda below 1/P makes every scored neuron specific: every such
-lambda gives the classes of lambda 0, and the stages classify and key it as 0
-(`classification_lambda`), so a sweep trains that point once.
+lambda gives the same classes, and the stages classify and key them as one
+(`classification_lambda`), so a sweep trains those points once.
 
 The paper's lambda = 0.2 was set for P = 14 pairs, where it sits a fraction
 c = (0.2 - 1/14) / (1 - 1/14) = 0.138 of the way from the uniform share 1/P to a one-hot share 1.
@@ -95,9 +95,13 @@ def resolve_lambda(lam: float | str, num_pairs: int) -> float:
 
 
 def classification_lambda(lam: float, num_pairs: int) -> float:
-    """The lambda a classification of `num_pairs` pairs uses: 0 for any lambda below 1/P (margin 1e-9
-    for the float64 shares), which classifies exactly as 0 does (module docstring), else `lam`."""
-    return 0.0 if lam < 1 / num_pairs - 1e-9 else lam
+    """The lambda a classification of `num_pairs` pairs uses. Every lambda below 1/P classifies alike
+    (module docstring; margin 1e-9 for the float64 shares), so all of them use one representative: the
+    paper's 0.2 where it is itself below 1/P (P <= 4, so a run at the paper's value keeps its stage
+    keys), else 0. Any other lambda is returned as it is."""
+    if lam >= 1 / num_pairs - 1e-9:
+        return lam
+    return PAPER_LAMBDA if PAPER_LAMBDA < 1 / num_pairs - 1e-9 else 0.0
 
 
 def class_key(layer: int, proj: str, side: str) -> str:

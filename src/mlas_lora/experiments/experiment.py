@@ -140,10 +140,15 @@ def run_analysis(name: str, config, systems, budget, focus: str, student: str) -
 
 
 def trainable_parameters(run_dir: Path, system) -> int | None:
-    """What the system's training recorded (train-<name>/params.json); 0 for a prompting method."""
+    """What the system's training recorded (train-<name>/params.json, else that of a finished training
+    of the same key under another name, whose hypotheses it reused); 0 for a prompting method."""
+    from mlas_lora.experiments.pipeline import same_training, train_key
+
     if not system.method.trains:
         return 0
     path = run_dir / f"train-{system.name}" / "params.json"
+    if not path.is_file() and (same := same_training(run_dir, train_key(system))) is not None:
+        path = same / "params.json"
     return json.loads(path.read_text())["trainable"] if path.is_file() else None
 
 

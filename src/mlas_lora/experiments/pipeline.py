@@ -80,7 +80,7 @@ def _remove(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
-def _same_training(run_dir: Path, key: str) -> Path | None:
+def same_training(run_dir: Path, key: str) -> Path | None:
     """A finished training folder of this run with the same key (another system's), if any."""
     for folder in sorted(run_dir.glob("train-*")):
         if not folder.is_symlink() and stage_done(folder, key):
@@ -127,7 +127,7 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
 
 def _prepare_train_dir(system: System, student: Student, run_dir: Path, folder: Path, key: str) -> None:
     """Make `folder` ready to train into, or link it to a finished training of the same key."""
-    if not stage_done(folder, key) and (same := _same_training(run_dir, key)) is not None:
+    if not stage_done(folder, key) and (same := same_training(run_dir, key)) is not None:
         _remove(folder)
         folder.symlink_to(same.name)  # train-R-i -> train-lora: one training, both names
     if stage_done(folder, key):

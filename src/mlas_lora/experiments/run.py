@@ -58,19 +58,58 @@ class HypothesisStore:
     def path(self, system: str, split: str, direction: str) -> Path:
         return self.root / system / f"{split}.{direction}.jsonl"
 
-    def load(self, system: str, split: str, direction: str, key: str) -> list[str] | None:
-        path = self.path(system, split, direction)
-        if not path.is_file():
-            return None
-        lines = [json.loads(line) for line in path.read_text().splitlines()]
-        if not lines or lines[0].get("key") != key:
-            return None
-        return [row["hypothesis"] for row in lines[1:]]
+    def load(
+        self, system: str, split: str, direction: str, key: str, content: str | None = None, examples=None
+    ) -> list[str] | None:
+        """The system's cached hypotheses made under `key`; failing those, with `content` and `examples`,
+        another system's made under the same content key on the same segments (a lambda below 1/P,
+        R-i and lora: one function under two names), copied to this system's file."""
+        hyps = self._read(self.path(system, split, direction), "key", key)
+        if hyps is not None or content is None or examples is None:
+            return hyps
+        for path in sorted(self.root.glob(f"*/{split}.{direction}.jsonl")):
+            rows = self._rows(path)
+            if not rows or rows[0].get("content") != content or len(rows) != len(examples) + 1:
+                continue
+            same = zip(rows[1:], examples, strict=True)
+            if all(r["source"] == e.source and r["reference"] == e.reference for r, e in same):
+                hyps = [r["hypothesis"] for r in rows[1:]]
+                self.save(
+                    system, split, direction, key, examples, hyps, 0.0, content, copied=path.parent.name
+                )
+                return hyps
+        return None
 
-    def save(self, system: str, split: str, direction: str, key: str, examples, hyps, seconds: float) -> None:
+    @staticmethod
+    def _rows(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def _read(self, path: Path, field: str, key: str) -> list[str] | None:
+        rows = self._rows(path)
+        if not rows or rows[0].get(field) != key:
+            return None
+        return [row["hypothesis"] for row in rows[1:]]
+
+    def save(
+        self,
+        system: str,
+        split: str,
+        direction: str,
+        key: str,
+        examples,
+        hyps,
+        seconds: float,
+        content: str | None = None,
+        copied: str | None = None,
+    ) -> None:
         path = self.path(system, split, direction)
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [{"key": key, "seconds": round(seconds, 2)}]
+        header = {"key": key, "seconds": round(seconds, 2)}
+        if content is not None:
+            header["content"] = content
+        if copied is not None:
+            header["copied_from"] = copied
+        rows = [header]
         rows += [
             {"source": e.source, "reference": e.reference, "hypothesis": h}
             for e, h in zip(examples, hyps, strict=True)
@@ -98,21 +137,29 @@ def prompting_translator(system: System, model, tokenizer, splits: Splits) -> Tr
     return run
 
 
-def translate_all(system: str, translator: Translator, splits: Splits, store: HypothesisStore, key: str):
-    """Hypotheses for every evaluated split and direction, reusing cached ones; returns seconds spent."""
+def translate_all(
+    system: str,
+    translator: Translator,
+    splits: Splits,
+    store: HypothesisStore,
+    key: str,
+    content: str | None = None,
+):
+    """Hypotheses for every evaluated split and direction, reusing cached ones (the system's own, or
+    another system's of the same content key); returns seconds spent."""
     outputs: dict[tuple[str, str], list[str]] = {}
     seconds = 0.0
     for split in EVAL_SPLITS:
         for direction, examples in splits.get(split).items():
             if not examples:
                 continue
-            hyps = store.load(system, split, direction, key)
+            hyps = store.load(system, split, direction, key, content, examples)
             if hyps is None:
                 start = time.perf_counter()
                 hyps = translator(examples, split)
                 spent = time.perf_counter() - start
                 seconds += spent
-                store.save(system, split, direction, key, examples, hyps, spent)
+                store.save(system, split, direction, key, examples, hyps, spent, content)
             outputs[(split, direction)] = hyps
     return outputs, seconds
 
@@ -187,6 +234,18 @@ def system_translator(system: System, splits: Splits, run_dir: Path, cache: dict
 
 def system_key(system: System) -> str:
     """What a system's hypotheses depend on; a change re-runs that system only."""
+    return config_hash(_hypothesis_inputs(system))
+
+
+def content_key(system: System) -> str:
+    """`system_key` without the system's name: equal for two names of one function (their hypotheses
+    are shared, HypothesisStore.load)."""
+    parts = _hypothesis_inputs(system)
+    del parts["system"]
+    return config_hash(parts)
+
+
+def _hypothesis_inputs(system: System) -> dict:
     config = system.config
     parts = {
         "system": system.name,
@@ -206,7 +265,7 @@ def system_key(system: System) -> str:
         from mlas_lora.experiments.pipeline import train_key
 
         parts.update(train=train_key(system), merge=config.evaluation.merge, precision=precision)
-    return config_hash(parts)
+    return parts
 
 
 def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Path | None = None) -> Path:
@@ -226,16 +285,18 @@ def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Pa
         shutil.rmtree(store.root, ignore_errors=True)
     all_outputs, timings, cache = {}, {}, {}
     for system in systems:
-        key = system_key(system)
+        key, content = system_key(system), content_key(system)
         cached = all(
-            store.load(system.name, sp, d, key) is not None
+            store.load(system.name, sp, d, key, content, ex) is not None
             for sp in EVAL_SPLITS
             for d, ex in splits.get(sp).items()
             if ex
         )
         start = time.perf_counter()
         translator = None if cached else system_translator(system, splits, run_dir, cache)
-        all_outputs[system.name], seconds = translate_all(system.name, translator, splits, store, key)
+        all_outputs[system.name], seconds = translate_all(
+            system.name, translator, splits, store, key, content
+        )
         translator = None  # free this system's model before the next one trains or loads its own
         timings[system.name] = {
             "translate_s": round(seconds, 1),
