@@ -68,3 +68,13 @@ def test_a_failing_run_leaves_no_files_in_a_fresh_output_folder(tiny_config, cap
         assert main([command, str(path), f"output_dir={fresh}", f"data.corpus={tmp_path / 'no-corpus'}"]) == 2
         assert "does not exist" in capsys.readouterr().err
         assert not fresh.exists(), command
+
+
+def test_translate_precision_choices_are_the_libraries():
+    """The parser names them literally (building it must not import torch); they must stay equal."""
+    from mlas_lora.cli import build_parser
+    from mlas_lora.translation.generate import PRECISIONS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    precision = next(a for a in sub.choices["translate"]._actions if a.dest == "precision")
+    assert tuple(precision.choices) == PRECISIONS and precision.default == PRECISIONS[0]
