@@ -157,6 +157,32 @@ def test_changing_test_sizes_retrains_nothing(tiny_run):
     )
 
 
+def test_a_finished_training_of_another_key_is_parked_not_deleted(tiny_run):
+    from dataclasses import replace
+
+    from mlas_lora.experiments.data import load_splits
+    from mlas_lora.experiments.pipeline import train_key, train_stage
+    from mlas_lora.experiments.systems import resolve_system
+
+    config, run, _ = tiny_run
+    splits = load_splits(config.data, ("train", "dev"))
+    lora = resolve_system("lora", config)
+    train_stage(lora, splits, run)
+    first = (run / "train-lora").resolve()
+    marker = first / "stage.json"
+    stamp, key = marker.stat().st_mtime_ns, train_key(lora)
+    other = resolve_system("lora", replace(config, training=replace(config.training, lr=3e-4)))
+    train_stage(other, splits, run)  # another key: the finished training moves aside, not away
+    parked = run / f"train-lora@{key[:8]}"
+    assert first.name == "train-lora" and parked.is_dir()
+    assert json.loads((parked / "stage.json").read_text())["key"] == key
+    assert json.loads((run / "train-lora" / "stage.json").read_text())["key"] == train_key(other)
+    train_stage(lora, splits, run)  # the first key again: found parked, not retrained
+    assert (run / "train-lora").is_symlink()
+    assert json.loads(((run / "train-lora").resolve() / "stage.json").read_text())["key"] == key
+    assert ((run / "train-lora").resolve() / "stage.json").stat().st_mtime_ns == stamp
+
+
 def test_valid_split_is_translated_scored_and_reported(tiny_run):
     """Hyper-parameters are chosen on valid (dev minus the seeds): it gets hyps, results and bootstrap rows."""
     from mlas_lora.experiments.data import load_splits

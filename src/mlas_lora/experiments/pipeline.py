@@ -125,11 +125,27 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
     return student
 
 
+def _park(folder: Path) -> None:
+    """Move a finished training of another key out of the system's way, to `train-NAME@KEY8`, where
+    `same_training` finds it when that key comes back (a run alternating budgets retrains nothing)."""
+    if folder.is_symlink() or not (folder / "stage.json").is_file():
+        return
+    try:
+        old = json.loads((folder / "stage.json").read_text())["key"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return
+    parked = folder.with_name(f"{folder.name}@{old[:8]}")
+    _remove(parked)
+    folder.rename(parked)
+
+
 def _prepare_train_dir(system: System, student: Student, run_dir: Path, folder: Path, key: str) -> None:
     """Make `folder` ready to train into, or link it to a finished training of the same key."""
-    if not stage_done(folder, key) and (same := same_training(run_dir, key)) is not None:
-        _remove(folder)
-        folder.symlink_to(same.name)  # train-R-i -> train-lora: one training, both names
+    if not stage_done(folder, key):
+        _park(folder)
+        if (same := same_training(run_dir, key)) is not None:
+            _remove(folder)
+            folder.symlink_to(same.name)  # train-R-i -> train-lora: one training, both names
     if stage_done(folder, key):
         _record_parameters(system, student, folder)
         return
