@@ -86,6 +86,21 @@ def test_lambda_sweep_scores_the_teacher_once(tiny_config):
     assert params["lambda-0.4"] == params["lambda-0.1"] != ""
 
 
+def test_hypotheses_from_before_content_keys_gain_one_when_loaded(tmp_path):
+    from mlas_lora.data.records import Example
+    from mlas_lora.experiments.run import HypothesisStore
+
+    store, examples = (
+        HypothesisStore(tmp_path),
+        [Example("en", "de", "a", "b"), Example("en", "de", "c", "d")],
+    )
+    store.save("old", "test", "en-de", "k1", examples, ["x", "y"], 1.0)  # no content key
+    assert store.load("new", "test", "en-de", "k2", "c1", examples) is None  # nothing proves it is c1
+    assert store.load("old", "test", "en-de", "k1", "c1", examples) == ["x", "y"]  # its key does
+    assert store.load("new", "test", "en-de", "k2", "c1", examples) == ["x", "y"]
+    assert store.load("other", "test", "en-de", "k3", "c1", examples[:1]) is None  # other segments
+
+
 def test_lambdas_below_one_over_p_share_one_classification_and_training(tiny_config):
     from mlas_lora.experiments.pipeline import train_key
     from mlas_lora.experiments.stages import awareness_keys

@@ -64,7 +64,11 @@ class HypothesisStore:
         """The system's cached hypotheses made under `key`; failing those, with `content` and `examples`,
         another system's made under the same content key on the same segments (a lambda below 1/P,
         R-i and lora: one function under two names), copied to this system's file."""
-        hyps = self._read(self.path(system, split, direction), "key", key)
+        own = self.path(system, split, direction)
+        hyps = self._read(own, "key", key)
+        if hyps is not None and content is not None and "content" not in (rows := self._rows(own))[0]:
+            rows[0]["content"] = content  # a file from before content keys: its key proves the inputs
+            write_text_atomic(own, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         if hyps is not None or content is None or examples is None:
             return hyps
         for path in sorted(self.root.glob(f"*/{split}.{direction}.jsonl")):
