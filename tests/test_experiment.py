@@ -175,12 +175,19 @@ def test_pairs_transfer_and_family_analyses(tiny_config, tmp_path):
     assert [r[:2] for r in rows[1:]] == [["1", "en-fi"], ["2", "en-fi en-de"]] and (
         folder / "pairs.png"
     ).is_file()
+    run = Path(tiny_config.output_dir)  # every direction: the main run's systems, in the main run
+    assert not (folder / "pairs-2" / "hyps").exists() and (folder / "pairs-2" / "report.md").is_file()
+    records = json.loads((folder / "pairs-2" / "results" / "test.json").read_text())["records"]
+    bleu = {(r["system"], r["direction"]): r["score"] for r in records if r["metric"] == "bleu"}
+    assert float(rows[2][4]) == bleu[("mlas-lora", "en-fi")] and (run / "hyps" / "M-i").is_dir()
+    assert (folder / "pairs-1" / "hyps").is_dir()
     folder = run_named_experiment("transfer", tiny_config)
     rows = list(csv.reader(open(folder / "transfer.csv")))
     assert rows[0] == ["trained on", "en-de", "en-fi"] and [r[0] for r in rows[1:]] == ["en-de", "en-fi"]
     assert (folder / "transfer.png").stat().st_size > 0
     one = json.loads((folder / "from-en-de" / "stages.json").read_text())
     assert any(name.startswith("train-mlas-lora") for name in one)
+    assert not (folder / "zero-shot" / "hyps").exists() and (run / "hyps" / "zero-shot").is_dir()
     hyps = (folder / "from-en-de" / "hyps" / "mlas-lora").glob("test.*.jsonl")
     assert {p.name for p in hyps} == {"test.en-de.jsonl", "test.en-fi.jsonl"}  # every direction evaluated
     other = save_tiny(tmp_path / "llama", "llama", role="student", seed=3)

@@ -8,7 +8,9 @@
               under the Qwen teacher, which is cross-family; the paper's is LLaMA-3.1-70B -> 8B)
 
 Each sub-run is a complete run folder (its stages, hypotheses and report), so a killed analysis
-continues where it stopped.
+continues where it stopped. Two points are the main run itself and run there, reusing its stages and
+hypotheses (report under NAME/): the all-directions point of `pairs` (lora, M-i and MLAS-LoRA on
+every direction: Table 1/2 rows) and the untuned student of `transfer` (Table 1's zero-shot row).
 """
 
 from __future__ import annotations
@@ -31,14 +33,29 @@ def _sub_config(config: ExperimentConfig, folder: Path, changes: dict) -> Experi
     return config_from_dict(ExperimentConfig, tree)
 
 
-def _bleu(run_dir: Path, split: str = "test") -> dict[tuple[str, str], float]:
+def _bleu(report_dir: Path, split: str = "test") -> dict[tuple[str, str], float]:
     from mlas_lora.evaluation.report import read_results
 
     return {
         (r.system, r.direction): r.score
-        for r in read_results(run_dir / "results" / f"{split}.json")
+        for r in read_results(report_dir / "results" / f"{split}.json")
         if r.metric == "bleu"
     }
+
+
+def _run_point(config: ExperimentConfig, folder: Path, changes: dict, in_main_run: bool = False) -> Path:
+    """One point of an analysis; returns where its results are. `in_main_run`: the config's own run
+    folder holds its stages and hypotheses (a point that is the main run's), `folder` its report."""
+    from mlas_lora.experiments.run import run_experiment
+
+    if not in_main_run:
+        sub = _sub_config(config, folder, changes)
+        run_experiment(sub)
+        return Path(sub.output_dir)
+    tree = merge_trees(to_dict(config), {k: v for k, v in changes.items() if k != "systems"})
+    tree["systems"] = changes["systems"]
+    run_experiment(config_from_dict(ExperimentConfig, tree), report_dir=folder)
+    return folder
 
 
 def pair_counts(n: int) -> list[int]:
@@ -52,8 +69,6 @@ def pair_counts(n: int) -> list[int]:
 
 def run_pairs(config: ExperimentConfig, folder: Path, focus: str = "en-de") -> Path:
     """Fig. 3: `focus` BLEU of each system as the number of training directions grows."""
-    from mlas_lora.experiments.run import run_experiment
-
     directions = list(config.data.directions)
     if focus not in directions:
         raise MlasLoraError(f"pairs: {focus} is not one of data.directions {directions}")
@@ -61,11 +76,9 @@ def run_pairs(config: ExperimentConfig, folder: Path, focus: str = "en-de") -> P
     rows = [["pairs", "directions", *PAIRS_SYSTEMS]]
     for k in pair_counts(len(directions)):
         chosen = [focus, *others[: k - 1]]
-        sub = _sub_config(
-            config, folder / f"pairs-{k}", {"systems": list(PAIRS_SYSTEMS), "data": {"directions": chosen}}
-        )
-        run_experiment(sub)
-        scores = _bleu(Path(sub.output_dir))
+        every = k == len(directions)  # the main run's own systems, in its own direction order (keys)
+        changes = {"systems": list(PAIRS_SYSTEMS), **({} if every else {"data": {"directions": chosen}})}
+        scores = _bleu(_run_point(config, folder / f"pairs-{k}", changes, in_main_run=every))
         rows.append([k, " ".join(chosen), *(scores.get((s, focus)) for s in PAIRS_SYSTEMS)])
     _write_csv(folder / "pairs.csv", rows)
     _line_plot(rows, folder / "pairs.png", f"{focus} BLEU (test)")
@@ -74,21 +87,12 @@ def run_pairs(config: ExperimentConfig, folder: Path, focus: str = "en-de") -> P
 
 def run_transfer(config: ExperimentConfig, folder: Path) -> Path:
     """Fig. 2: MLAS-LoRA trained on each direction alone, BLEU on every direction minus zero-shot."""
-    from mlas_lora.experiments.run import run_experiment
-
     directions = list(config.data.directions)
-    base = _sub_config(config, folder / "zero-shot", {"systems": ["zero-shot"]})
-    run_experiment(base)
-    untuned = _bleu(Path(base.output_dir))
+    untuned = _bleu(_run_point(config, folder / "zero-shot", {"systems": ["zero-shot"]}, in_main_run=True))
     rows = [["trained on", *directions]]
     for trained in directions:
-        sub = _sub_config(
-            config,
-            folder / f"from-{trained}",
-            {"systems": ["mlas-lora"], "data": {"train_directions": [trained]}},
-        )
-        run_experiment(sub)
-        scores = _bleu(Path(sub.output_dir))
+        changes = {"systems": ["mlas-lora"], "data": {"train_directions": [trained]}}
+        scores = _bleu(_run_point(config, folder / f"from-{trained}", changes))
         rows.append([trained, *(scores[("mlas-lora", d)] - untuned[("zero-shot", d)] for d in directions)])
     _write_csv(folder / "transfer.csv", rows)
     _heatmap(rows, folder / "transfer.png")
