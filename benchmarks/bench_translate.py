@@ -10,7 +10,8 @@ gets `batch_context=routed.routing`. Settings: `old`, the path before the speed 
 and routed), the function `new` decodes (`precision: training`, the trainer's bf16 autocast) through
 `generate` at batch 8, the reference for `new`'s hypotheses; `new`, today's `translate()` at
 `--batch-size`; `--extra` adds settings that change batch size (`-b32`), threads (`-t1`), the
-prefix cache (`-p1` on, `-p0` off), or `shrink`: `translate(decoder="shrink")`. They run
+prefix cache (`-p1` on, `-p0` off), or `shrink`: `translate(decoder="shrink")`; `old-b4` etc. is the
+previous path at another batch size, which shows how many hypotheses batching alone changes there. They run
 interleaved, rotating which goes first each round, and the report gives the median time. Columns:
 segments/s; tokens/s, the generated tokens every row needs (up to and including its stop token,
 counted on the new loop) per second; row-steps, the rows the output head saw (the old path keeps
@@ -71,7 +72,9 @@ def settings(args, kind: str) -> dict:
             batch_size=parts.get("b", args.batch_size),
             prefix_cache=bool(parts.get("p", new.prefix_cache)),
         )
-        fn = shrinking if name.startswith("shrink") else translate
+        if name.startswith("old"):  # the previous path at another batch size: how much its own
+            config = replace(out["old"][1], batch_size=parts.get("b", 8))  # hypotheses move with batching
+        fn = generate if name.startswith("old") else shrinking if name.startswith("shrink") else translate
         out[name] = (fn, config, parts.get("t", args.threads))
     return out
 
@@ -200,7 +203,7 @@ def main() -> None:
         "--extra",
         default="",
         help="more settings: new-b16 (batch 16), new-t1 (1 thread), new-p0 (prefix_cache off), "
-        "shrink (translate(decoder='shrink'))",
+        "old-b4 (the old path at batch 4), shrink (translate(decoder='shrink'))",
     )
     parser.add_argument("--b-std", type=float, default=0.01, help="std of the random LoRA B factors")
     parser.add_argument("--repeats", type=int, default=1, help="measured rounds")
