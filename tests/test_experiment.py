@@ -72,6 +72,8 @@ def test_lambda_sweep_scores_the_teacher_once(tiny_config):
     assert (folder / "lambda.png").stat().st_size > 0
     table = (folder / "table.test.bleu.md").read_text()
     assert "| lambda-0.4 |" in table and "| lambda-0.6 |" in table
+    sig = json.loads((folder / "significance.json").read_text())  # against MLAS-LoRA as shipped
+    assert {r["system_b"] for r in sig} == {"lambda-auto"} and "lambda-0.6" in {r["system_a"] for r in sig}
     assert len(list(run.glob("awareness-*"))) == 1  # one teacher pass for every lambda
     assert len(list(run.glob("classes-*"))) >= 3  # 0 (0.1 and 0.4), 0.6, auto side by side
     # 0.1 and 0.4 classify alike: one training, whose hypotheses serve both names (0.4 loads nothing)

@@ -79,7 +79,8 @@ def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) ->
 
 def experiment_config(name: str, config: ExperimentConfig, systems: list | None, budget: str | None):
     """The config with the experiment's systems (and budget). The bootstrap baseline is MLAS-LoRA in
-    table2, else the config's where it is one of the systems, else MLAS-LoRA if present, else none."""
+    table1 and table2, `lambda-auto` (MLAS-LoRA as shipped) in lambda, else the config's where it is one
+    of the systems, else MLAS-LoRA if present, else none."""
     from mlas_lora.experiments.systems import system_spec
 
     tree = to_dict(config)
@@ -92,6 +93,8 @@ def experiment_config(name: str, config: ExperimentConfig, systems: list | None,
     names = [system_spec(s)[0] for s in tree["systems"]]
     if name in ("table1", "table2"):
         tree["evaluation"]["baseline_for_significance"] = "mlas-lora"
+    elif name == "lambda" and systems is not None and "lambda-auto" in names:
+        tree["evaluation"]["baseline_for_significance"] = "lambda-auto"  # MLAS-LoRA as shipped
     elif config.evaluation.significance_baseline(names) not in names:
         tree["evaluation"]["baseline_for_significance"] = "mlas-lora" if "mlas-lora" in names else None
     return config_from_dict(ExperimentConfig, tree)
