@@ -73,8 +73,9 @@ def settings(args, kind: str) -> dict:
             prefix_cache=bool(parts.get("p", new.prefix_cache)),
         )
         if name.startswith("old"):  # the previous path at another batch size: how much its own
-            config = replace(out["old"][1], batch_size=parts.get("b", 8))  # hypotheses move with batching
-        fn = generate if name.startswith("old") else shrinking if name.startswith("shrink") else translate
+            fn, config = generate, replace(OLD, batch_size=parts.get("b", 8))  # hypotheses move with batching
+        else:
+            fn = shrinking if name.startswith("shrink") else translate
         out[name] = (fn, config, parts.get("t", args.threads))
     return out
 

@@ -99,9 +99,10 @@ def classification_lambda(lam: float, num_pairs: int) -> float:
     (module docstring; margin 1e-9 for the float64 shares), so all of them use one representative: the
     paper's 0.2 where it is itself below 1/P (P <= 4, so a run at the paper's value keeps its stage
     keys), else 0. Any other lambda is returned as it is."""
-    if lam >= 1 / num_pairs - 1e-9:
+    uniform = 1 / num_pairs - 1e-9
+    if lam >= uniform:
         return lam
-    return PAPER_LAMBDA if PAPER_LAMBDA < 1 / num_pairs - 1e-9 else 0.0
+    return PAPER_LAMBDA if PAPER_LAMBDA < uniform else 0.0
 
 
 def class_key(layer: int, proj: str, side: str) -> str:

@@ -26,8 +26,11 @@ ANALYSES = ("pairs", "transfer", "family")
 PAIRS_SYSTEMS = ("lora", "M-i", "mlas-lora")
 
 
-def _sub_config(config: ExperimentConfig, folder: Path, changes: dict) -> ExperimentConfig:
-    tree = merge_trees(to_dict(config), {"output_dir": str(folder), **changes})
+def _sub_config(config: ExperimentConfig, folder: Path | None, changes: dict) -> ExperimentConfig:
+    """The config with `changes` (systems replaced, not merged), run in `folder` (None: its own)."""
+    tree = merge_trees(
+        to_dict(config), {**({} if folder is None else {"output_dir": str(folder)}), **changes}
+    )
     if "systems" in changes:
         tree["systems"] = changes["systems"]
     return config_from_dict(ExperimentConfig, tree)
@@ -48,14 +51,12 @@ def _run_point(config: ExperimentConfig, folder: Path, changes: dict, in_main_ru
     folder holds its stages and hypotheses (a point that is the main run's), `folder` its report."""
     from mlas_lora.experiments.run import run_experiment
 
-    if not in_main_run:
-        sub = _sub_config(config, folder, changes)
-        run_experiment(sub)
-        return Path(sub.output_dir)
-    tree = merge_trees(to_dict(config), {k: v for k, v in changes.items() if k != "systems"})
-    tree["systems"] = changes["systems"]
-    run_experiment(config_from_dict(ExperimentConfig, tree), report_dir=folder)
-    return folder
+    if in_main_run:
+        run_experiment(_sub_config(config, None, changes), report_dir=folder)
+        return folder
+    sub = _sub_config(config, folder, changes)
+    run_experiment(sub)
+    return Path(sub.output_dir)
 
 
 def pair_counts(n: int) -> list[int]:

@@ -19,7 +19,14 @@ from pathlib import Path
 
 from mlas_lora.distributed import barrier, is_main_process
 from mlas_lora.experiments.data import Splits
-from mlas_lora.experiments.stages import mark_done, record_stage_time, stage_done, stage_key, transfer_key
+from mlas_lora.experiments.stages import (
+    finished_key,
+    mark_done,
+    record_stage_time,
+    stage_done,
+    stage_key,
+    transfer_key,
+)
 from mlas_lora.experiments.systems import System
 from mlas_lora.methods import Student
 from mlas_lora.translation.generate import trains_under_autocast
@@ -128,11 +135,7 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
 def _park(folder: Path) -> None:
     """Move a finished training of another key out of the system's way, to `train-NAME@KEY8`, where
     `same_training` finds it when that key comes back (a run alternating budgets retrains nothing)."""
-    if folder.is_symlink() or not (folder / "stage.json").is_file():
-        return
-    try:
-        old = json.loads((folder / "stage.json").read_text())["key"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+    if folder.is_symlink() or (old := finished_key(folder)) is None:
         return
     parked = folder.with_name(f"{folder.name}@{old[:8]}")
     _remove(parked)

@@ -65,12 +65,14 @@ class HypothesisStore:
         another system's made under the same content key on the same segments (a lambda below 1/P,
         R-i and lora: one function under two names), copied to this system's file."""
         own = self.path(system, split, direction)
-        hyps = self._read(own, "key", key)
-        if hyps is not None and content is not None and "content" not in (rows := self._rows(own))[0]:
-            rows[0]["content"] = content  # a file from before content keys: its key proves the inputs
-            write_text_atomic(own, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        if hyps is not None or content is None or examples is None:
-            return hyps
+        rows = self._rows(own)
+        if rows and rows[0].get("key") == key:
+            if content is not None and "content" not in rows[0]:
+                rows[0]["content"] = content  # a file from before content keys: its key proves the inputs
+                self._write(own, rows)
+            return [row["hypothesis"] for row in rows[1:]]
+        if content is None or examples is None:
+            return None
         for path in sorted(self.root.glob(f"*/{split}.{direction}.jsonl")):
             rows = self._rows(path)
             if not rows or rows[0].get("content") != content or len(rows) != len(examples) + 1:
@@ -88,11 +90,9 @@ class HypothesisStore:
     def _rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
-    def _read(self, path: Path, field: str, key: str) -> list[str] | None:
-        rows = self._rows(path)
-        if not rows or rows[0].get(field) != key:
-            return None
-        return [row["hypothesis"] for row in rows[1:]]
+    @staticmethod
+    def _write(path: Path, rows: list[dict]) -> None:
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
     def save(
         self,
@@ -118,7 +118,7 @@ class HypothesisStore:
             {"source": e.source, "reference": e.reference, "hypothesis": h}
             for e, h in zip(examples, hyps, strict=True)
         ]
-        write_text_atomic(path, "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+        self._write(path, rows)
 
 
 # A system's translator: (examples of one direction, split) -> hypotheses.

@@ -50,13 +50,18 @@ def stage_key(**parts) -> str:
     return config_hash(parts)
 
 
-def stage_done(folder: Path, key: str) -> bool:
-    """Whether `folder` holds a finished stage of this key (an unreadable marker: not finished)."""
+def finished_key(folder: Path) -> str | None:
+    """The key of the finished stage `folder` holds; None if none (no or an unreadable marker)."""
     marker = folder / "stage.json"
     try:
-        return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+        return json.loads(marker.read_text()).get("key") if marker.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+        return None
+
+
+def stage_done(folder: Path, key: str) -> bool:
+    """Whether `folder` holds a finished stage of this key (an unreadable marker: not finished)."""
+    return finished_key(folder) == key
 
 
 def mark_done(folder: Path, key: str, seconds: float) -> None:
@@ -90,8 +95,7 @@ def model_source(name: str):
 
 def awareness_keys(config: ExperimentConfig) -> tuple[str, str]:
     """(scoring key, classes key): lambda and the normalisation enter only the second, lambda as the
-    classification uses it (every lambda below 1/P classifies as 0: one folder, one training)."""
-    from mlas_lora.awareness.classify import classification_lambda, resolve_lambda
+    classification uses it (every lambda below 1/P classifies alike: one folder, one training)."""
 
     key = stage_key(
         teacher=config.models.teacher,
@@ -100,9 +104,15 @@ def awareness_keys(config: ExperimentConfig) -> tuple[str, str]:
         data=seed_data_settings(config.data),
         awareness={k: v for k, v in to_dict(config.awareness).items() if k not in CLASSIFY_ONLY},
     )
+    return key, stage_key(scores=key, lam=classes_lambda(config), normalize=config.awareness.normalize)
+
+
+def classes_lambda(config: ExperimentConfig) -> float:
+    """The lambda the classify stage uses and keys: resolved ('auto'), then `classification_lambda`."""
+    from mlas_lora.awareness.classify import classification_lambda, resolve_lambda
+
     pairs = len(config.data.trained_directions)
-    lam = classification_lambda(resolve_lambda(config.awareness.lam, pairs), pairs)
-    return key, stage_key(scores=key, lam=lam, normalize=config.awareness.normalize)
+    return classification_lambda(resolve_lambda(config.awareness.lam, pairs), pairs)
 
 
 def awareness_stage(
@@ -148,12 +158,7 @@ def awareness_stage(
 
 
 def _classify_stage(config: ExperimentConfig, scored: Path, classes: Path, classes_key: str, scores) -> None:
-    from mlas_lora.awareness.classify import (
-        classification_lambda,
-        classify_neurons,
-        resolve_lambda,
-        save_classes,
-    )
+    from mlas_lora.awareness.classify import classify_neurons, save_classes
     from mlas_lora.awareness.scoring import load_awareness
 
     if not stage_done(classes, classes_key):
@@ -161,8 +166,7 @@ def _classify_stage(config: ExperimentConfig, scored: Path, classes: Path, class
         fresh_dir(classes)
         if scores is None:  # scoring was skipped: read its files
             scores = load_awareness(scored)
-        pairs = len(config.data.trained_directions)
-        lam = classification_lambda(resolve_lambda(config.awareness.lam, pairs), pairs)
+        lam = classes_lambda(config)
         save_classes(classify_neurons(scores, lam=lam, normalize=config.awareness.normalize), classes)
         mark_done(classes, classes_key, time.perf_counter() - start)
 
