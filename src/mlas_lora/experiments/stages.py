@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from mlas_lora.config import config_hash, to_dict
-from mlas_lora.distributed import barrier, is_main_process, main_process_first, process_device
+from mlas_lora.distributed import barrier, is_main_process, main_process_first
 from mlas_lora.experiments.config import DataConfig, ExperimentConfig
 from mlas_lora.experiments.data import Splits
 from mlas_lora.models.arch import describe
@@ -90,7 +90,7 @@ def model_source(name: str):
     from mlas_lora.models.loading import load_model, resolve_source
 
     source, local = resolve_source(name)
-    return source if local else load_model(name, dtype="float32")[0]
+    return source if local else load_model(name, dtype="float32", device="cpu")[0]
 
 
 def awareness_keys(config: ExperimentConfig) -> tuple[str, str]:
@@ -133,9 +133,7 @@ def awareness_stage(
     if not stage_done(scored, key):
         start = time.perf_counter()
         student_layers = describe(load_model_config(*resolve_source(config.models.student))).num_layers
-        teacher, tokenizer = load_model(
-            config.models.teacher, dtype=config.models.dtype, device=process_device(), **(placement or {})
-        )
+        teacher, tokenizer = load_model(config.models.teacher, dtype=config.models.dtype, **(placement or {}))
         scores = score_teacher(
             teacher,
             tokenizer,

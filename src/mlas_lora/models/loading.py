@@ -135,7 +135,7 @@ def weights_error(name: str, source: str, local: bool, err: Exception) -> MlasLo
 def load_model(
     name_or_path: str | Path,
     dtype: str | torch.dtype = "auto",
-    device=None,
+    device="auto",
     max_memory: dict | None = None,
     offload_folder: str | Path | None = None,
 ):
@@ -145,9 +145,15 @@ def load_model(
     device with `device_map="auto"`: layers fill the GPUs in order, then CPU memory, then
     `offload_folder` on disk; offloaded layers run on the first GPU (or the CPU) with their weights
     loaded for each forward. `device` is then ignored. Awareness scoring runs on such a model as on
-    a resident one (`awareness.offload`).
+    a resident one (`awareness.offload`). `device` "auto" is `distributed.compute_device()`: the
+    launcher's device, else the first visible GPU, else the CPU.
     """
     from transformers import AutoModelForCausalLM
+
+    from mlas_lora.distributed import compute_device
+
+    if device == "auto":
+        device = compute_device()
 
     source, local = resolve_source(name_or_path)
     config = load_model_config(source, local)
