@@ -143,29 +143,33 @@ def prompting_translator(system: System, model, tokenizer, splits: Splits) -> Tr
 
 def translate_all(
     system: str,
-    translator: Translator,
+    make_translator: Callable[[], Translator],
     splits: Splits,
     store: HypothesisStore,
     key: str,
     content: str | None = None,
 ):
     """Hypotheses for every evaluated split and direction, reusing cached ones (the system's own, or
-    another system's of the same content key); returns seconds spent."""
+    another system's of the same content key); returns them, the seconds spent translating, and
+    whether every cell was cached. `make_translator` runs once, at the first cell to translate (a
+    system whose cells are all cached trains and loads nothing)."""
     outputs: dict[tuple[str, str], list[str]] = {}
     seconds = 0.0
+    translator = None
     for split in EVAL_SPLITS:
         for direction, examples in splits.get(split).items():
             if not examples:
                 continue
             hyps = store.load(system, split, direction, key, content, examples)
             if hyps is None:
+                translator = translator or make_translator()
                 start = time.perf_counter()
                 hyps = translator(examples, split)
                 spent = time.perf_counter() - start
                 seconds += spent
                 store.save(system, split, direction, key, examples, hyps, spent, content)
             outputs[(split, direction)] = hyps
-    return outputs, seconds
+    return outputs, seconds, translator is None
 
 
 def evaluate_outputs(system: str, outputs, splits: Splits, config: ExperimentConfig):
@@ -238,15 +242,16 @@ def system_translator(system: System, splits: Splits, run_dir: Path, cache: dict
 
 def system_key(system: System) -> str:
     """What a system's hypotheses depend on; a change re-runs that system only."""
-    return config_hash(_hypothesis_inputs(system))
+    return hypothesis_keys(system)[0]
 
 
-def content_key(system: System) -> str:
-    """`system_key` without the system's name: equal for two names of one function (their hypotheses
-    are shared, HypothesisStore.load)."""
+def hypothesis_keys(system: System) -> tuple[str, str]:
+    """(`system_key`, content key): the content key is the system key without the system's name,
+    equal for two names of one function (their hypotheses are shared, HypothesisStore.load)."""
     parts = _hypothesis_inputs(system)
+    key = config_hash(parts)
     del parts["system"]
-    return config_hash(parts)
+    return key, config_hash(parts)
 
 
 def _hypothesis_inputs(system: System) -> dict:
@@ -289,19 +294,17 @@ def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Pa
         shutil.rmtree(store.root, ignore_errors=True)
     all_outputs, timings, cache = {}, {}, {}
     for system in systems:
-        key, content = system_key(system), content_key(system)
-        cached = all(
-            store.load(system.name, sp, d, key, content, ex) is not None
-            for sp in EVAL_SPLITS
-            for d, ex in splits.get(sp).items()
-            if ex
-        )
+        key, content = hypothesis_keys(system)
         start = time.perf_counter()
-        translator = None if cached else system_translator(system, splits, run_dir, cache)
-        all_outputs[system.name], seconds = translate_all(
-            system.name, translator, splits, store, key, content
+        # the translator (and its model) lives inside translate_all only: freed before the next system
+        all_outputs[system.name], seconds, cached = translate_all(
+            system.name,
+            lambda system=system: system_translator(system, splits, run_dir, cache),
+            splits,
+            store,
+            key,
+            content,
         )
-        translator = None  # free this system's model before the next one trains or loads its own
         timings[system.name] = {
             "translate_s": round(seconds, 1),
             "wall_s": round(time.perf_counter() - start, 1),
