@@ -9,12 +9,10 @@ import torch
 import dist_scoring_script
 from mlas_lora.awareness.scoring import collate as scoring_collate
 from mlas_lora.awareness.scoring import seed_target_loss
-from mlas_lora.config import config_from_dict
-from mlas_lora.experiments.config import ExperimentConfig
-from mlas_lora.testing.tiny import save_tiny, tiny_model
+from mlas_lora.testing.tiny import tiny_model
 from mlas_lora.training.data import GPU_WIDTH_MULTIPLE, collate
 from mlas_lora.training.loss import predicting_positions, target_loss
-from test_pipeline import _write_corpus
+from test_pipeline import tiny_config
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -110,20 +108,7 @@ def test_one_process_runs_every_stage_on_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(generate, "translate", spy_translate)
     monkeypatch.setattr(run_module, "translate", spy_translate)
 
-    directions = ["en-de", "en-fi"]
-    _write_corpus(tmp_path / "corpus", directions)
-    config = config_from_dict(ExperimentConfig, {
-        "name": "gpu", "output_dir": str(tmp_path / "run"), "systems": ["zero-shot", "lora", "mlas-lora"],
-        "data": {"corpus": str(tmp_path / "corpus"), "directions": directions, "seed_per_direction": 3,
-                 "valid_per_direction": 2},
-        "models": {"teacher": str(save_tiny(tmp_path / "teacher", role="teacher", seed=1)),
-                   "student": str(save_tiny(tmp_path / "student", role="student", seed=2)), "dtype": "auto"},
-        "generation": {"batch_size": 3, "max_new_tokens": 4},
-        "evaluation": {"metrics": ["bleu", "chrf"], "bootstrap_samples": 20},
-        "awareness": {"batch_size": 3},
-        "lora": {"r_gen": 4, "r_spe": 4},
-        "training": {"max_steps": 2, "micro_batch": 3, "grad_accum": 2, "checkpoint_every": 1, "lr": 1e-3},
-    })  # fmt: skip
+    config = tiny_config(tmp_path, dtype="auto")  # bfloat16 on the GPU
     run_module.run_experiment(config)
     assert seen["score"] == ["cuda"] and seen["train"] == ["cuda", "cuda"]
     assert seen["decode"] and set(seen["decode"]) == {"cuda"}, seen

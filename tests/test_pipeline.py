@@ -29,24 +29,30 @@ def stage_dir(run, kind: str):
     return folder
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
+def tiny_config(root, dtype: str = "float32") -> ExperimentConfig:
+    """A two-direction config of zero-shot, LoRA and MLAS-LoRA on a tiny corpus, teacher and student
+    written under `root`; the run folder is `root/run`."""
     directions = ["en-de", "en-fi"]
     _write_corpus(root / "corpus", directions)
     teacher = save_tiny(root / "teacher", role="teacher", seed=1)
     student = save_tiny(root / "student", role="student", seed=2)
-    config = config_from_dict(ExperimentConfig, {
+    return config_from_dict(ExperimentConfig, {
         "name": "tiny", "output_dir": str(root / "run"), "systems": ["zero-shot", "lora", "mlas-lora"],
         "data": {"corpus": str(root / "corpus"), "directions": directions, "seed_per_direction": 4,
                  "valid_per_direction": 2},
-        "models": {"teacher": str(teacher), "student": str(student), "dtype": "float32"},
+        "models": {"teacher": str(teacher), "student": str(student), "dtype": dtype},
         "generation": {"batch_size": 4, "max_new_tokens": 4},
         "evaluation": {"metrics": ["bleu", "chrf"], "bootstrap_samples": 20},
         "awareness": {"batch_size": 2},
         "lora": {"r_gen": 4, "r_spe": 4},
         "training": {"max_steps": 2, "micro_batch": 4, "grad_accum": 2, "checkpoint_every": 1, "lr": 1e-3},
     })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    config = tiny_config(root)
     report = run_experiment(config)
     return config, root / "run", report
 
