@@ -273,6 +273,34 @@ def test_learning_curve_scores_every_checkpoint_and_resumes(tiny_run):
     assert [step for step, _, _ in leader_by_step(results)] == [0, 1, 2]
 
 
+def test_learning_curve_refuses_a_training_of_another_config(tiny_run):
+    """Checkpoints trained under other settings (another lr, or without the budget they ran under)
+    would be loaded into a differently built student and scored as this config's: an error instead."""
+    from mlas_lora.config import config_from_dict, to_dict
+    from mlas_lora.errors import MlasLoraError
+    from mlas_lora.experiments.curve import learning_curve
+
+    config, _, _ = tiny_run
+    tree = to_dict(config)
+    tree["training"]["lr"] = 5e-3
+    with pytest.raises(MlasLoraError, match="train-lora holds a training of another config"):
+        learning_curve(config_from_dict(ExperimentConfig, tree), ["lora"], segments=2)
+
+
+def test_with_budget_is_the_config_experiment_runs():
+    from mlas_lora.config import to_dict
+    from mlas_lora.errors import MlasLoraError
+    from mlas_lora.experiments.experiment import experiment_config, with_budget
+
+    config = config_from_dict(ExperimentConfig, {"name": "x", "systems": ["lora"]})
+    budgeted = with_budget(config, "cpu")
+    assert budgeted.training.max_steps == 48 and budgeted.data.valid_per_direction == 50
+    assert to_dict(budgeted) == to_dict(experiment_config("sweep", config, None, "cpu"))
+    assert with_budget(config, None) is config
+    with pytest.raises(MlasLoraError, match="unknown budget"):
+        with_budget(config, "gpu")
+
+
 def test_stage_markers_are_written_atomically_and_a_garbled_one_means_not_done(tmp_path):
     from mlas_lora.experiments.stages import mark_done, stage_done
 

@@ -221,9 +221,10 @@ def _curve(args) -> None:
     from mlas_lora.config import load_config
     from mlas_lora.experiments.config import ExperimentConfig
     from mlas_lora.experiments.curve import leader_by_step, learning_curve
+    from mlas_lora.experiments.experiment import with_budget
     from mlas_lora.experiments.systems import resolve_systems
 
-    config = load_config(ExperimentConfig, args.config, args.overrides)
+    config = with_budget(load_config(ExperimentConfig, args.config, args.overrides), args.budget)
     systems = (
         args.systems.split(",")
         if args.systems
@@ -363,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     curve.add_argument("--systems", help="comma-separated trained systems (default: all of the config)")
     curve.add_argument("--segments", type=int, default=25, help="validation segments per direction")
+    curve.add_argument("--budget", help="the budget the systems were trained under (`experiment --budget`)")
 
     ev = sub.add_parser("evaluate", help="score your own translation files (BLEU, chrF++, METEOR, COMET)")
     ev.add_argument("--hyp", required=True, help="system translations, one segment per line (UTF-8)")

@@ -77,17 +77,29 @@ def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) ->
     return None  # the config's own systems
 
 
+def budget_tree(tree: dict, budget: str | None) -> dict:
+    """A config tree with a budget's settings merged in (None: as it is)."""
+    if budget is None:
+        return tree
+    if budget not in BUDGETS:
+        raise MlasLoraError(f"unknown budget {budget!r} (known: {', '.join(BUDGETS)})")
+    return merge_trees(tree, BUDGETS[budget])
+
+
+def with_budget(config: ExperimentConfig, budget: str | None) -> ExperimentConfig:
+    """The config as `experiment --budget` runs it (for `curve`, which reads those trainings)."""
+    return (
+        config if budget is None else config_from_dict(ExperimentConfig, budget_tree(to_dict(config), budget))
+    )
+
+
 def experiment_config(name: str, config: ExperimentConfig, systems: list | None, budget: str | None):
     """The config with the experiment's systems (and budget). The bootstrap baseline is MLAS-LoRA in
     table1 and table2, `lambda-auto` (MLAS-LoRA as shipped) in lambda, else the config's where it is one
     of the systems, else MLAS-LoRA if present, else none."""
     from mlas_lora.experiments.systems import system_spec
 
-    tree = to_dict(config)
-    if budget is not None:
-        if budget not in BUDGETS:
-            raise MlasLoraError(f"unknown budget {budget!r} (known: {', '.join(BUDGETS)})")
-        tree = merge_trees(tree, BUDGETS[budget])
+    tree = budget_tree(to_dict(config), budget)
     if systems is not None:
         tree["systems"] = systems
     names = [system_spec(s)[0] for s in tree["systems"]]
