@@ -51,7 +51,7 @@ def load(args):
         return tiny_model("qwen2", "teacher").to(getattr(torch, args.dtype))
     from mlas_lora.models.loading import load_model
 
-    return load_model(args.model, dtype=args.dtype)[0]
+    return load_model(args.model, dtype=args.dtype, device="cpu")[0]  # a CPU benchmark (README)
 
 
 def make_batch(model, sentences: int, tokens: int) -> Batch:

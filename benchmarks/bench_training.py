@@ -44,7 +44,7 @@ def load_base(args):
         return tiny_model("qwen2", "student"), tiny_tokenizer()
     from mlas_lora.models.loading import load_model
 
-    return load_model(args.model, dtype=args.dtype)
+    return load_model(args.model, dtype=args.dtype, device="cpu")  # a CPU benchmark (README)
 
 
 def pair_examples(pairs: list[str], per_pair: int, split: str) -> dict[str, list[Example]]:
