@@ -287,6 +287,25 @@ def test_learning_curve_refuses_a_training_of_another_config(tiny_run):
         learning_curve(config_from_dict(ExperimentConfig, tree), ["lora"], segments=2)
 
 
+def test_learning_curve_finds_the_training_of_its_key_under_another_name(tiny_run):
+    """`lora` of the main config reads a sweep's `lora-lr1e-4` training when their keys are equal."""
+    from mlas_lora.config import config_from_dict, to_dict
+    from mlas_lora.experiments.curve import learning_curve
+
+    config, run, _ = tiny_run
+    learning_curve(config, ["lora"], segments=2)  # cached where the test above ran
+    tree = to_dict(config)
+    tree["systems"] = [{"name": "lora-again", "preset": "lora"}]
+    png = learning_curve(config_from_dict(ExperimentConfig, tree), ["lora-again"], segments=2)
+    results = json.loads((png.parent / "curve.json").read_text())
+    scores = {
+        name: {step: (p["bleu"], p["chrf"]) for step, p in results[name]["points"].items()}
+        for name in ("lora", "lora-again")
+    }
+    assert scores["lora-again"] == scores["lora"] and set(scores["lora"]) == {"0", "1", "2"}
+    assert not (run / "train-lora-again").exists()
+
+
 def test_with_budget_is_the_config_experiment_runs():
     from mlas_lora.config import to_dict
     from mlas_lora.errors import MlasLoraError

@@ -67,21 +67,24 @@ def _translate_valid(model, tokenizer, context, valid: dict, config: ExperimentC
 
 def system_curve(system: System, splits: Splits, valid: dict, done: dict) -> dict:
     """{step: scores} of one system: step 0 (its initial student) and every saved checkpoint."""
-    from mlas_lora.experiments.pipeline import initial_student, train_dir, train_key
+    from mlas_lora.experiments.pipeline import initial_student, same_training, train_dir, train_key
     from mlas_lora.experiments.stages import finished_key
 
     config = system.config
     run_dir = Path(config.output_dir)
+    key = train_key(system)
     folder = train_dir(system, run_dir)
+    if finished_key(folder) != key and (same := same_training(run_dir, key)) is not None:
+        folder = same  # the same training under another system's name (a sweep's `lora-lr1e-4`)
     saved = checkpoints(folder)
     if not saved:
         raise MlasLoraError(f"{folder} has no checkpoints: train {system.name} first")
     started = folder / "key.json"
     trained = finished_key(folder) or (json.loads(started.read_text())["key"] if started.is_file() else None)
-    if trained != train_key(system):
+    if trained != key:
         raise MlasLoraError(
             f"{folder} holds a training of another config (key {str(trained)[:8]}, this config's is "
-            f"{train_key(system)[:8]}): give curve the config, overrides and --budget it was trained with"
+            f"{key[:8]}): give curve the config, overrides and --budget it was trained with"
         )
     student = initial_student(system, splits, run_dir)
     student.model.eval()
