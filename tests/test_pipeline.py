@@ -303,6 +303,9 @@ def test_learning_curve_finds_the_training_of_its_key_under_another_name(tiny_ru
         for name in ("lora", "lora-again")
     }
     assert scores["lora-again"] == scores["lora"] and set(scores["lora"]) == {"0", "1", "2"}
+    rows = (png.parent / "curve.csv").read_text().splitlines()
+    norms = [row.split(",")[-1] for row in rows if row.startswith("lora-again,")]
+    assert norms[0] == "0.0" and all(float(n) > 0 for n in norms[1:])  # read from train-lora's log
     assert not (run / "train-lora-again").exists()
 
 

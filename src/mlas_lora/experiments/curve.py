@@ -67,15 +67,13 @@ def _translate_valid(model, tokenizer, context, valid: dict, config: ExperimentC
 
 def system_curve(system: System, splits: Splits, valid: dict, done: dict) -> dict:
     """{step: scores} of one system: step 0 (its initial student) and every saved checkpoint."""
-    from mlas_lora.experiments.pipeline import initial_student, same_training, train_dir, train_key
+    from mlas_lora.experiments.pipeline import initial_student, train_key
     from mlas_lora.experiments.stages import finished_key
 
     config = system.config
     run_dir = Path(config.output_dir)
     key = train_key(system)
-    folder = train_dir(system, run_dir)
-    if finished_key(folder) != key and (same := same_training(run_dir, key)) is not None:
-        folder = same  # the same training under another system's name (a sweep's `lora-lr1e-4`)
+    folder = training_folder(system)
     saved = checkpoints(folder)
     if not saved:
         raise MlasLoraError(f"{folder} has no checkpoints: train {system.name} first")
@@ -103,8 +101,21 @@ def system_curve(system: System, splits: Splits, valid: dict, done: dict) -> dic
     return points
 
 
-def _update_norms(run_dir: Path, system: str) -> dict[int, float]:
-    log = run_dir / f"train-{system}" / "train_log.json"
+def training_folder(system: System) -> Path:
+    """The system's training folder, or the finished training of its key under another system's name
+    (a sweep's `lora-lr1e-4` for the main config's `lora`)."""
+    from mlas_lora.experiments.pipeline import same_training, train_dir, train_key
+    from mlas_lora.experiments.stages import finished_key
+
+    run_dir = Path(system.config.output_dir)
+    key, folder = train_key(system), train_dir(system, run_dir)
+    if finished_key(folder) != key and (same := same_training(run_dir, key)) is not None:
+        return same
+    return folder
+
+
+def _update_norms(folder: Path) -> dict[int, float]:
+    log = folder / "train_log.json"
     if not log.is_file():
         return {}
     history = json.loads(log.read_text()).get("history", [])
@@ -137,7 +148,11 @@ def learning_curve(config: ExperimentConfig, systems: list[str], segments: int =
         key = config_hash({"system": system, "segments": segments, "config": config_hash(config)})
         done = stored.get(system, {})
         points = done.get("points", {}) if done.get("key") == key else {}
-        results[system] = {"key": key, "points": system_curve(resolved[system], splits, valid, points)}
+        results[system] = {
+            "key": key,
+            "points": system_curve(resolved[system], splits, valid, points),
+            "folder": training_folder(resolved[system]).name,
+        }
         stored[system] = results[system]
         write_json_atomic(path, stored)
     return write_curve(results, run_dir, segments)
@@ -151,7 +166,7 @@ def write_curve(results: dict, run_dir: Path, segments: int) -> Path:
     import matplotlib.pyplot as plt
 
     folder = run_dir / "curve"
-    norms = {system: _update_norms(run_dir, system) for system in results}
+    norms = {s: _update_norms(run_dir / d.get("folder", f"train-{s}")) for s, d in results.items()}
     with open(folder / "curve.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["system", "step", "bleu", "chrf", "update_norm"])
@@ -160,12 +175,15 @@ def write_curve(results: dict, run_dir: Path, segments: int) -> Path:
                 norm = norms[system].get(int(step), 0.0 if step == "0" else "")
                 writer.writerow([system, step, f"{p['bleu']:.2f}", f"{p['chrf']:.2f}", norm])
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
-    for system, data in results.items():
+    for i, (system, data) in enumerate(results.items()):
+        color = f"C{i}"  # one colour per system in both panels
         steps = sorted(int(s) for s in data["points"])
-        top.plot(steps, [data["points"][str(s)]["chrf"] for s in steps], marker="o", label=system)
+        top.plot(
+            steps, [data["points"][str(s)]["chrf"] for s in steps], marker="o", label=system, color=color
+        )
         if norms[system]:
             logged = sorted(norms[system])
-            bottom.plot(logged, [norms[system][s] for s in logged], label=system)
+            bottom.plot(logged, [norms[system][s] for s in logged], label=system, color=color)
     top.set_ylabel(f"valid chrF++ (avg., {segments} segments/direction)")
     top.legend()
     top.grid(alpha=0.3)
