@@ -10,25 +10,24 @@ import dist_scoring_script
 from mlas_lora.awareness.scoring import collate as scoring_collate
 from mlas_lora.awareness.scoring import seed_target_loss
 from mlas_lora.testing.tiny import tiny_model
-from mlas_lora.training.data import GPU_WIDTH_MULTIPLE, collate
+from mlas_lora.training.data import GPU_WIDTH_MULTIPLE, collate, width_multiple
 from mlas_lora.training.loss import predicting_positions, target_loss
 from test_pipeline import tiny_config
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-def _odd_batch():
-    """Two right-padded seed rows 11 tokens wide (not a multiple of 4)."""
-    encoded = [(list(range(5, 12)), list(range(12, 16))), (list(range(20, 24)), list(range(24, 27)))]
-    return scoring_collate(encoded, pad_id=0)
+ODD = [(list(range(5, 12)), list(range(12, 16))), (list(range(20, 24)), list(range(24, 27)))]
+"""Two seed rows, the longer 11 tokens (not a multiple of 4)."""
 
 
 def test_padding_a_scoring_batch_leaves_its_loss_and_gradients_unchanged():
     model = tiny_model("qwen2", "teacher", seed=0)
-    batch = _odd_batch()
-    padded = batch.padded_to_multiple(GPU_WIDTH_MULTIPLE)
+    batch = scoring_collate(ODD, pad_id=0)
+    padded = scoring_collate(ODD, pad_id=0, multiple=GPU_WIDTH_MULTIPLE)
     assert batch.input_ids.shape[1] == 11 and padded.input_ids.shape[1] == 16
     assert padded.tokens.sum() == batch.tokens.sum() and padded.targets.sum() == batch.targets.sum()
+    assert padded.sources.sum() == batch.sources.sum()
     grads = []
     for b in (batch, padded):
         model.zero_grad()
@@ -37,7 +36,11 @@ def test_padding_a_scoring_batch_leaves_its_loss_and_gradients_unchanged():
         grads.append((loss.detach(), model.model.layers[0].mlp.down_proj.weight.grad.clone()))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-7)
-    assert batch.padded_to_multiple(1) is batch
+    assert torch.equal(scoring_collate(ODD, pad_id=0, multiple=1).input_ids, batch.input_ids)
+    assert (
+        width_multiple(torch.device("cuda")) == GPU_WIDTH_MULTIPLE
+        and width_multiple(torch.device("cpu")) == 1
+    )
 
 
 def test_a_training_batch_padded_to_a_multiple_has_the_same_loss():

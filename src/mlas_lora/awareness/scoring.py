@@ -61,7 +61,7 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS, decoder_layers
 from mlas_lora.prompting import PromptStyle, build_prompt, training_ids, uses_chat
 from mlas_lora.stage_files import read_json, require_file
-from mlas_lora.training.data import GPU_WIDTH_MULTIPLE, fit_to_budget
+from mlas_lora.training.data import fit_to_budget, width_multiple
 from mlas_lora.training.loss import TokenCrossEntropy, predicting_positions
 
 AWARENESS_TENSORS = "awareness.safetensors"
@@ -131,22 +131,6 @@ class Batch:
         sources = None if self.sources is None else self.sources.to(device)
         return Batch(self.input_ids.to(device), self.tokens.to(device), self.targets.to(device), sources)
 
-    def padded_to_multiple(self, multiple: int) -> Batch:
-        """The batch right-padded to a width that is a multiple of `multiple` (pad positions are no
-        token, target or source, so the scores do not change: causal attention keeps every real token
-        from seeing them and their gradients are zero)."""
-        extra = -self.input_ids.shape[1] % multiple
-        if extra == 0:
-            return self
-        pad = torch.nn.functional.pad
-        sources = None if self.sources is None else pad(self.sources, (0, extra))
-        return Batch(
-            pad(self.input_ids, (0, extra)),
-            pad(self.tokens, (0, extra)),
-            pad(self.targets, (0, extra)),
-            sources,
-        )
-
     def readings(self) -> dict[str, torch.Tensor]:
         """{reading: bool [B, T]}: the tokens each Eq. (1) reading averages over."""
         prompt = self.tokens & ~self.targets
@@ -205,10 +189,14 @@ def seed_ids(
     return SeedIds(prompt, target, (start, end))
 
 
-def collate(encoded: Sequence[SeedIds | tuple[list[int], list[int]]], pad_id: int) -> Batch:
-    """Concatenate (prompt, target) ids and right-pad them into one batch (SeedIds keep their source span)."""
+def collate(
+    encoded: Sequence[SeedIds | tuple[list[int], list[int]]], pad_id: int, multiple: int = 1
+) -> Batch:
+    """Concatenate (prompt, target) ids and right-pad them into one batch (SeedIds keep their source
+    span), `multiple` tokens wide (`training.data.width_multiple`); pads are no token, target or source."""
     encoded = [e if isinstance(e, SeedIds) else SeedIds(e[0], e[1], (0, len(e[0]))) for e in encoded]
     width = max(len(e.prompt) + len(e.target) for e in encoded)
+    width += -width % multiple
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     tokens = torch.zeros(len(encoded), width, dtype=torch.bool)
     targets, sources = torch.zeros_like(tokens), torch.zeros_like(tokens)
@@ -224,15 +212,18 @@ def collate(encoded: Sequence[SeedIds | tuple[list[int], list[int]]], pad_id: in
 
 
 def pair_batches(
-    tokenizer, examples: Sequence[Example], batch_size: int, max_tokens: int | None = None
+    tokenizer, examples: Sequence[Example], batch_size: int, max_tokens: int | None = None, multiple: int = 1
 ) -> list[Batch]:
-    """Batches of one pair's seeds, longest first so that batches hold similar lengths."""
+    """Batches of one pair's seeds, longest first so that batches hold similar lengths (`collate`)."""
     encoded = sorted(
         (seed_ids(tokenizer, ex, max_tokens) for ex in examples),
         key=lambda e: -len(e.prompt) - len(e.target),
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [collate(encoded[i : i + batch_size], pad_id or 0) for i in range(0, len(encoded), batch_size)]
+    return [
+        collate(encoded[i : i + batch_size], pad_id or 0, multiple)
+        for i in range(0, len(encoded), batch_size)
+    ]
 
 
 def seed_target_loss(model, batch: Batch) -> torch.Tensor:
@@ -394,7 +385,7 @@ def score_teacher(
     batches = [
         (i, b)
         for i, pair in enumerate(pairs)
-        for b in pair_batches(tokenizer, seeds[pair], batch_size, max_tokens)
+        for b in pair_batches(tokenizer, seeds[pair], batch_size, max_tokens, width_multiple(device))
     ]
     tokens = {pair: 0 for pair in pairs}
     target_tokens = dict(tokens)
@@ -407,7 +398,6 @@ def score_teacher(
     try:
         with scoring_mode(model), saved_weights_on_host(model):
             for pair_index, batch in tqdm(shard(batches), desc="awareness", unit="batch", disable=not shown):
-                batch = batch.padded_to_multiple(GPU_WIDTH_MULTIPLE) if device.type == "cuda" else batch
                 _score_batch(model, batch.to(device), pair_index, relevance_tap, neuron_tap)
     finally:
         relevance_tap.remove()

@@ -70,9 +70,14 @@ refuses an attention mask whose key length is not a multiple of 4 ("attn_bias is
 aligned"), and tensor cores prefer multiples of 8. The CPU keeps the exact width."""
 
 
+def width_multiple(device: torch.device) -> int:
+    """What a batch's width is padded to a multiple of on `device` (GPU_WIDTH_MULTIPLE on a GPU, else 1)."""
+    return GPU_WIDTH_MULTIPLE if device.type == "cuda" else 1
+
+
 def collate(features: list[Feature], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Right-padded tensors for a training forward pass, `multiple` tokens wide (8 on a GPU:
-    `GPU_WIDTH_MULTIPLE`); the pads are masked and carry no label."""
+    """Right-padded tensors for a training forward pass, `multiple` tokens wide (`width_multiple`);
+    the pads are masked and carry no label."""
     width = max(len(f.input_ids) for f in features)
     width += -width % multiple
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)

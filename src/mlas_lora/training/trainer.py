@@ -39,7 +39,7 @@ from mlas_lora.distributed import all_reduce_sum_, barrier, is_main_process, ran
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.stage_files import write_json_atomic
 from mlas_lora.training.config import TrainingConfig
-from mlas_lora.training.data import GPU_WIDTH_MULTIPLE, Feature, collate, epoch_batches, featurize
+from mlas_lora.training.data import Feature, collate, epoch_batches, featurize, width_multiple
 from mlas_lora.training.loss import IGNORE, predicting_positions, target_loss
 
 Route = Callable[[torch.Tensor], contextlib.AbstractContextManager]
@@ -159,8 +159,7 @@ class Trainer:
             mixed_precision="no",
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        # on a GPU, batches are padded to a multiple of 8 tokens (GPU_WIDTH_MULTIPLE)
-        self.width_multiple = GPU_WIDTH_MULTIPLE if self.accelerator.device.type == "cuda" else 1
+        self.width_multiple = width_multiple(self.accelerator.device)  # 8 on a GPU, else exact widths
         self.features: list[Feature] = featurize(tokenizer, examples, pairs, config.max_tokens)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.params = [p for p in model.parameters() if p.requires_grad]
