@@ -65,20 +65,18 @@ def _translate_valid(model, tokenizer, context, valid: dict, config: ExperimentC
     }
 
 
-def system_curve(system: System, splits: Splits, valid: dict, done: dict) -> dict:
-    """{step: scores} of one system: step 0 (its initial student) and every saved checkpoint."""
-    from mlas_lora.experiments.pipeline import initial_student, train_key
+def system_curve(system: System, splits: Splits, valid: dict, done: dict, folder: Path, key: str) -> dict:
+    """{step: scores} of one system: step 0 (its initial student) and every saved checkpoint of its
+    training `folder`, which must hold a training of `key` (`training_folder`)."""
+    from mlas_lora.experiments.pipeline import initial_student, started_key
     from mlas_lora.experiments.stages import finished_key
 
     config = system.config
     run_dir = Path(config.output_dir)
-    key = train_key(system)
-    folder = training_folder(system)
     saved = checkpoints(folder)
     if not saved:
         raise MlasLoraError(f"{folder} has no checkpoints: train {system.name} first")
-    started = folder / "key.json"
-    trained = finished_key(folder) or (json.loads(started.read_text())["key"] if started.is_file() else None)
+    trained = finished_key(folder) or started_key(folder)
     if trained != key:
         raise MlasLoraError(
             f"{folder} holds a training of another config (key {str(trained)[:8]}, this config's is "
@@ -101,17 +99,17 @@ def system_curve(system: System, splits: Splits, valid: dict, done: dict) -> dic
     return points
 
 
-def training_folder(system: System) -> Path:
-    """The system's training folder, or the finished training of its key under another system's name
-    (a sweep's `lora-lr1e-4` for the main config's `lora`)."""
+def training_folder(system: System) -> tuple[Path, str]:
+    """(training folder, train key) of a system: its own folder, or the finished training of its key
+    under another system's name (a sweep's `lora-lr1e-4` for the main config's `lora`)."""
     from mlas_lora.experiments.pipeline import same_training, train_dir, train_key
     from mlas_lora.experiments.stages import finished_key
 
     run_dir = Path(system.config.output_dir)
     key, folder = train_key(system), train_dir(system, run_dir)
     if finished_key(folder) != key and (same := same_training(run_dir, key)) is not None:
-        return same
-    return folder
+        return same, key
+    return folder, key
 
 
 def _update_norms(folder: Path) -> dict[int, float]:
@@ -148,10 +146,11 @@ def learning_curve(config: ExperimentConfig, systems: list[str], segments: int =
         key = config_hash({"system": system, "segments": segments, "config": config_hash(config)})
         done = stored.get(system, {})
         points = done.get("points", {}) if done.get("key") == key else {}
+        folder, trained = training_folder(resolved[system])
         results[system] = {
             "key": key,
-            "points": system_curve(resolved[system], splits, valid, points),
-            "folder": training_folder(resolved[system]).name,
+            "points": system_curve(resolved[system], splits, valid, points, folder, trained),
+            "folder": folder.name,
         }
         stored[system] = results[system]
         write_json_atomic(path, stored)

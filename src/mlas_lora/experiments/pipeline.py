@@ -142,6 +142,16 @@ def _park(folder: Path) -> None:
     folder.rename(parked)
 
 
+STARTED = "key.json"
+"""A training folder's marker of the key it is training (written before the first step)."""
+
+
+def started_key(folder: Path) -> str | None:
+    """The key of the training started in `folder` (finished or not); None if none was started."""
+    started = folder / STARTED
+    return json.loads(started.read_text())["key"] if started.is_file() else None
+
+
 def _prepare_train_dir(system: System, student: Student, run_dir: Path, folder: Path, key: str) -> None:
     """Make `folder` ready to train into, or link it to a finished training of the same key."""
     if not stage_done(folder, key):
@@ -152,11 +162,10 @@ def _prepare_train_dir(system: System, student: Student, run_dir: Path, folder: 
     if stage_done(folder, key):
         _record_parameters(system, student, folder)
         return
-    started = folder / "key.json"
-    if folder.is_symlink() or started.is_file() and json.loads(started.read_text())["key"] != key:
+    if folder.is_symlink() or started_key(folder) not in (None, key):
         _remove(folder)  # checkpoints of another config must not be resumed
     folder.mkdir(parents=True, exist_ok=True)
-    started.write_text(json.dumps({"key": key}))
+    (folder / STARTED).write_text(json.dumps({"key": key}))
     _record_parameters(system, student, folder)
 
 
