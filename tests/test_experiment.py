@@ -103,6 +103,20 @@ def test_hypotheses_from_before_content_keys_gain_one_when_loaded(tmp_path):
     assert store.load("other", "test", "en-de", "k3", "c1", examples[:1]) is None  # other segments
 
 
+def test_one_name_under_two_configs_keeps_both_hypothesis_files(tmp_path):
+    from mlas_lora.data.records import Example
+    from mlas_lora.experiments.run import HypothesisStore
+
+    store, examples = HypothesisStore(tmp_path), [Example("en", "de", "a", "b")]
+    store.save("zero-shot", "test", "en-de", "full-key", examples, ["x"], 1.0, "full-content")
+    store.save("zero-shot", "test", "en-de", "cpu-key", examples, ["y"], 1.0, "cpu-content")  # the budget's
+    assert (tmp_path / "hyps" / "zero-shot@full-key" / "test.en-de.jsonl").is_file()
+    assert store.load("zero-shot", "test", "en-de", "cpu-key", "cpu-content", examples) == ["y"]
+    # back to the first config: found by content, nothing to translate, and the budget's file kept aside
+    assert store.load("zero-shot", "test", "en-de", "full-key", "full-content", examples) == ["x"]
+    assert store.load("zero-shot", "test", "en-de", "cpu-key", "cpu-content", examples) == ["y"]
+
+
 def test_lambdas_below_one_over_p_share_one_classification_and_training(tiny_config):
     from mlas_lora.experiments.pipeline import train_key
     from mlas_lora.experiments.stages import awareness_keys

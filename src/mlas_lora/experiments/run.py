@@ -86,6 +86,20 @@ class HypothesisStore:
                 return hyps
         return None
 
+    def _set_aside(self, system: str, split: str, direction: str, key: str) -> None:
+        """Move the system's file made under another key to `hyps/<system>@<key[:8]>/`, where `load`'s
+        content-key search still finds it: one name run under two configs (`run` and `experiment
+        --budget cpu` both have a `zero-shot`) then keeps both instead of translating again each time."""
+        path = self.path(system, split, direction)
+        if not path.is_file():
+            return
+        with open(path) as handle:
+            old = json.loads(handle.readline() or "{}").get("key")
+        if old is not None and old != key:
+            aside = self.path(f"{system}@{old[:8]}", split, direction)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            path.replace(aside)
+
     @staticmethod
     def _rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -107,6 +121,7 @@ class HypothesisStore:
         copied: str | None = None,
     ) -> None:
         path = self.path(system, split, direction)
+        self._set_aside(system, split, direction, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = {"key": key, "seconds": round(seconds, 2)}
         if content is not None:
