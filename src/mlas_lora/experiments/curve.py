@@ -99,19 +99,6 @@ def system_curve(system: System, splits: Splits, valid: dict, done: dict, folder
     return points
 
 
-def training_folder(system: System) -> tuple[Path, str]:
-    """(training folder, train key) of a system: its own folder, or the finished training of its key
-    under another system's name (a sweep's `lora-lr1e-4` for the main config's `lora`)."""
-    from mlas_lora.experiments.pipeline import same_training, train_dir, train_key
-    from mlas_lora.experiments.stages import finished_key
-
-    run_dir = Path(system.config.output_dir)
-    key, folder = train_key(system), train_dir(system, run_dir)
-    if finished_key(folder) != key and (same := same_training(run_dir, key)) is not None:
-        return same, key
-    return folder, key
-
-
 def _update_norms(folder: Path) -> dict[int, float]:
     log = folder / "train_log.json"
     if not log.is_file():
@@ -146,6 +133,8 @@ def learning_curve(config: ExperimentConfig, systems: list[str], segments: int =
         key = config_hash({"system": system, "segments": segments, "config": config_hash(config)})
         done = stored.get(system, {})
         points = done.get("points", {}) if done.get("key") == key else {}
+        from mlas_lora.experiments.pipeline import training_folder
+
         folder, trained = training_folder(resolved[system])
         results[system] = {
             "key": key,

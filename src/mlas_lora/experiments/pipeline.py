@@ -95,6 +95,16 @@ def same_training(run_dir: Path, key: str) -> Path | None:
     return None
 
 
+def training_folder(system: System) -> tuple[Path, str]:
+    """(training folder, train key) of a system: its own folder, or the finished training of its key
+    under another system's name (a sweep's `lora-lr1e-4` for the main config's `lora`)."""
+    run_dir = Path(system.config.output_dir)
+    key, folder = train_key(system), train_dir(system, run_dir)
+    if finished_key(folder) != key and (same := same_training(run_dir, key)) is not None:
+        return same, key
+    return folder, key
+
+
 def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
     """Build and fine-tune one system (or reload its finished training); returns the trained student."""
     from mlas_lora.training.trainer import Trainer
