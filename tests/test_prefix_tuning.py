@@ -16,10 +16,10 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.config import ExperimentConfig, LoraSettings
 from mlas_lora.methods import METHODS, Student
 from mlas_lora.methods.base import count_trainable
-from mlas_lora.methods.prefix_tuning import matching_virtual_tokens, prefix_parameters
+from mlas_lora.methods.prefix_tuning import matching_hidden_size, prefix_parameters
 from mlas_lora.models.arch import ArchInfo, describe
 from mlas_lora.prompting import PromptStyle, build_prompt, prompt_ids
-from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
+from mlas_lora.testing.tiny import save_tiny, tiny_model, tiny_tokenizer
 from mlas_lora.training.config import TrainingConfig
 from mlas_lora.training.data import collate, featurize
 from mlas_lora.training.loss import IGNORE, predicting_positions, target_loss
@@ -145,21 +145,73 @@ def test_translate_decodes_with_the_prefix():
         PrefixDecoder(model).generate()
 
 
-def test_default_prefix_length_matches_mlas_lora():
+def test_the_default_mlp_matches_mlas_lora_and_counts_like_peft():
     lora = LoraSettings(r_gen=4, r_spe=4)
     tiny = describe(tiny_model())
     budget = mlas_lora_parameters(tiny, lora, n_pairs=2)
     assert budget == count_trainable(attach_routed_lora(tiny_model(), PAIRS, r_gen=4, r_spe=4)) == 12288
-    assert matching_virtual_tokens(tiny, budget) == 192 and prefix_parameters(tiny, 192) == 12288
+    hidden = matching_hidden_size(tiny, 16, budget)
+    assert abs(prefix_parameters(tiny, 16, hidden) - budget) <= prefix_parameters(
+        tiny, 16, 1
+    ) - prefix_parameters(tiny, 16, 0)
+    for n, width in [(16, hidden), (5, None)]:
+        peft_config = PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=n,
+            prefix_projection=width is not None,
+            encoder_hidden_size=width,
+        )
+        assert count_trainable(get_peft_model(tiny_model(), peft_config)) == prefix_parameters(tiny, n, width)
     qwen = mlas_lora_parameters(QWEN_05B, LoraSettings(r_gen=8, r_spe=8), n_pairs=4)
-    assert qwen == 21_995_520 and matching_virtual_tokens(QWEN_05B, qwen) == 3580
-    assert prefix_parameters(QWEN_05B, 3580) == qwen
+    assert qwen == 21_995_520 and matching_hidden_size(QWEN_05B, 16, qwen) == 3505
+    assert prefix_parameters(QWEN_05B, 16, 3505) == 21_995_057 and prefix_parameters(QWEN_05B, 3580) == qwen
 
 
-def _config(generation=None, **options):
+def test_the_prefix_starts_at_zero_and_a_checkpoint_resumes_the_mlp_exactly(tmp_path):
+    """Built by the method: P = 0 at init; after a step, save -> load into a fresh student gives the
+    same encoder (MLP included, which PEFT's own folder does not keep) and the same logits."""
+    method = METHODS["p-tuning"]
+    config = _config(
+        models={"student": str(save_tiny(tmp_path / "student", role="student", seed=2)), "dtype": "float32"}
+    )
+    student = method.build(config, PAIRS)
+    norms = method.update_norms(student)
+    assert norms() == {"prefix_rms": 0.0}
+    assert method.trainable_parameters(student) == prefix_parameters(
+        describe(student.model.get_base_model()),
+        16,
+        method.encoder_hidden_size(config, describe(student.model), 2),
+    )
+    trainable = [p for p in student.model.parameters() if p.requires_grad]
+    assert len(trainable) == 5  # embedding, W1, b1, W2, b2
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.01 * torch.randn_like(p))
+    assert norms()["prefix_rms"] > 0
+    method.save(student, tmp_path / "ckpt")
+    fresh = method.build(config, PAIRS)
+    method.load(fresh, tmp_path / "ckpt")
+    for (name, a), b in zip(student.model.named_parameters(), fresh.model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([[5, 60, 7, 100, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fresh.model(input_ids=ids).logits, student.model(input_ids=ids).logits, rtol=0, atol=0
+        )
+    other = method.build(_config(models=config.models.__dict__, num_virtual_tokens=3), PAIRS)
+    with pytest.raises(MlasLoraError, match="trains"):
+        method.load(other, tmp_path / "ckpt")
+
+
+def _config(generation=None, models=None, **options):
     return config_from_dict(
         ExperimentConfig,
-        {"lora": {"r_gen": 4, "r_spe": 4}, "options": options, "generation": generation or {}},
+        {
+            "lora": {"r_gen": 4, "r_spe": 4},
+            "options": options,
+            "generation": generation or {},
+            "models": models or {},
+        },
     )
 
 
@@ -167,7 +219,10 @@ def test_options_and_beam_search_are_checked_and_evaluation_uses_the_decoder():
     method = METHODS["p-tuning"]
     assert method.problems(_config()) == []
     assert len(method.problems(_config({"num_beams": 2}, num_virtual_tokens=0))) == 2
+    assert len(method.problems(_config(prefix_projection=False, encoder_hidden_size=8))) == 1
+    assert len(method.problems(_config(encoder_hidden_size=0))) == 1
     assert "budget" in method.train_key(_config(), {})
-    assert "budget" not in method.train_key(_config(num_virtual_tokens=8), {})
+    assert "budget" not in method.train_key(_config(encoder_hidden_size=8), {})
+    assert "budget" not in method.train_key(_config(prefix_projection=False), {})
     student = method.for_evaluation(Student(prefixed(), tiny_tokenizer()), "weights")
     assert isinstance(student.model, PrefixDecoder)
