@@ -147,7 +147,15 @@ def test_configs_are_shipped():
         "embedded-14dir.yaml",
         "embedded-4dir.yaml",
         "paper-wmt18.yaml",
+        "paper-family-llama.yaml",
     } <= names
+    family = load_config(
+        ExperimentConfig, Path(__file__).parent.parent / "configs" / "paper-family-llama.yaml"
+    )
+    assert (
+        family.models.teacher.startswith("meta-llama/Llama-3.1-70B")
+        and family.data.train_per_direction == 200000
+    )
 
 
 def test_values_a_run_cannot_use_are_config_problems():

@@ -13,7 +13,12 @@ from mlas_lora.config import config_from_dict
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.evaluation.report import ResultRecord
 from mlas_lora.experiments.config import ExperimentConfig
-from mlas_lora.experiments.experiment import experiment_config, experiment_systems, run_named_experiment
+from mlas_lora.experiments.experiment import (
+    budget_caption,
+    experiment_config,
+    experiment_systems,
+    run_named_experiment,
+)
 from mlas_lora.experiments.tables import paper_table
 from mlas_lora.methods.presets import TABLE2
 from mlas_lora.testing.tiny import save_tiny
@@ -136,6 +141,9 @@ def test_budget_scales_every_system_alike(tiny_config):
     config = experiment_config("table2", tiny_config, list(TABLE2), "cpu")
     assert config.training.max_steps == 48 and config.data.test_per_direction == 100
     assert config.evaluation.baseline_for_significance == "mlas-lora"
+    small = experiment_config("table2", tiny_config, list(TABLE2), "cpu-small")
+    assert small.training.max_steps == 16 and small.data.valid_per_direction == 0
+    assert "max_steps 16" in budget_caption("cpu-small") and "no --budget" in budget_caption(None)
     with pytest.raises(MlasLoraError, match="unknown budget"):
         experiment_config("table2", tiny_config, list(TABLE2), "gpu-week")
     own = experiment_config("mine", tiny_config, None, None)  # a label alone: the config's systems
@@ -197,10 +205,16 @@ def test_pairs_transfer_and_family_analyses(tiny_config, tmp_path):
     bleu = {(r["system"], r["direction"]): r["score"] for r in records if r["metric"] == "bleu"}
     assert float(rows[2][4]) == bleu[("mlas-lora", "en-fi")] and (run / "hyps" / "M-i").is_dir()
     assert (folder / "pairs-1" / "hyps").is_dir()
+    md = (folder / "pairs.md").read_text()
+    assert f"| 2 | en-fi en-de | {float(rows[2][2]):.2f} |" in md and "no --budget" in md
     folder = run_named_experiment("transfer", tiny_config)
     rows = list(csv.reader(open(folder / "transfer.csv")))
     assert rows[0] == ["trained on", "en-de", "en-fi"] and [r[0] for r in rows[1:]] == ["en-de", "en-fi"]
     assert (folder / "transfer.png").stat().st_size > 0
+    assert (
+        f"| en-fi | {float(rows[2][1]):+.2f} | {float(rows[2][2]):+.2f} |"
+        in (folder / "transfer.md").read_text()
+    )
     one = json.loads((folder / "from-en-de" / "stages.json").read_text())
     assert any(name.startswith("train-mlas-lora") for name in one)
     assert not (folder / "zero-shot" / "hyps").exists() and (run / "hyps" / "zero-shot").is_dir()
@@ -211,6 +225,9 @@ def test_pairs_transfer_and_family_analyses(tiny_config, tmp_path):
         "family", tiny_config, systems=["zero-shot", "mlas-lora"], student=str(other)
     )
     assert "| mlas-lora |" in (folder / "report.md").read_text()
+    table = (folder / "table.test.bleu.md").read_text()
+    assert "| Params |" in table and "| zero-shot |" in table and "| mlas-lora |" in table
+    assert str(other) in (folder / "family.md").read_text()
     with pytest.raises(MlasLoraError, match="not one of data.directions"):
         run_named_experiment("pairs", tiny_config, focus="en-cs")
 

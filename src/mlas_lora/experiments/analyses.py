@@ -68,7 +68,7 @@ def pair_counts(n: int) -> list[int]:
     return [*counts, n]
 
 
-def run_pairs(config: ExperimentConfig, folder: Path, focus: str = "en-de") -> Path:
+def run_pairs(config: ExperimentConfig, folder: Path, focus: str = "en-de", caption: str = "") -> Path:
     """Fig. 3: `focus` BLEU of each system as the number of training directions grows."""
     directions = list(config.data.directions)
     if focus not in directions:
@@ -83,10 +83,12 @@ def run_pairs(config: ExperimentConfig, folder: Path, focus: str = "en-de") -> P
         rows.append([k, " ".join(chosen), *(scores.get((s, focus)) for s in PAIRS_SYSTEMS)])
     _write_csv(folder / "pairs.csv", rows)
     _line_plot(rows, folder / "pairs.png", f"{focus} BLEU (test)")
+    what = f"{focus} BLEU on test as training directions are added (Fig. 3), pairs.png"
+    _write_md(folder / "pairs.md", rows, f"{what}; {caption}" if caption else what)
     return folder
 
 
-def run_transfer(config: ExperimentConfig, folder: Path) -> Path:
+def run_transfer(config: ExperimentConfig, folder: Path, caption: str = "") -> Path:
     """Fig. 2: MLAS-LoRA trained on each direction alone, BLEU on every direction minus zero-shot."""
     directions = list(config.data.directions)
     untuned = _bleu(_run_point(config, folder / "zero-shot", {"systems": ["zero-shot"]}, in_main_run=True))
@@ -97,16 +99,38 @@ def run_transfer(config: ExperimentConfig, folder: Path) -> Path:
         rows.append([trained, *(scores[("mlas-lora", d)] - untuned[("zero-shot", d)] for d in directions)])
     _write_csv(folder / "transfer.csv", rows)
     _heatmap(rows, folder / "transfer.png")
+    what = "BLEU change on test against the untuned student, MLAS-LoRA trained on one direction (Fig. 2)"
+    what += ", transfer.png"
+    _write_md(folder / "transfer.md", rows, f"{what}; {caption}" if caption else what, signed=True)
     return folder
 
 
-def run_family(config: ExperimentConfig, folder: Path, student: str, systems: list[str]) -> Path:
-    """Fig. 4: the comparison with another student (the teacher stays)."""
+def run_family(
+    config: ExperimentConfig, folder: Path, student: str, systems: list[str], caption: str = ""
+) -> ExperimentConfig:
+    """Fig. 4: the comparison with another student (the teacher stays); returns the run's config."""
     from mlas_lora.experiments.run import run_experiment
 
     sub = _sub_config(config, folder / "run", {"systems": systems, "models": {"student": student}})
     run_experiment(sub, report_dir=folder)
-    return folder
+    what = f"the Table 1 comparison with student {student} under teacher {config.models.teacher} (Fig. 4)"
+    (folder / "family.md").write_text(
+        f"# family\n\n{what}: table.test.*.md; {caption or 'the config as it is'}.\n"
+    )
+    return sub
+
+
+def _write_md(path: Path, rows: list[list], caption: str, signed: bool = False) -> None:
+    """The rows as a markdown table (numbers to 2 decimals, `signed`: with their sign), the caption
+    under it."""
+    number = "{:+.2f}" if signed else "{:.2f}"
+
+    def cell(value) -> str:
+        return "" if value is None else number.format(value) if isinstance(value, float) else str(value)
+
+    lines = [f"| {' | '.join(map(str, rows[0]))} |", "|" + " --- |" * len(rows[0])]
+    lines += [f"| {' | '.join(cell(v) for v in row)} |" for row in rows[1:]]
+    path.write_text(f"# {path.stem}\n\n" + "\n".join(lines) + f"\n\n{caption}.\n")
 
 
 def _write_csv(path: Path, rows: list[list]) -> None:

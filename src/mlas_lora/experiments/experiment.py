@@ -53,6 +53,14 @@ BUDGETS: dict[str, dict] = {
         # bits of batch-8 decoding with a full prefill, so cells differ from a run without the budget.
         "generation": {"batch_size": 32, "prefix_cache": True},
     },
+    # The analyses' (pairs, transfer, family: 6, 4 and 8 trainings of their own) on 2 CPU cores: the cpu
+    # budget's data and decoding, a third of its steps, 50 test segments per direction, no validation.
+    "cpu-small": {
+        "data": {"train_per_direction": 2000, "seed_per_direction": 32, "valid_per_direction": 0,
+                 "test_per_direction": 50, "ood_per_direction": 0},
+        "training": {"max_steps": 16, "micro_batch": 8, "grad_accum": 2, "checkpoint_every": 8},
+        "generation": {"batch_size": 32, "prefix_cache": True},
+    },
     # The paper's setting (Sec. 4.1): 200k random pairs and 1k seeds per direction, batch 64, 3 epochs.
     "paper": {
         "data": {"train_per_direction": 200000, "seed_per_direction": 1000, "sample": "random",
@@ -84,6 +92,17 @@ def budget_tree(tree: dict, budget: str | None) -> dict:
     if budget not in BUDGETS:
         raise MlasLoraError(f"unknown budget {budget!r} (known: {', '.join(BUDGETS)})")
     return merge_trees(tree, BUDGETS[budget])
+
+
+def budget_caption(budget: str | None) -> str:
+    """The budget's settings in words, for the caption of a table or plot made under it."""
+    if budget is None:
+        return "the config's own data, training and decoding settings (no --budget)"
+    settings = "; ".join(
+        f"{section}: " + ", ".join(f"{key} {value}" for key, value in values.items())
+        for section, values in BUDGETS[budget].items()
+    )
+    return f"budget `{budget}` ({settings})"
 
 
 def with_budget(config: ExperimentConfig, budget: str | None) -> ExperimentConfig:
@@ -141,17 +160,22 @@ def run_named_experiment(
 def run_analysis(name: str, config, systems, budget, focus: str, student: str) -> Path:
     """pairs, transfer or family (analyses.py) at the budget, into RUN/experiments/NAME/."""
     from mlas_lora.experiments import analyses
+    from mlas_lora.experiments.systems import resolve_systems
 
     base = experiment_config(
         name, config, list((systems or TABLE1) if name == "family" else ["mlas-lora"]), budget
     )
     folder = Path(config.output_dir) / "experiments" / name
     folder.mkdir(parents=True, exist_ok=True)
+    caption = budget_caption(budget)
     if name == "pairs":
-        return analyses.run_pairs(base, folder, focus)
-    if name == "transfer":
-        return analyses.run_transfer(base, folder)
-    return analyses.run_family(base, folder, student, list(base.systems))
+        analyses.run_pairs(base, folder, focus, caption)
+    elif name == "transfer":
+        analyses.run_transfer(base, folder, caption)
+    else:
+        sub = analyses.run_family(base, folder, student, list(base.systems), caption)
+        write_tables(sub, resolve_systems(sub), folder)
+    return folder
 
 
 def trainable_parameters(run_dir: Path, system) -> int | None:
