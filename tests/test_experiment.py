@@ -18,6 +18,7 @@ from mlas_lora.experiments.experiment import (
     experiment_config,
     experiment_systems,
     run_named_experiment,
+    trainable_parameters,
 )
 from mlas_lora.experiments.tables import paper_table
 from mlas_lora.methods.presets import TABLE2
@@ -230,6 +231,27 @@ def test_pairs_transfer_and_family_analyses(tiny_config, tmp_path):
     assert str(other) in (folder / "family.md").read_text()
     with pytest.raises(MlasLoraError, match="not one of data.directions"):
         run_named_experiment("pairs", tiny_config, focus="en-cs")
+
+
+def test_the_parameter_column_reads_the_training_of_the_systems_key(tmp_path, tiny_config):
+    """Its own folder when that holds its key, else the finished training of that key under another
+    name, never its own folder's record of another key (another budget's training)."""
+    from mlas_lora.config import to_dict
+    from mlas_lora.experiments.pipeline import train_key
+    from mlas_lora.experiments.stages import mark_done
+    from mlas_lora.experiments.systems import resolve_system
+
+    config = config_from_dict(ExperimentConfig, {**to_dict(tiny_config), "output_dir": str(tmp_path)})
+    system, prompting = resolve_system("lora", config), resolve_system("zero-shot", config)
+    assert trainable_parameters(prompting) == 0
+    assert trainable_parameters(system) is None
+    for name, key, count in [("lora", "another budget", 5), ("lora-lr1e-4", train_key(system), 7)]:
+        (tmp_path / f"train-{name}").mkdir()
+        (tmp_path / f"train-{name}" / "params.json").write_text(json.dumps({"trainable": count}))
+        mark_done(tmp_path / f"train-{name}", key, 1.0)
+    assert trainable_parameters(system) == 7
+    mark_done(tmp_path / "train-lora", train_key(system), 1.0)
+    assert trainable_parameters(system) == 5
 
 
 def test_the_choice_is_made_on_valid_and_only_reported_on_test():

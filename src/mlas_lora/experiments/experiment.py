@@ -178,16 +178,15 @@ def run_analysis(name: str, config, systems, budget, focus: str, student: str) -
     return folder
 
 
-def trainable_parameters(run_dir: Path, system) -> int | None:
-    """What the system's training recorded (train-<name>/params.json, else that of a finished training
-    of the same key under another name, whose hypotheses it reused); 0 for a prompting method."""
-    from mlas_lora.experiments.pipeline import same_training, train_key
+def trainable_parameters(system) -> int | None:
+    """What the system's training recorded (params.json of pipeline.training_folder: its own folder, or
+    the finished training of its key under another name, whose hypotheses it reused); 0 for a
+    prompting method; None if neither has recorded it."""
+    from mlas_lora.experiments.pipeline import training_folder
 
     if not system.method.trains:
         return 0
-    path = run_dir / f"train-{system.name}" / "params.json"
-    if not path.is_file() and (same := same_training(run_dir, train_key(system))) is not None:
-        path = same / "params.json"
+    path = training_folder(system)[0] / "params.json"
     return json.loads(path.read_text())["trainable"] if path.is_file() else None
 
 
@@ -196,8 +195,7 @@ def write_tables(config: ExperimentConfig, systems, folder: Path) -> None:
     from mlas_lora.evaluation.report import read_results
     from mlas_lora.experiments.tables import choice_on_valid, paper_table
 
-    run_dir = Path(config.output_dir)
-    params = {s.name: trainable_parameters(run_dir, s) for s in systems}
+    params = {s.name: trainable_parameters(s) for s in systems}
     sig_path = folder / "significance.json"
     comparisons = json.loads(sig_path.read_text()) if sig_path.is_file() else []
     for results in sorted((folder / "results").glob("*.json")):

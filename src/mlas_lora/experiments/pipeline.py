@@ -23,6 +23,7 @@ from mlas_lora.experiments.stages import (
     finished_key,
     mark_done,
     record_stage_time,
+    set_aside_name,
     stage_done,
     stage_key,
     transfer_key,
@@ -147,7 +148,7 @@ def _park(folder: Path) -> None:
     `same_training` finds it when that key comes back (a run alternating budgets retrains nothing)."""
     if folder.is_symlink() or (old := finished_key(folder)) is None:
         return
-    parked = folder.with_name(f"{folder.name}@{old[:8]}")
+    parked = folder.with_name(set_aside_name(folder.name, old))
     _remove(parked)
     folder.rename(parked)
 

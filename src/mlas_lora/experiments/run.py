@@ -17,6 +17,7 @@ from mlas_lora.config import config_hash, save_yaml, to_dict
 from mlas_lora.data.records import Example
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import Splits, load_splits
+from mlas_lora.experiments.stages import set_aside_name
 from mlas_lora.experiments.systems import System, resolve_systems
 from mlas_lora.stage_files import write_json_atomic, write_text_atomic
 from mlas_lora.translation.generate import translate
@@ -96,7 +97,7 @@ class HypothesisStore:
         with open(path) as handle:
             old = json.loads(handle.readline() or "{}").get("key")
         if old is not None and old != key:
-            aside = self.path(f"{system}@{old[:8]}", split, direction)
+            aside = self.path(set_aside_name(system, old), split, direction)
             aside.parent.mkdir(parents=True, exist_ok=True)
             path.replace(aside)
 

@@ -59,6 +59,11 @@ def finished_key(folder: Path) -> str | None:
         return None
 
 
+def set_aside_name(name: str, key: str) -> str:
+    """`NAME@KEY8`: where a training folder or a system's hypotheses made under another key go."""
+    return f"{name}@{key[:8]}"
+
+
 def stage_done(folder: Path, key: str) -> bool:
     """Whether `folder` holds a finished stage of this key (an unreadable marker: not finished)."""
     return finished_key(folder) == key
