@@ -223,11 +223,12 @@ def test_pairs_transfer_and_family_analyses(tiny_config, tmp_path):
     assert {p.name for p in hyps} == {"test.en-de.jsonl", "test.en-fi.jsonl"}  # every direction evaluated
     other = save_tiny(tmp_path / "llama", "llama", role="student", seed=3)
     folder = run_named_experiment(
-        "family", tiny_config, systems=["zero-shot", "mlas-lora"], student=str(other)
+        "family", tiny_config, systems=["zero-shot", "lora", "mlas-lora"], student=str(other)
     )
     assert "| mlas-lora |" in (folder / "report.md").read_text()
     table = (folder / "table.test.bleu.md").read_text()
     assert "| Params |" in table and "| zero-shot |" in table and "| mlas-lora |" in table
+    assert "bootstrap against mlas-lora" in table
     assert str(other) in (folder / "family.md").read_text()
     with pytest.raises(MlasLoraError, match="not one of data.directions"):
         run_named_experiment("pairs", tiny_config, focus="en-cs")

@@ -114,7 +114,7 @@ def with_budget(config: ExperimentConfig, budget: str | None) -> ExperimentConfi
 
 def experiment_config(name: str, config: ExperimentConfig, systems: list | None, budget: str | None):
     """The config with the experiment's systems (and budget). The bootstrap baseline is MLAS-LoRA in
-    table1 and table2, `lambda-auto` (MLAS-LoRA as shipped) in lambda, else the config's where it is one
+    table1, table2 and family, `lambda-auto` (MLAS-LoRA as shipped) in lambda, else the config's where it is one
     of the systems, else MLAS-LoRA if present, else none."""
     from mlas_lora.experiments.systems import system_spec
 
@@ -122,7 +122,7 @@ def experiment_config(name: str, config: ExperimentConfig, systems: list | None,
     if systems is not None:
         tree["systems"] = systems
     names = [system_spec(s)[0] for s in tree["systems"]]
-    if name in ("table1", "table2"):
+    if name in ("table1", "table2", "family"):  # family: Table 1's comparison on another student
         tree["evaluation"]["baseline_for_significance"] = "mlas-lora"
     elif name == "lambda" and systems is not None and "lambda-auto" in names:
         tree["evaluation"]["baseline_for_significance"] = "lambda-auto"  # MLAS-LoRA as shipped
