@@ -113,6 +113,8 @@ def _update_norms(folder: Path) -> dict[int, float]:
 
 def learning_curve(config: ExperimentConfig, systems: list[str], segments: int = 25) -> Path:
     """Validation BLEU / chrF++ of each system at each checkpoint; returns the PNG's path."""
+    from mlas_lora.experiments.pipeline import training_folder
+
     if segments < 1:
         raise MlasLoraError(f"segments must be >= 1, got {segments}")
     if not config.data.valid_per_direction:
@@ -133,13 +135,11 @@ def learning_curve(config: ExperimentConfig, systems: list[str], segments: int =
         key = config_hash({"system": system, "segments": segments, "config": config_hash(config)})
         done = stored.get(system, {})
         points = done.get("points", {}) if done.get("key") == key else {}
-        from mlas_lora.experiments.pipeline import training_folder
-
-        folder, trained = training_folder(resolved[system])
+        training, trained = training_folder(resolved[system])
         results[system] = {
             "key": key,
-            "points": system_curve(resolved[system], splits, valid, points, folder, trained),
-            "folder": folder.name,
+            "points": system_curve(resolved[system], splits, valid, points, training, trained),
+            "folder": training.name,
         }
         stored[system] = results[system]
         write_json_atomic(path, stored)
