@@ -131,3 +131,26 @@ def test_a_checkpoint_is_one_safetensors_file_that_reloads_exactly(tiny, tmp_pat
     exported = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     with torch.no_grad():
         assert torch.equal(exported(IDS).logits, expected)
+
+
+def test_a_checkpoint_of_another_shape_is_refused_and_nothing_is_copied(tiny, tmp_path):
+    """A checkpoint of another student (one tensor reshaped, one renamed) is one error naming the file
+    and each difference; the student keeps its weights (the check runs before any copy)."""
+    from safetensors.torch import save_file
+
+    from mlas_lora.errors import MlasLoraError
+
+    student = METHOD.build(_config(tiny), DIRECTIONS)
+    METHOD.save(student, tmp_path / "ckpt")
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    first, second = sorted(saved)[:2]
+    saved[first] = torch.zeros(saved[first].shape[0] + 1, *saved[first].shape[1:])
+    saved["renamed.weight"] = saved.pop(second)
+    save_file(saved, str(tmp_path / "ckpt" / "model.safetensors"))
+    before = {n: p.detach().clone() for n, p in student.model.named_parameters()}
+    with pytest.raises(MlasLoraError) as err:
+        METHOD.load(student, tmp_path / "ckpt")
+    message = str(err.value)
+    assert "model.safetensors" in message and f"missing: {second}" in message
+    assert "unexpected: renamed.weight" in message and f"shape: {first}" in message
+    assert all(torch.equal(p, before[n]) for n, p in student.model.named_parameters())

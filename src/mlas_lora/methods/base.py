@@ -94,6 +94,30 @@ def count_trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def copy_saved(target: dict, saved: dict, where: Path, what: str) -> None:
+    """Copy the checkpoint tensors `saved` into the live tensors `target` (name -> tensor), in place,
+    after checking that both hold the same names with the same shapes; a mismatch is one error naming
+    the file `where`, `what` the model trains, and the first differences (nothing is copied then)."""
+    import torch
+
+    missing, unexpected = sorted(target.keys() - saved.keys()), sorted(saved.keys() - target.keys())
+    reshaped = [
+        f"{name} {tuple(saved[name].shape)} (model {tuple(target[name].shape)})"
+        for name in sorted(saved.keys() & target.keys())
+        if saved[name].shape != target[name].shape
+    ]
+    problems = [
+        f"{label}: {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape", reshaped))
+        if names
+    ]
+    if problems:
+        raise MlasLoraError(f"{where}: does not match {what}; " + "; ".join(problems))
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            target[name].copy_(tensor)
+
+
 def method_options(cls, config):
     """`config.options` as the method's own dataclass `cls`; unknown keys and bad types are one error."""
     from mlas_lora.config import config_from_dict

@@ -27,9 +27,15 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from mlas_lora.methods.base import Standalone, Student, Unrouted, count_trainable, method_options, student_key
+from mlas_lora.methods.base import (
+    Standalone,
+    Student,
+    Unrouted,
+    copy_saved,
+    count_trainable,
+    method_options,
+    student_key,
+)
 from mlas_lora.stage_files import fresh_dir
 
 WEIGHTS = "model.safetensors"
@@ -101,18 +107,13 @@ class FullFineTuning(Standalone, Unrouted):
         tensors = {name: p.detach().contiguous() for name, p in student.model.named_parameters()}
         save_file(tensors, str(Path(path) / WEIGHTS))
 
-    @torch.no_grad()
     def load(self, student, path: Path) -> None:
         from safetensors.torch import load_file
 
-        from mlas_lora.errors import MlasLoraError
-
-        saved = load_file(str(Path(path) / WEIGHTS))
-        params = dict(student.model.named_parameters())
-        if set(saved) != set(params):
-            raise MlasLoraError(f"{path}/{WEIGHTS}: parameter names differ from the student's")
-        for name, param in params.items():
-            param.copy_(saved[name])
+        where = Path(path) / WEIGHTS
+        copy_saved(
+            dict(student.model.named_parameters()), load_file(str(where)), where, "the student's weights"
+        )
 
     def export(self, student, config, folder: Path, merge: bool = False) -> Path:
         fresh_dir(folder)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.methods.base import Student, Unrouted, count_trainable, student_key
+from mlas_lora.methods.base import Student, Unrouted, copy_saved, count_trainable, student_key
 
 GATES = "gates.safetensors"
 MANIFEST = "lora_flow.json"
@@ -83,12 +83,8 @@ def _read_manifest(folder: Path) -> dict:
 
 @torch.no_grad()
 def _copy_gates(flow, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    target = flow.gate_state_dict()
     saved = {k: v for k, v in tensors.items() if k.startswith("gate.")}
-    if saved.keys() != target.keys() or any(saved[k].shape != target[k].shape for k in saved):
-        raise MlasLoraError(f"{where}: the gates do not match the model's ({len(flow.gates)} layers)")
-    for key, tensor in saved.items():
-        target[key].copy_(tensor)
+    copy_saved(flow.gate_state_dict(), saved, where, f"the model's gates ({len(flow.gates)} layers)")
 
 
 def load_lora_flow(model, folder):

@@ -44,6 +44,7 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.methods.base import (
     Standalone,
     Student,
+    copy_saved,
     count_trainable,
     method_options,
     options_problems,
@@ -195,11 +196,8 @@ class Lslo(Standalone):
                 f"{Path(path) / MANIFEST}: saved {manifest.get('format')} {manifest.get('config')} does not "
                 f"match the model's {FORMAT} {student.model.lslo_config.to_dict()}"
             )
-        saved, target = load_file(str(Path(path) / WEIGHTS)), student.model.lslo_state_dict()
-        if saved.keys() != target.keys():
-            raise MlasLoraError(f"{Path(path) / WEIGHTS}: tensors do not match the model's LSLo layers")
-        for key, tensor in saved.items():
-            target[key].copy_(tensor)
+        where = Path(path) / WEIGHTS
+        copy_saved(student.model.lslo_state_dict(), load_file(str(where)), where, "the model's LSLo layers")
 
     def for_evaluation(self, student, merge: str) -> Student:
         student.model.eval()

@@ -48,12 +48,12 @@ from pathlib import Path
 import torch
 
 from mlas_lora.adapters.budget import budget_settings
-from mlas_lora.errors import MlasLoraError
 from mlas_lora.methods.base import (
     PeftFolders,
     Standalone,
     Student,
     Unrouted,
+    copy_saved,
     count_trainable,
     method_options,
     student_key,
@@ -178,15 +178,8 @@ class PrefixTuning(Standalone, Unrouted, PeftFolders):
         encoder = Path(path) / PREFIX_ENCODER
         if not encoder.exists():
             return super().load(student, path)
-        saved = load_file(str(encoder))
         trainable = {n: p for n, p in student.model.named_parameters() if p.requires_grad}
-        shapes = {name: tuple(t.shape) for name, t in saved.items()}
-        wanted = {name: tuple(p.shape) for name, p in trainable.items()}
-        if shapes != wanted:
-            raise MlasLoraError(f"{encoder}: holds {shapes}, this p-tuning student trains {wanted}")
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                trainable[name].copy_(tensor)
+        copy_saved(trainable, load_file(str(encoder)), encoder, "what this p-tuning student trains")
 
     def update_norms(self, student):
         """{"prefix_rms": ||P|| / sqrt(numel P)} of the prefix P the encoder gives: it starts at zero,
