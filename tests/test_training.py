@@ -72,7 +72,7 @@ def test_epoch_order_is_seeded_and_homogeneous_batches_hold_one_pair():
     ) + len(features[13].input_ids)
 
 
-def _run(out_dir, steps, stop_after=None):
+def _run(out_dir, steps, stop_after=None, **settings):
     torch.manual_seed(0)
     model = get_peft_model(
         tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
@@ -85,7 +85,13 @@ def _run(out_dir, steps, stop_after=None):
         set_peft_model_state_dict(model, load_file(str(path / "adapter.safetensors")))
 
     config = TrainingConfig(
-        lr=1e-2, micro_batch=4, grad_accum=2, max_steps=steps, checkpoint_every=1, warmup_ratio=0.25
+        lr=1e-2,
+        micro_batch=4,
+        grad_accum=2,
+        max_steps=steps,
+        checkpoint_every=1,
+        warmup_ratio=0.25,
+        **settings,
     )
     trainer = Trainer(model, tiny_tokenizer(), EXAMPLES, PAIRS, config, out_dir, None, save, load)
     result = trainer.fit(progress=False, stop_after=stop_after)
@@ -149,6 +155,35 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     _run(tmp_path / "a", 4)
     names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
     assert names == ["step-000003", "step-000004"]  # keep_checkpoints 2
+
+
+def test_older_checkpoints_drop_their_training_state_and_a_resume_reads_the_newest(tmp_path):
+    """keep_checkpoints null, keep_states 1: every step keeps its adapters (curve reads them), only the
+    newest keeps its training state; a run stopped at 3 resumes from it and ends as an unbroken run."""
+    from mlas_lora.experiments.curve import checkpoints
+    from mlas_lora.training.trainer import STATE, newest_checkpoint
+
+    straight, result = _run(tmp_path / "a", 4, keep_checkpoints=None, keep_states=1)
+    _run(tmp_path / "b", 4, stop_after=3, keep_checkpoints=None, keep_states=1)
+    folder = tmp_path / "b" / "checkpoints"
+    assert [(p.name, (p / STATE).is_file()) for p in sorted(folder.iterdir())] == [
+        ("step-000001", False),
+        ("step-000002", False),
+        ("step-000003", True),
+    ]
+    assert sorted(checkpoints(tmp_path / "b")) == [1, 2, 3]
+    assert newest_checkpoint(tmp_path / "b") == folder / "step-000003"
+    resumed, resumed_result = _run(tmp_path / "b", 4, keep_checkpoints=None, keep_states=1)
+    assert resumed_result.history == result.history
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [(folder / f"step-00000{i}" / STATE).is_file() for i in range(1, 5)] == [False] * 3 + [True]
+
+
+def test_keep_states_must_leave_one_to_resume_from():
+    assert TrainingConfig(keep_states=0).problems() == [
+        "training.keep_states must be >= 1 (a resume needs the newest), got 0"
+    ]
+    assert "keep_states" not in TrainingConfig().key_settings()
 
 
 def test_a_crafted_training_state_runs_no_code(tmp_path):

@@ -154,6 +154,9 @@ def _line_plot(rows: list[list], out: Path, ylabel: str) -> None:
         points = [(r[0], r[i]) for r in rows[1:] if r[i] is not None]
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=system)
     ax.set_xscale("log", base=2)
+    counts = [r[0] for r in rows[1:]]
+    ax.set_xticks(counts, [str(k) for k in counts])  # 1, 2, 4, ... rather than 2^0, 2^1, 2^2
+    ax.minorticks_off()
     ax.set_xlabel("training directions")
     ax.set_ylabel(ylabel)
     ax.legend()

@@ -64,15 +64,27 @@ STATE = "training_state.pt"
 
 def complete_checkpoints(out_dir: Path) -> list[Path]:
     """`checkpoints/step-NNNNNN` folders that were written completely, oldest first (a save writes
-    `step-N.tmp` and renames it only when adapters and training state are both on disk)."""
+    `step-N.tmp` and renames it only when adapters and training state are both on disk); an older
+    one may have had its training state dropped since (`keep_states`)."""
     found = (out_dir / "checkpoints").glob("step-*")
-    return sorted(
-        p for p in found if p.name[5:].isdigit() and (p / STATE).is_file() and (p / "adapters").is_dir()
-    )
+    return sorted(p for p in found if p.name[5:].isdigit() and (p / "adapters").is_dir())
+
+
+def resumable_checkpoints(out_dir: Path) -> list[Path]:
+    """The complete checkpoints that still hold their training state, oldest first."""
+    return [p for p in complete_checkpoints(Path(out_dir)) if (p / STATE).is_file()]
+
+
+def drop_old_states(out_dir: Path, keep: int) -> None:
+    """Delete the training state of all but the newest `keep` resumable checkpoints (`keep_states`):
+    their adapters stay for `curve`; a resume reads a newer state."""
+    for old in resumable_checkpoints(out_dir)[:-keep]:
+        (old / STATE).unlink()
 
 
 def newest_checkpoint(out_dir: Path) -> Path | None:
-    found = complete_checkpoints(Path(out_dir))
+    """The newest checkpoint a resume can start from (adapters and training state)."""
+    found = resumable_checkpoints(Path(out_dir))
     return found[-1] if found else None
 
 
@@ -245,6 +257,7 @@ class Trainer:
         if keep is not None:
             for old in complete_checkpoints(self.out_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
+        drop_old_states(self.out_dir, self.config.keep_states)
 
     def load_checkpoint(self, path: Path) -> None:
         self.load_adapters(path / "adapters")
