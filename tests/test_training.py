@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import load_file, save_file
 
 from mlas_lora.data.records import Example
+from mlas_lora.errors import MlasLoraError
 from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
 from mlas_lora.training.config import TrainingConfig
 from mlas_lora.training.data import collate, epoch_batches, featurize
@@ -72,7 +73,7 @@ def test_epoch_order_is_seeded_and_homogeneous_batches_hold_one_pair():
     ) + len(features[13].input_ids)
 
 
-def _run(out_dir, steps, stop_after=None, **settings):
+def _run(out_dir, steps, stop_after=None, resume="auto", **settings):
     torch.manual_seed(0)
     model = get_peft_model(
         tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
@@ -94,7 +95,7 @@ def _run(out_dir, steps, stop_after=None, **settings):
         **settings,
     )
     trainer = Trainer(model, tiny_tokenizer(), EXAMPLES, PAIRS, config, out_dir, None, save, load)
-    result = trainer.fit(progress=False, stop_after=stop_after)
+    result = trainer.fit(resume=resume, progress=False, stop_after=stop_after)
     return get_peft_model_state_dict(model), result
 
 
@@ -177,6 +178,8 @@ def test_older_checkpoints_drop_their_training_state_and_a_resume_reads_the_newe
     assert resumed_result.history == result.history
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert [(folder / f"step-00000{i}" / STATE).is_file() for i in range(1, 5)] == [False] * 3 + [True]
+    with pytest.raises(MlasLoraError, match="adapters only.*resume from .*step-000004"):
+        _run(tmp_path / "b", 4, keep_checkpoints=None, keep_states=1, resume=folder / "step-000002")
 
 
 def test_keep_states_must_leave_one_to_resume_from():

@@ -260,6 +260,11 @@ class Trainer:
         drop_old_states(self.out_dir, self.config.keep_states)
 
     def load_checkpoint(self, path: Path) -> None:
+        if not (path / STATE).is_file():
+            raise MlasLoraError(
+                f"{path}: no {STATE} (adapters only: older checkpoints drop their training state, "
+                f"training.keep_states); resume from {newest_checkpoint(path.parent.parent)}"
+            )
         self.load_adapters(path / "adapters")
         try:  # weights_only: tensors and plain containers only; a crafted pickle runs no code
             state = torch.load(path / STATE, weights_only=True)
