@@ -271,7 +271,7 @@ class Trainer:
         except Exception as err:  # noqa: BLE001 - truncated, empty or foreign file
             raise MlasLoraError(
                 f"{path / STATE}: unreadable training state ({type(err).__name__}); delete {path} "
-                "to resume from the checkpoint before it"
+                "to resume from the newest one before it that keeps its training state (training.keep_states)"
             ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
