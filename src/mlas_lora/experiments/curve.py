@@ -29,13 +29,11 @@ from mlas_lora.stage_files import write_json_atomic
 
 
 def checkpoints(folder: Path) -> dict[int, Path]:
-    """step -> checkpoint folder, for the complete checkpoints of a training folder."""
-    found = {}
-    for path in sorted((folder / "checkpoints").glob("step-*")):
-        step = path.name.removeprefix("step-")
-        if step.isdigit() and (path / "adapters").is_dir():
-            found[int(step)] = path
-    return found
+    """step -> checkpoint folder, for the complete checkpoints of a training folder (with or without
+    their training state: the adapters are what a curve point reads)."""
+    from mlas_lora.training.trainer import complete_checkpoints
+
+    return {int(path.name.removeprefix("step-")): path for path in complete_checkpoints(folder)}
 
 
 def _score(hyps: dict, valid: dict) -> dict:
