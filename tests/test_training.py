@@ -193,8 +193,6 @@ def test_a_crafted_training_state_runs_no_code(tmp_path):
     import os
     import pickle
 
-    from mlas_lora.errors import MlasLoraError
-
     _run(tmp_path / "a", 2, stop_after=1)
     marker = tmp_path / "pwned"
 

@@ -81,7 +81,6 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
-@torch.no_grad()
 def _copy_gates(flow, tensors: dict[str, torch.Tensor], where: Path) -> None:
     saved = {k: v for k, v in tensors.items() if k.startswith("gate.")}
     copy_saved(flow.gate_state_dict(), saved, where, f"the model's gates ({len(flow.gates)} layers)")
