@@ -1,4 +1,5 @@
-"""The shrinking-batch greedy loop of `translate()` against Hugging Face `generate` (the old path).
+"""The bucketed greedy loop (`translate(decoder="loop" / "shrink")`, the default before continuous
+batching and the fallback for a sliding window shorter than a prompt) against Hugging Face `generate`.
 
 Every model gets a head hook that makes rows end at different steps, by "\\n" or by end-of-sequence,
 chosen per row from its own hidden state, so finished rows really leave the batch; each test
@@ -16,6 +17,7 @@ from mlas_lora.translation.generate import (
     GenerationConfig,
     TranslationRequest,
     _loop_applies,
+    precision_scope,
     rows_independent,
     stop_table,
     translate,
@@ -69,13 +71,28 @@ def head_rows(model) -> list[int]:
 def both_paths(model, requests, config, batch_context=None) -> tuple[list[str], list[str], int, int]:
     """(loop hypotheses, generate hypotheses, head rows of the loop, head rows of generate)."""
     rows = head_rows(model)
-    new = translate(model, tiny_tokenizer(), requests, config, batch_context, progress=False)
+    new = translate(
+        model,
+        tiny_tokenizer(),
+        requests,
+        config,
+        batch_context,
+        progress=False,
+        decoder=loop(model, config.precision),
+    )
     new_rows = sum(rows)
     rows.clear()
     old = translate(
         model, tiny_tokenizer(), requests, config, batch_context, progress=False, decoder="generate"
     )
     return new, old, new_rows, sum(rows)
+
+
+def loop(model, precision: str = "training") -> str:
+    """The bucketed decoder the default chose before continuous batching: shrink where rows are independent
+    (under the precision it decodes with)."""
+    with precision_scope(model, precision):
+        return "shrink" if rows_independent(model) else "loop"
 
 
 def requests_of(pairs=("en-de",)) -> list[TranslationRequest]:
@@ -173,7 +190,15 @@ def test_translation_sees_the_logits_training_computed():
     def prefill_logits(precision: str) -> torch.Tensor:
         seen.clear()
         config = GenerationConfig(batch_size=4, max_new_tokens=1, precision=precision, prefix_cache=False)
-        translate(routed, tiny_tokenizer(), requests, config, routed.routing, progress=False)
+        translate(
+            routed,
+            tiny_tokenizer(),
+            requests,
+            config,
+            routed.routing,
+            progress=False,
+            decoder=loop(routed, precision),
+        )
         return seen[0][:, -1].float()
 
     from mlas_lora.prompting import PromptStyle, build_prompt
@@ -218,6 +243,7 @@ def test_batch_context_follows_the_rows_still_decoding():
         GenerationConfig(batch_size=10, prefix_cache=False),
         Recorder,
         progress=False,
+        decoder="shrink",
     )
     assert sorted(seen[0]) == sorted(r.pair for r in requests), "the whole bucket comes first"
     assert len(seen) > 1 and all(len(b) < len(a) for a, b in pairwise(seen)), "then fewer rows"
@@ -251,7 +277,9 @@ def test_a_shared_prompt_prefix_runs_once_per_pair(kind):
     for shared in (False, True):
         tokens.clear()
         config = GenerationConfig(batch_size=5, max_new_tokens=16, prefix_cache=shared)
-        results[shared] = translate(model, tiny_tokenizer(), requests, config, context, progress=False)
+        results[shared] = translate(
+            model, tiny_tokenizer(), requests, config, context, progress=False, decoder=loop(model)
+        )
         results[shared, "tokens"] = sum(tokens)
     assert results[True] == results[False] and len(set(results[True])) > 3
     assert results[True, "tokens"] < results[False, "tokens"], "the shared prefix must run fewer tokens"

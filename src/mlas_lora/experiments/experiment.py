@@ -49,9 +49,6 @@ BUDGETS: dict[str, dict] = {
         "data": {"train_per_direction": 2000, "seed_per_direction": 32, "valid_per_direction": 50,
                  "test_per_direction": 100, "ood_per_direction": 0},
         "training": {"max_steps": 48, "micro_batch": 8, "grad_accum": 2, "checkpoint_every": 16},
-        # The fast decoding settings (about 1.5-2x, README "CPU speed"): every system alike, but not the
-        # bits of batch-8 decoding with a full prefill, so cells differ from a run without the budget.
-        "generation": {"batch_size": 32, "prefix_cache": True},
     },
     # The analyses' (pairs, transfer, family: 6, 4 and 8 trainings of their own) on 2 CPU cores: the cpu
     # budget's data and decoding, a third of its steps, 50 test segments per direction, no validation.
@@ -59,7 +56,6 @@ BUDGETS: dict[str, dict] = {
         "data": {"train_per_direction": 2000, "seed_per_direction": 32, "valid_per_direction": 0,
                  "test_per_direction": 50, "ood_per_direction": 0},
         "training": {"max_steps": 16, "micro_batch": 8, "grad_accum": 2, "checkpoint_every": 8},
-        "generation": {"batch_size": 32, "prefix_cache": True},
     },
     # The paper's setting (Sec. 4.1): 200k random pairs and 1k seeds per direction, batch 64, 3 epochs.
     "paper": {

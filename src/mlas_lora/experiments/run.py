@@ -20,7 +20,7 @@ from mlas_lora.experiments.data import Splits, load_splits
 from mlas_lora.experiments.stages import set_aside_name
 from mlas_lora.experiments.systems import System, resolve_systems
 from mlas_lora.stage_files import write_json_atomic, write_text_atomic
-from mlas_lora.translation.generate import translate
+from mlas_lora.translation.generate import GREEDY_DECODER, translate
 
 EVAL_SPLITS = ("valid", "test", "ood")
 """The translated splits, in order: valid (where hyper-parameters are chosen), then test and OOD."""
@@ -286,6 +286,7 @@ def _hypothesis_inputs(system: System) -> dict:
     if not config.generation.prefix_cache:
         del parts["generation"]["prefix_cache"]
     precision = parts["generation"].pop("precision")  # changes no all-bf16 (untrained) model
+    parts["generation"]["decoder"] = GREEDY_DECODER
     if system.method.trains:
         from mlas_lora.experiments.pipeline import train_key
 

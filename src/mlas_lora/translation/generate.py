@@ -1,25 +1,25 @@
-"""Batched translation with a causal LM: length-bucketed batches, greedy or beam search.
+"""Batched translation with a causal LM: continuous batching for greedy decoding, beam search through
+Hugging Face `generate`.
 
 The prompt comes from `mlas_lora.prompting` so generation sees exactly what training saw.
-A batch may mix directions; `batch_context` lets a routed multi-LoRA model learn, per batch,
+A batch may mix directions; `batch_context` lets a routed multi-LoRA model learn, per forward,
 which pair each row belongs to.
 
-Greedy decoding runs its own loop (`_greedy_batch`) rather than Hugging Face `generate`: the same
-buckets, prefill and model calls, but a row that has finished (end-of-sequence, or the token that
-completes the stop string "\n") leaves the batch and the KV cache, instead of riding along as
-padding until the whole bucket ends or reaches its token budget. That keeps the hypotheses of
-`generate` only where a row's bits do not depend on the rows beside it: on CPU a bf16 GEMM
-(oneDNN) gives that and attention is computed per row, a float32 GEMM (MKL) does not, so a model
-with float32 weights (float32 LoRAs on a bf16 base included) keeps finished rows in the batch as
-`generate` does (`rows_independent`). `translate(decoder="generate")` keeps the old path.
+Greedy decoding (`decoder="auto"`) runs `continuous.ContinuousDecoder`: a finished row (end-of-sequence,
+or the token that completes the stop string "\n") leaves the batch and the next prompt takes its slot,
+and each pair's shared prompt prefix is computed once. Its hypotheses are those of decoding each row
+alone up to float rounding; batch composition changes bf16 rounding, so they are not the bits of
+`generate` at one batch size, which no batch size of `generate` keeps either (README, docs/speed.md).
+`decoder="generate"` (every length bucket through `generate`) is the reference it is measured against,
+and `loop` / `shrink` the bucketed greedy loop that preceded it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -27,14 +27,16 @@ from tqdm.auto import tqdm
 from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.prompting import PromptStyle, build_prompt, prompt_ids
+from mlas_lora.translation.rows import MIN_SHARED_PREFIX, RowScope, contiguous_head_input, shared_prefix
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """How translations are generated."""
 
-    batch_size: int = 8
-    """Segments per generate() call; batches are formed from prompts of similar length."""
+    batch_size: int = 64
+    """Rows decoded together (continuous batching keeps this many busy); for beam search and the
+    bucketed decoders, the bucket size (buckets of prompts of similar length)."""
     num_beams: int = 1
     """1 = greedy decoding (the paper's setting)."""
     length_ratio: float = 2.0
@@ -43,11 +45,10 @@ class GenerationConfig:
     max_new_tokens: int = 256
     chat: bool | None = None
     """Wrap prompts in the chat template: True, False, or None for 'if the tokenizer has one'."""
-    prefix_cache: bool = False
-    """Greedy loop: run the prompt prefix that every row of a batch shares (the chat template's system
-    turn and the instruction) once per pair, and give each row a copy of its KV cache, instead of
-    running it for every row. Faster, but not the full prefill's bits (the padding sits after the
-    prefix), which changes some hypotheses (benchmarks/README.md)."""
+    prefix_cache: bool = True
+    """Greedy decoding: run the prompt prefix that every prompt of a direction shares (the chat
+    template's system turn and the instruction) once per pair, and give each row a copy of its KV
+    cache, instead of running it for every row. The same function up to float rounding."""
     precision: str = "training"
     """'training': a bfloat16 model with float32 parts (PEFT and routed LoRAs, adapters) decodes under
     the bfloat16 autocast its training ran under, so the translated function is the trained one, bit
@@ -102,29 +103,6 @@ def _new_token_budget(tokenizer, requests: Sequence[TranslationRequest], config:
 def _length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-@contextlib.contextmanager
-def contiguous_head_input(model) -> Iterator[None]:
-    """Make the output head's input contiguous while generating (a CPU speed workaround).
-
-    At each prefill, transformers feeds the head the last position, `hidden[:, -1:, :]`, a
-    non-contiguous [batch, 1, hidden] view. When the head's weight does not require grad (any
-    frozen base: PEFT, the routed student, `merged`), `torch.matmul` does not fold that view into
-    one mm: it expands the [vocab, hidden] weight over the batch and copies it (2.7 GB and about 5 s
-    per prefill for 10 rows over a 152k vocabulary on 2 CPU cores; pytorch/pytorch#186148).
-    Copying the [batch, 1, hidden] input instead costs nothing. Outputs are unchanged.
-    """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
-    if head is None:
-        yield
-        return
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -219,36 +197,7 @@ def _loop_applies(model, config: GenerationConfig) -> bool:
     )
 
 
-class _RowScope:
-    """Keeps `batch_context` entered for exactly the rows still decoding (a routed model's routing)."""
-
-    def __init__(self, batch_context, pairs: list[str]):
-        self.batch_context, self.pairs = batch_context, pairs
-        self.stack = contextlib.ExitStack()
-
-    def set(self, rows: list[int]) -> None:
-        self.stack.close()
-        if self.batch_context is not None:
-            self.stack.enter_context(self.batch_context([self.pairs[r] for r in rows]))
-
-    def close(self) -> None:
-        self.stack.close()
-
-
-MIN_SHARED_PREFIX = 4
-"""Fewer shared prompt tokens than this are not worth a separate prefix pass."""
-
-
-def shared_prefix(batch_ids: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix every prompt of the batch starts with, leaving every row >= 1 token."""
-    first, shortest = batch_ids[0], min(len(ids) for ids in batch_ids)
-    n = 0
-    while n < shortest - 1 and all(ids[n] == first[n] for ids in batch_ids):
-        n += 1
-    return n
-
-
-def _prefill_shared_prefix(model, batch_ids, shared: int, cache, scope: _RowScope, pad: int, device):
+def _prefill_shared_prefix(model, batch_ids, shared: int, cache, scope: RowScope, pad: int, device):
     """Run the `shared` prefix once per pair of the batch into `cache`, copy it to every row, and return
     (suffix input_ids, attention mask over prefix + suffix, suffix position ids) for the prefill."""
     pairs = scope.pairs
@@ -279,7 +228,7 @@ def _greedy_batch(
     batch_ids,
     max_new: int,
     stops: torch.Tensor,
-    scope: _RowScope,
+    scope: RowScope,
     shrink: bool,
     prefix_cache: bool = False,
 ):
@@ -379,12 +328,17 @@ def _vocab_size(model) -> int:
     return head.weight.shape[0] if head is not None else model.config.vocab_size
 
 
-DECODERS = ("auto", "generate", "loop", "shrink")
-"""How `translate` decodes greedily: `auto` (the loop, shrinking where that keeps generate's bits;
-`generate` for beams or logits processors), `generate` (Hugging Face `generate` for every bucket: the
-previous path, the reference the loop is tested and benchmarked against), `loop` (finished rows stay)
-or `shrink` (finished rows leave the batch whatever the weights' dtype: faster for float32 LoRAs,
-but a float32 GEMM may then round a few rows differently)."""
+GREEDY_DECODER = "continuous"
+"""What `decoder="auto"` decodes greedily with. It enters the translation keys of experiments, so the
+hypotheses of an earlier default decoder (the bucketed loop, whose outputs differ by batch rounding) are
+translated again rather than mixed with new ones in one table."""
+
+DECODERS = ("auto", "continuous", "generate", "loop", "shrink")
+"""How `translate` decodes greedily: `auto` (`continuous` where it applies, else `loop` for a sliding
+window shorter than a prompt plus its budget, and `generate` for beams or logits processors),
+`continuous` (continuous batching, `continuous.py`), `generate` (Hugging Face `generate` for every
+length bucket: the reference the others are benchmarked against), `loop` (the bucketed greedy loop,
+finished rows stay) or `shrink` (the bucketed loop, finished rows leave the bucket)."""
 
 
 def translate(
@@ -408,13 +362,7 @@ def translate(
         raise MlasLoraError("; ".join(problems))
     with precision_scope(model, config.precision):
         if decoder == "auto":
-            decoder = (
-                "generate"
-                if not _loop_applies(model, config)
-                else "shrink"
-                if rows_independent(model)
-                else "loop"
-            )
+            decoder = GREEDY_DECODER if _loop_applies(model, config) else "generate"
         return _translate(model, tokenizer, requests, config, batch_context, progress, desc, decoder)
 
 
@@ -430,6 +378,12 @@ def _translate(model, tokenizer, requests, config, batch_context, progress, desc
     ]
     loop = decoder != "generate"
     stops = stop_table(tokenizer, _vocab_size(model)) if loop else None
+    if decoder == "continuous" and not _fits_sliding_window(model, tokenizer, requests, ids, config):
+        decoder, config = "loop", replace(config, prefix_cache=False)  # a prefix would move the window
+    if decoder == "continuous":
+        return _translate_continuous(
+            model, tokenizer, requests, ids, config, batch_context, stops, progress, desc
+        )
     hypotheses: list[str] = [""] * len(requests)
     buckets = _length_buckets([len(i) for i in ids], config.batch_size)
     bar = tqdm(total=len(requests), desc=desc, disable=not progress, unit="seg")
@@ -438,7 +392,7 @@ def _translate(model, tokenizer, requests, config, batch_context, progress, desc
         max_new = _new_token_budget(tokenizer, batch_requests, config)
         batch_ids = [ids[i] for i in bucket]
         if loop:
-            scope = _RowScope(batch_context, [r.pair for r in batch_requests])
+            scope = RowScope(batch_context, [r.pair for r in batch_requests])
             outputs = _greedy_batch(
                 model, tokenizer, batch_ids, max_new, stops, scope, decoder == "shrink", config.prefix_cache
             )
@@ -453,3 +407,41 @@ def _translate(model, tokenizer, requests, config, batch_context, progress, desc
         bar.update(len(bucket))
     bar.close()
     return hypotheses
+
+
+def _row_budget(tokenizer, request: TranslationRequest, config: GenerationConfig) -> int:
+    """max_new_tokens of one row: length_ratio x its source tokens + length_margin, capped."""
+    source = len(tokenizer(request.source, add_special_tokens=False)["input_ids"])
+    return min(config.max_new_tokens, math.ceil(config.length_ratio * source) + config.length_margin)
+
+
+def _fits_sliding_window(model, tokenizer, requests, ids, config: GenerationConfig) -> bool:
+    """Whether every prompt plus its budget fits the model's shortest sliding window (if it has one):
+    continuous batching rebuilds caches, which a sliding layer would cut at its window."""
+    from mlas_lora.translation.continuous import sliding_window_limit
+
+    window = sliding_window_limit(model)
+    if window is None:
+        return True
+    longest = max(len(p) + _row_budget(tokenizer, r, config) for r, p in zip(requests, ids, strict=True))
+    return longest < window
+
+
+def _translate_continuous(model, tokenizer, requests, ids, config, batch_context, stops, progress, desc):
+    from mlas_lora.translation.continuous import ContinuousDecoder, Row
+
+    rows = [
+        Row(i, r.pair, prompt, _row_budget(tokenizer, r, config))
+        for i, (r, prompt) in enumerate(zip(requests, ids, strict=True))
+    ]
+    decoder = ContinuousDecoder(
+        model,
+        stops,
+        _pad_id(tokenizer),
+        batch_context=batch_context,
+        batch_size=config.batch_size,
+        prefix_cache=config.prefix_cache,
+    )
+    with tqdm(total=len(requests), desc=desc, disable=not progress, unit="seg") as bar:
+        generated = decoder.decode(rows, bar)
+    return [clean_output(tokenizer.decode(generated[i], skip_special_tokens=True)) for i in range(len(rows))]
