@@ -15,7 +15,8 @@ decoded one pair per call, as the experiments do, by:
   fast    `translate()` with today's defaults (continuous batching, prefix cache, batch 64).
 It prints, per model, each setting's BLEU and chrF++ (averaged over pairs), the band [min, max] over the
 ref-bN, whether `fast` lies inside, and how many hypotheses each shares with ref-b8. Results go to
-`--out` as JSON (hypotheses included), so a rerun with more models adds to them.
+`--out` as JSON (hypotheses included) after every setting, so an interrupted run resumes by setting and a
+rerun with more models adds to them.
 
     python benchmarks/measure_noise_band.py --models base,lora,routed --per-pair 100
     python benchmarks/measure_noise_band.py --tiny --per-pair 3
@@ -76,8 +77,10 @@ def main() -> None:
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     for kind in args.models.split(","):
         model, tokenizer, context = build(args, kind, pairs)
-        results[kind] = {}
+        results.setdefault(kind, {})
         for name, (decoder, config) in settings().items():
+            if len(results[kind].get(name, {}).get("hyps", ())) == n:
+                continue  # measured by an earlier, interrupted run
             hyps, seconds = decode(model, tokenizer, context, examples, decoder, config)
             bleu, chrf = quality(hyps, examples)
             results[kind][name] = {"bleu": bleu, "chrf": chrf, "seconds": seconds, "hyps": hyps}

@@ -335,3 +335,38 @@ def test_stage_markers_are_written_atomically_and_a_garbled_one_means_not_done(t
         "transfer-abc": 1.0
     }
     assert sorted(p.name for p in folder.iterdir()) == ["stage.json"]  # no temporary file left
+
+
+def test_a_splits_directions_are_translated_in_one_call_and_cut_back_per_direction(tmp_path, monkeypatch):
+    """Continuous batching fills its batch across directions: each split is one translate() call with
+    every direction's requests (in-context demos still from each direction's own training split), and
+    each direction's hypothesis file holds that direction's sources, in order."""
+    import mlas_lora.experiments.run as run_module
+    from mlas_lora.experiments.data import load_splits
+
+    config = replace_systems(tiny_config(tmp_path), ["zero-shot", "in-context"])
+    calls: list[list[str]] = []
+    real = run_module.translate
+
+    def recording(model, tokenizer, requests, *args, **kwargs):
+        calls.append([r.pair for r in requests])
+        for r in requests:  # every demonstration comes from the request's own direction
+            assert all((d.src_lang, d.tgt_lang) == (r.src_lang, r.tgt_lang) for d in r.demos)
+        return real(model, tokenizer, requests, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "translate", recording)
+    run_experiment(config)
+    splits = load_splits(config.data, ("valid", "test"))
+    assert len(calls) == 4  # 2 systems x 2 splits (valid, test)
+    assert all(sorted(set(c)) == ["en-de", "en-fi"] for c in calls)
+    for split in ("valid", "test"):
+        for direction, examples in splits.get(split).items():
+            rows = (tmp_path / "run" / "hyps" / "in-context" / f"{split}.{direction}.jsonl").read_text()
+            sources = [json.loads(line)["source"] for line in rows.splitlines()[1:]]
+            assert sources == [e.source for e in examples]
+
+
+def replace_systems(config: ExperimentConfig, systems: list[str]) -> ExperimentConfig:
+    from dataclasses import replace
+
+    return replace(config, systems=systems)

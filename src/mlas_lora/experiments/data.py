@@ -157,3 +157,11 @@ def load_splits(config: DataConfig, splits=SPLITS) -> Splits:
             else:
                 out.get(split)[str(direction)] = _read_split(direction, split, config)
     return out
+
+
+def split_back(by_direction: dict[str, list], flat: list) -> dict[str, list]:
+    """Cut `flat` (one item per example, directions in order) back into `by_direction`'s lists."""
+    out, start = {}, 0
+    for direction, examples in by_direction.items():
+        out[direction], start = flat[start : start + len(examples)], start + len(examples)
+    return out

@@ -17,8 +17,9 @@ import shutil
 import time
 from pathlib import Path
 
+from mlas_lora.data.records import Example
 from mlas_lora.distributed import barrier, is_main_process
-from mlas_lora.experiments.data import Splits
+from mlas_lora.experiments.data import Splits, split_back
 from mlas_lora.experiments.stages import (
     finished_key,
     mark_done,
@@ -199,7 +200,7 @@ def trained_translator(system: System, splits: Splits, run_dir: Path):
     merge = system.config.evaluation.merge
     student = system.method.for_evaluation(student, merge)
 
-    def run(examples, split: str) -> list[str]:
+    def decode(examples: list[Example], split: str, directions: str) -> list[str]:
         scope, batch_context = system.method.decode_scope(student, examples, merge)
         with scope:
             return translate(
@@ -208,7 +209,13 @@ def trained_translator(system: System, splits: Splits, run_dir: Path):
                 zero_shot_requests(examples),
                 system.config.generation,
                 batch_context=batch_context,
-                desc=f"{system.name} {split} {examples[0].pair}",
+                desc=f"{system.name} {split} {directions}",
             )
+
+    def run(by_direction: dict[str, list[Example]], split: str) -> dict[str, list[str]]:
+        if merge != "none":  # a merged model serves one pair: one call per direction
+            return {d: decode(examples, split, d) for d, examples in by_direction.items()}
+        flat = [e for examples in by_direction.values() for e in examples]
+        return split_back(by_direction, decode(flat, split, ",".join(by_direction)))
 
     return run

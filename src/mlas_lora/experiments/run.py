@@ -16,7 +16,7 @@ from pathlib import Path
 from mlas_lora.config import config_hash, save_yaml, to_dict
 from mlas_lora.data.records import Example
 from mlas_lora.experiments.config import ExperimentConfig
-from mlas_lora.experiments.data import Splits, load_splits
+from mlas_lora.experiments.data import Splits, load_splits, split_back
 from mlas_lora.experiments.stages import set_aside_name
 from mlas_lora.experiments.systems import System, resolve_systems
 from mlas_lora.stage_files import write_json_atomic, write_text_atomic
@@ -137,22 +137,28 @@ class HypothesisStore:
         self._write(path, rows)
 
 
-# A system's translator: (examples of one direction, split) -> hypotheses.
-Translator = Callable[[list[Example], str], list[str]]
+# A system's translator: ({direction: examples}, split) -> {direction: hypotheses}. All directions of a
+# split go through one `translate` call, so continuous batching keeps its batch full across them.
+Translator = Callable[[dict[str, list[Example]], str], dict[str, list[str]]]
 
 
 def prompting_translator(system: System, model, tokenizer, splits: Splits) -> Translator:
     """Translation by a prompting method (0-shot, in-context) with the untuned student."""
 
-    def run(examples: list[Example], split: str) -> list[str]:
-        requests = system.method.requests(examples, splits, system.config)
-        return translate(
+    def run(by_direction: dict[str, list[Example]], split: str) -> dict[str, list[str]]:
+        requests = [
+            r
+            for examples in by_direction.values()
+            for r in system.method.requests(examples, splits, system.config)
+        ]
+        hyps = translate(
             model,
             tokenizer,
             requests,
             system.config.generation,
-            desc=f"{system.name} {split} {examples[0].pair}",
+            desc=f"{system.name} {split} {','.join(by_direction)}",
         )
+        return split_back(by_direction, hyps)
 
     return run
 
@@ -168,24 +174,39 @@ def translate_all(
     """Hypotheses for every evaluated split and direction, reusing cached ones (the system's own, or
     another system's of the same content key); returns them, the seconds spent translating, and
     whether every cell was cached. `make_translator` runs once, at the first cell to translate (a
-    system whose cells are all cached trains and loads nothing)."""
+    system whose cells are all cached trains and loads nothing). A split's uncached directions are
+    translated together; each cell's file records its share of the time, by segments."""
     outputs: dict[tuple[str, str], list[str]] = {}
     seconds = 0.0
     translator = None
     for split in EVAL_SPLITS:
+        todo: dict[str, list[Example]] = {}
         for direction, examples in splits.get(split).items():
             if not examples:
                 continue
             hyps = store.load(system, split, direction, key, content, examples)
             if hyps is None:
-                translator = translator or make_translator()
-                start = time.perf_counter()
-                hyps = translator(examples, split)
-                spent = time.perf_counter() - start
-                seconds += spent
-                store.save(system, split, direction, key, examples, hyps, spent, content)
-            outputs[(split, direction)] = hyps
+                todo[direction] = examples
+            else:
+                outputs[(split, direction)] = hyps
+        if not todo:
+            continue
+        translator = translator or make_translator()
+        start = time.perf_counter()
+        done = translator(todo, split)
+        spent = time.perf_counter() - start
+        seconds += spent
+        total = sum(len(examples) for examples in todo.values())
+        for direction, examples in todo.items():
+            share = spent * len(examples) / total
+            store.save(system, split, direction, key, examples, done[direction], share, content)
+            outputs[(split, direction)] = done[direction]
+    outputs = {cell: outputs[cell] for cell in _cells(splits) if cell in outputs}
     return outputs, seconds, translator is None
+
+
+def _cells(splits: Splits) -> list[tuple[str, str]]:
+    return [(split, direction) for split in EVAL_SPLITS for direction in splits.get(split)]
 
 
 def evaluate_outputs(system: str, outputs, splits: Splits, config: ExperimentConfig):
