@@ -222,3 +222,62 @@ def test_bf16_and_float32_trainers_share_a_process_and_leave_forward_alone(tmp_p
         )  # fmt: skip
         assert trainer.fit(progress=False).steps == 1
         assert "forward" not in vars(model) and "forward" not in vars(model.base_model.model)
+
+
+VARIED = [Example("en", "de", "word " * (1 + i % 7), "wort " * (1 + (i * 3) % 5)) for i in range(16)] + [
+    Example("en", "fi", "cat " * (1 + i % 4), "kissa " * (2 + i % 6)) for i in range(16)
+]
+
+
+def _step_gradients(tmp_path, micro_batch: int, grad_accum: int, group: bool):
+    """(gradients of the first step by name, the step's micro-batches as example ids) of a tiny LoRA."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+    )
+    config = TrainingConfig(
+        lr=1e-2, micro_batch=micro_batch, grad_accum=grad_accum, max_steps=1, group_by_length=group
+    )
+    trainer = Trainer(
+        model, tiny_tokenizer(), VARIED, PAIRS, config, tmp_path, None, lambda p: None, lambda p: None
+    )
+    seen: list[dict] = []
+    trainer.optimizer.step = lambda *a, **k: seen.append(
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    )
+    micro = trainer._step_micro_batches(0)
+    trainer.fit(progress=False)
+    ids = {id(f): i for i, f in enumerate(trainer.features)}
+    return seen[0], [[ids[id(f)] for f in batch] for batch in micro], trainer
+
+
+def test_length_grouping_keeps_each_steps_examples_and_its_gradient(tmp_path):
+    """With group_by_length, a step holds the examples it holds without it, in fewer padded tokens, and
+    its gradient is the token mean over the whole step however the step is cut (8 x 1, 4 x 2, 2 x 4)."""
+    one, one_ids, _ = _step_gradients(tmp_path / "a", 8, 1, group=False)
+    grads = {}
+    for mb, ga in ((8, 1), (4, 2), (2, 4)):
+        grads[mb], ids, trainer = _step_gradients(tmp_path / f"g{mb}", mb, ga, group=True)
+        assert sorted(i for b in ids for i in b) == sorted(one_ids[0]), "the step's examples"
+        lengths = [len(trainer.features[i].input_ids) for b in ids for i in b]
+        assert lengths == sorted(lengths)
+        for name, g in one.items():
+            torch.testing.assert_close(grads[mb][name], g, rtol=1e-5, atol=1e-7)
+    plain, plain_ids, trainer = _step_gradients(tmp_path / "p", 2, 4, group=False)
+
+    def padded(ids):
+        return sum(max(len(trainer.features[i].input_ids) for i in b) * len(b) for b in ids)
+
+    _, grouped_ids, _ = _step_gradients(tmp_path / "q", 2, 4, group=True)
+    assert padded(grouped_ids) < padded(plain_ids)
+    assert any(not torch.allclose(plain[n], one[n], rtol=1e-5, atol=1e-7) for n in one), (
+        "ungrouped micro-batches weigh each micro-batch's mean alike: another gradient, or the test shows nothing"
+    )
+
+
+def test_a_grouped_training_resumes_exactly(tmp_path):
+    straight, _ = _run(tmp_path / "a", 4, group_by_length=True)
+    _run(tmp_path / "b", 4, stop_after=2, group_by_length=True)
+    resumed, _ = _run(tmp_path / "b", 4, group_by_length=True)
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name

@@ -24,6 +24,12 @@ class TrainingConfig:
     mixed_pairs: bool = True
     """Micro-batches mix pairs (True) or hold one pair each (False)."""
     max_tokens: int = 256
+    group_by_length: bool = False
+    """Sort each optimizer step's examples (micro_batch x grad_accum, the same examples as without it) by
+    length before cutting them into the step's micro-batches, and weigh every target token of the step
+    alike (the step's loss sum / its target tokens), so the gradient does not depend on the grouping.
+    Less padding per forward; with a smaller micro_batch and a larger grad_accum of the same product, less
+    still (benchmarks/bench_train_step.py). Off: micro-batches in shuffled order, each one's mean loss."""
     checkpoint_every: int = 50
     keep_checkpoints: int | None = 2
     """Checkpoints kept on disk (the newest); null keeps every one (`mlas-lora curve` reads them all)."""
@@ -36,7 +42,10 @@ class TrainingConfig:
 
     def key_settings(self) -> dict:
         """What a training's result depends on: every field but what stays on disk."""
-        return {k: v for k, v in asdict(self).items() if k not in ("keep_checkpoints", "keep_states")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("keep_checkpoints", "keep_states")}
+        if not self.group_by_length:  # a field added later enters the key only when set
+            del out["group_by_length"]
+        return out
 
     def problems(self) -> list[str]:
         out = []

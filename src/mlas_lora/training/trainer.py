@@ -215,19 +215,42 @@ class Trainer:
     def train_step(self, tracker: _PairLoss) -> float:
         self.optimizer.zero_grad(set_to_none=True)  # pairs absent from this step keep grad None
         total, accum = 0.0, self.config.grad_accum
+        micro = self._step_micro_batches(self.step)
+        step_tokens = (
+            sum(_target_tokens(f) for batch in micro for f in batch) if self.config.group_by_length else 0
+        )
         mine = range(self.rank, accum, self.processes)  # this process's micro-batches of the step
         for k in mine:
-            batch = collate(self._micro_batch(self.step * accum + k), self.pad_id, self.width_multiple)
+            batch = collate(micro[k], self.pad_id, self.width_multiple)
             sync = contextlib.nullcontext() if k == mine[-1] else self.accelerator.no_sync(self.model)
             with sync:
                 loss, sums, counts = self._forward(batch)
-                self.accelerator.backward(loss / (accum / self.processes))
+                if step_tokens:  # every target token of the step weighs alike, whatever its micro-batch
+                    share = counts.sum().item() / step_tokens
+                    self.accelerator.backward(loss * share * self.processes)
+                    total += loss.item() * share
+                else:
+                    self.accelerator.backward(loss / (accum / self.processes))
+                    total += loss.item() / accum
             tracker.add(batch["pair_ids"], sums, counts)
-            total += loss.item() / accum
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         return _sum_over_processes([total])[0]
+
+    def _step_micro_batches(self, step: int) -> list[list[Feature]]:
+        """The grad_accum micro-batches of optimizer step `step`; with `group_by_length`, the same examples
+        sorted by length (ties in their shuffled order) and cut into micro-batches of the same sizes."""
+        accum = self.config.grad_accum
+        micro = [self._micro_batch(step * accum + k) for k in range(accum)]
+        if not self.config.group_by_length:
+            return micro
+        ordered = sorted((f for batch in micro for f in batch), key=lambda f: len(f.input_ids))
+        out, start = [], 0
+        for batch in micro:
+            out.append(ordered[start : start + len(batch)])
+            start += len(batch)
+        return out
 
     def save_checkpoint(self) -> Path:
         """Adapters + training state in `checkpoints/step-N/`, written to a temp dir then renamed
@@ -311,3 +334,8 @@ class Trainer:
         if main:
             write_json_atomic(self.out_dir / "train_log.json", result.__dict__)
         return result
+
+
+def _target_tokens(feature: Feature) -> int:
+    """Target tokens of one example: the positions the loss reads (labels after the first)."""
+    return sum(1 for label in feature.labels[1:] if label != IGNORE)
