@@ -47,20 +47,13 @@ def _score(hyps: dict, valid: dict) -> dict:
 
 
 def _translate_valid(model, tokenizer, context, valid: dict, config: ExperimentConfig, label: str) -> dict:
+    from mlas_lora.experiments.data import split_back
     from mlas_lora.translation.baselines import zero_shot_requests
     from mlas_lora.translation.generate import translate
 
-    return {
-        d: translate(
-            model,
-            tokenizer,
-            zero_shot_requests(ex),
-            config.generation,
-            batch_context=context,
-            desc=f"{label} {d}",
-        )
-        for d, ex in valid.items()
-    }
+    requests = [r for ex in valid.values() for r in zero_shot_requests(ex)]  # one call: a fuller batch
+    hyps = translate(model, tokenizer, requests, config.generation, batch_context=context, desc=label)
+    return split_back(valid, hyps)
 
 
 def system_curve(system: System, splits: Splits, valid: dict, done: dict, folder: Path, key: str) -> dict:
