@@ -33,3 +33,5 @@ bench: setup  ## run one at a time on an otherwise idle machine (see benchmarks/
 	cd benchmarks && $(PYTHON) bench_scoring.py --model qwen2.5-coder-1.5b-instruct --sentences 8 --tokens 48
 	cd benchmarks && $(PYTHON) bench_training.py
 	cd benchmarks && $(PYTHON) bench_generation.py
+	cd benchmarks && $(PYTHON) bench_roofline.py
+	cd benchmarks && $(PYTHON) bench_translate.py --per-pair 50

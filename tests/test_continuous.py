@@ -199,3 +199,25 @@ def test_a_window_shorter_than_a_prompt_falls_back_to_the_bucketed_loop():
         ContinuousDecoder.decode = original
     assert calls == []
     assert out == translate(model, tiny_tokenizer(), requests, config, progress=False, decoder="generate")
+
+
+def test_a_prefill_leaves_every_row_right_aligned_with_zeros_in_its_padding():
+    """After a prefill with a cached prefix and suffixes of several lengths, each row's cache columns are
+    contiguous at the right (the pads that sat between prefix and suffix move to its left, zeroed), the
+    layout `generate` decodes from, and the cache is no wider than the longest row."""
+    model = model_of("llama")
+    prompts = [[5, 6, 7, 8, 9, 10] + [20 + i] * (1 + i) for i in range(4)]
+    rows = [Row(i, "en-de", p, budget=3) for i, p in enumerate(prompts)]
+    decoder = ContinuousDecoder(model, torch.zeros(260, dtype=torch.bool), 0, batch_size=4)
+    decoder._compute_prefixes(rows)
+    assert decoder.prefixes["en-de"].length == 6
+    with torch.inference_mode():
+        batch, _ = decoder._prefill(rows)
+    lengths = [len(p) for p in prompts]
+    width = batch.attention.shape[1]
+    assert width == max(lengths) == batch.cache.get_seq_length()
+    for row, length in enumerate(lengths):
+        assert batch.attention[row].tolist() == [0] * (width - length) + [1] * length
+        keys = batch.cache.layers[0].keys[row]
+        assert torch.count_nonzero(keys[:, : width - length]) == 0
+        assert torch.count_nonzero(keys[:, width - length :]) > 0
