@@ -12,7 +12,10 @@ decoded one pair per call, as the experiments do, by:
   ref-bN  the bucketed greedy loop at batch N (N = 4, 8, 16), no prefix cache: the bits of Hugging Face
           `generate` at that batch size (tests/test_generation_speed.py), the decode before continuous
           batching;
-  fast    `translate()` with today's defaults (continuous batching, prefix cache, batch 64).
+  fast    `translate()` with today's defaults (continuous batching, prefix cache, batch 64);
+  fast-bN the same at batch N (4, 8, 16, 32): the fast path's own spread. It gives each row its own
+          token budget (length_ratio x its source + margin), where the bucketed loop gives a bucket the
+          budget of its longest source, so a row that never stops is cut at another length there.
 It prints, per model, each setting's BLEU and chrF++ (averaged over pairs), the band [min, max] over the
 ref-bN, whether `fast` lies inside, and how many hypotheses each shares with ref-b8. Results go to
 `--out` as JSON (hypotheses included) after every setting, so an interrupted run resumes by setting and a
@@ -44,6 +47,8 @@ def settings() -> dict:
         f"ref-b{b}": ("shrink", GenerationConfig(batch_size=b, prefix_cache=False)) for b in REFERENCE_BATCHES
     }
     out["fast"] = ("auto", GenerationConfig())
+    for b in (*REFERENCE_BATCHES, 32):  # the fast path's own spread over batch sizes
+        out[f"fast-b{b}"] = ("auto", GenerationConfig(batch_size=b))
     return out
 
 
@@ -104,10 +109,12 @@ def report(results: dict, n: int, args) -> None:
             band = [by_setting[f"ref-b{b}"][metric] for b in REFERENCE_BATCHES]
             fast = by_setting["fast"][metric]
             inside = min(band) <= fast <= max(band)
+            own = [r[metric] for name, r in by_setting.items() if name.startswith("fast")]
             print(
                 f"{kind}: {metric} band [{min(band):.2f}, {max(band):.2f}] (width {max(band) - min(band):.2f}); "
                 f"fast {fast:.2f}: {'inside' if inside else 'OUTSIDE'}"
                 + ("" if inside else f" by {min(abs(fast - min(band)), abs(fast - max(band))):.2f}")
+                + f"; the fast path over batch sizes [{min(own):.2f}, {max(own):.2f}]"
             )
 
 

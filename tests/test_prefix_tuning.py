@@ -119,11 +119,14 @@ def test_cached_decoding_gives_the_full_forward_logits(family):
         assert not torch.allclose(full, model.get_base_model()(torch.tensor([prompt + step])).logits[0, -1])
 
 
-def test_translate_decodes_with_the_prefix():
-    """translate(PrefixDecoder) = greedy by full forwards of the PEFT model, not the base model's."""
-    model, tokenizer = prefixed("gemma2", scale=3.0).eval(), tiny_tokenizer()
-    config = GenerationConfig(max_new_tokens=6, length_ratio=0, length_margin=6)
-    sources = ["open file 3", "save the table now"]
+@pytest.mark.parametrize("family, scale", [("gemma2", 3.0), ("llama", 10.0)])
+def test_translate_decodes_with_the_prefix(family, scale):
+    """translate(PrefixDecoder) = greedy by full forwards of the PEFT model, not the base model's: through
+    the bucketed loop (Gemma 2's window is shorter than the prompts) and through continuous batching with
+    the prompt prefix cached and rows joining a running batch (Llama: the virtual tokens stay in front)."""
+    model, tokenizer = prefixed(family, scale=scale).eval(), tiny_tokenizer()
+    config = GenerationConfig(max_new_tokens=6, length_ratio=0, length_margin=6, batch_size=2)
+    sources = ["open file 3", "save the table now", "x", "close all windows", "a b"]
     requests = [TranslationRequest("en", "de", s) for s in sources]
     ours = translate(PrefixDecoder(model), tokenizer, requests, config, progress=False)
     style = PromptStyle(chat=config.chat)
