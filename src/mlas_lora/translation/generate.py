@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -173,7 +174,18 @@ def _generate_batch(model, tokenizer, batch_ids: list[list[int]], max_new: int, 
     return [clean_output(tokenizer.decode(seq[width:], skip_special_tokens=True)) for seq in out]
 
 
+_STOP_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def stop_table(tokenizer, vocab_size: int) -> torch.Tensor:
+    """`_stop_table`, computed once per tokenizer and vocabulary size (about 1 s over a 152k vocabulary)."""
+    tables = _STOP_TABLES.setdefault(tokenizer, {})
+    if vocab_size not in tables:
+        tables[vocab_size] = _stop_table(tokenizer, vocab_size)
+    return tables[vocab_size]
+
+
+def _stop_table(tokenizer, vocab_size: int) -> torch.Tensor:
     """Bool [vocab_size]: the tokens that end a row, the end-of-sequence ids and those completing "\\n".
 
     Asks Hugging Face's own StopStringCriteria about every token on its own, so the loop stops where
