@@ -10,7 +10,8 @@ as in training, B factors small random non-zero values so no LoRA is a no-op) an
 `--per-pair` test segments of every pair (the embedded corpus, zero-shot requests) are translated one
 pair per call, as the experiments call `translate()`; the routed student gets
 `batch_context=routed.routing`. `--extra` adds settings: `new-b32` (batch 32), `new-p0` (no prefix
-cache), `new-t1` (one thread), `gen-b8` (Hugging Face `generate` at batch 8), `old-b4` (the old path
+cache), `new-t1` (one thread), `all` / `all-b32` (every pair in one call, as the experiments call
+`translate()` since 2026-12-05), `gen-b8` (Hugging Face `generate` at batch 8), `old-b4` (the old path
 at batch 4). They run interleaved, rotating which goes first each round, and the report gives the
 median time. Columns: segments/s; tokens/s (the tokens the new path generated, per second); rows the
 output head saw; peak RSS during the setting's rounds (VmHWM, reset before each); hypotheses equal to
@@ -52,10 +53,10 @@ def settings(args) -> dict:
     """name -> (translate function, GenerationConfig, threads): `old`, `new`, then `--extra`."""
     old = partial(translate, decoder="shrink")
     new = GenerationConfig(batch_size=args.batch_size)
-    out = {"old": (old, OLD, args.threads), "new": (translate, new, args.threads)}
-    for name in filter(None, args.extra.split(",")):  # new-b32, new-t1, new-p0, gen-b8, old-b4
+    out = {"old": (old, OLD, args.threads, False), "new": (translate, new, args.threads, False)}
+    for name in filter(None, args.extra.split(",")):  # new-b32, new-t1, new-p0, gen-b8, old-b4, all-b32
         parts = {part[0]: int(part[1:]) for part in name.split("-")[1:]}
-        if name.startswith("new"):
+        if name.startswith(("new", "all")):
             fn, config = (
                 translate,
                 replace(
@@ -66,7 +67,7 @@ def settings(args) -> dict:
             fn, config = partial(translate, decoder="generate"), replace(OLD, batch_size=parts.get("b", 8))
         else:
             fn, config = old, replace(OLD, batch_size=parts.get("b", OLD.batch_size))
-        out[name] = (fn, config, parts.get("t", args.threads))
+        out[name] = (fn, config, parts.get("t", args.threads), name.startswith("all"))
     return out
 
 
@@ -105,8 +106,9 @@ def build(args, kind: str, pairs: list[str]):
 
 def runner(model, tokenizer, context, by_pair: dict, setting):
     """A callable translating every pair's requests with one setting; returns (s, hyps, row-steps, peak kB)."""
-    fn, config, threads = setting
+    fn, config, threads, one_call = setting
     head = model.get_output_embeddings()
+    groups = [[r for reqs in by_pair.values() for r in reqs]] if one_call else list(by_pair.values())
 
     def run():
         rows = []
@@ -115,9 +117,7 @@ def runner(model, tokenizer, context, by_pair: dict, setting):
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         start = time.perf_counter()
         try:
-            hyps = [
-                h for reqs in by_pair.values() for h in fn(model, tokenizer, reqs, config, context, False)
-            ]
+            hyps = [h for reqs in groups for h in fn(model, tokenizer, reqs, config, context, False)]
         finally:
             handle.remove()
         return time.perf_counter() - start, hyps, sum(rows), status_kb("VmHWM")
@@ -205,6 +205,7 @@ def main() -> None:
         "--extra",
         default="",
         help="more settings: new-b32 (batch 32), new-t1 (1 thread), new-p0 (prefix_cache off), "
+        "all / all-b32 (every pair in one call), "
         "gen-b8 (HF generate at batch 8), old-b4 (the old path at batch 4)",
     )
     parser.add_argument("--b-std", type=float, default=0.01, help="std of the random LoRA B factors")
