@@ -139,7 +139,7 @@ class _Batch:
             self.cache = _cache_like(self.cache, kv)
             self.attention = self.attention[:, unused:]
 
-    def join(self, other: _Batch, model) -> None:
+    def join(self, other: _Batch) -> None:
         """Append `other`'s rows, padding the narrower cache on the left (after the front columns)."""
         width = max(self.attention.shape[1], other.attention.shape[1])
         f = self.front
@@ -150,7 +150,7 @@ class _Batch:
             )
             for x, y in zip(_kv(self.cache), _kv(other.cache), strict=True)
         ]
-        self.cache = _cache(model, kv)
+        self.cache = _cache_like(self.cache, kv)
         self.attention = torch.cat(
             [_pad_left(self.attention, width, 0, 1), _pad_left(other.attention, width, 0, 1)], 0
         )
@@ -188,7 +188,6 @@ class ContinuousDecoder:
         prefix_cache: bool = True,
     ):
         self.model, self.stops, self.pad = model, stops, pad
-        self.batch_context = batch_context
         self.batch_size = batch_size
         self.refill = refill if refill is not None else max(1, batch_size // 4)
         self.prefix_cache = prefix_cache
@@ -196,8 +195,6 @@ class ContinuousDecoder:
         self.prefixes: dict[str, _Prefix] = {}
         self.scope = RowScope(batch_context, [])
         self.routed: list[str] | None = None
-        self.forwards = 0  # model calls, for the benchmarks
-        self.row_steps = 0  # rows through the output head
 
     def _route(self, pairs: list[str]) -> None:
         if pairs != self.routed:
@@ -207,8 +204,6 @@ class ContinuousDecoder:
 
     def _forward(self, input_ids, attention, positions, cache, pairs: list[str]) -> torch.Tensor:
         self._route(pairs)
-        self.forwards += 1
-        self.row_steps += input_ids.shape[0]
         logits = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=attention,
@@ -236,7 +231,7 @@ class ContinuousDecoder:
                         new, done = self._prefill(group)
                         new = self._retire(new, done, out, progress)
                         if new is not None and batch is not None:
-                            batch.join(new, self.model)
+                            batch.join(new)
                         elif new is not None:
                             batch = new
                         continue
@@ -329,8 +324,9 @@ class ContinuousDecoder:
             tensor = prefix.kv[layer][which]
             front = tensor.shape[2] - prefix.length
             return _pad_left(tensor, width, front, 2)
-        like = next(p for p in self.prefixes.values()).kv[layer][which]
-        front = like.shape[2] - next(p for p in self.prefixes.values()).length
+        some = next(iter(self.prefixes.values()))  # another pair's: its front columns are every row's
+        like = some.kv[layer][which]
+        front = like.shape[2] - some.length
         shape = list(like.shape)
         shape[2] = front + width
         out = like.new_zeros(shape)

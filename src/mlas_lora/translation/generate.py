@@ -96,9 +96,15 @@ def clean_output(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
+def _row_budget(tokenizer, request: TranslationRequest, config: GenerationConfig) -> int:
+    """max_new_tokens of one row: length_ratio x its source tokens + length_margin, capped."""
+    source = len(tokenizer(request.source, add_special_tokens=False)["input_ids"])
+    return min(config.max_new_tokens, math.ceil(config.length_ratio * source) + config.length_margin)
+
+
 def _new_token_budget(tokenizer, requests: Sequence[TranslationRequest], config: GenerationConfig) -> int:
-    longest = max(len(tokenizer(r.source, add_special_tokens=False)["input_ids"]) for r in requests)
-    return min(config.max_new_tokens, math.ceil(config.length_ratio * longest) + config.length_margin)
+    """A bucket's max_new_tokens (the bucketed decoders): the budget of its longest source."""
+    return max(_row_budget(tokenizer, r, config) for r in requests)
 
 
 def _length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -390,12 +396,13 @@ def _translate(model, tokenizer, requests, config, batch_context, progress, desc
     ]
     loop = decoder != "generate"
     stops = stop_table(tokenizer, _vocab_size(model)) if loop else None
-    if decoder == "continuous" and not _fits_sliding_window(model, tokenizer, requests, ids, config):
-        decoder, config = "loop", replace(config, prefix_cache=False)  # a prefix would move the window
     if decoder == "continuous":
-        return _translate_continuous(
-            model, tokenizer, requests, ids, config, batch_context, stops, progress, desc
-        )
+        budgets = [_row_budget(tokenizer, r, config) for r in requests]
+        if _fits_sliding_window(model, ids, budgets):
+            return _translate_continuous(
+                model, tokenizer, requests, ids, budgets, config, batch_context, stops, progress, desc
+            )
+        decoder, config = "loop", replace(config, prefix_cache=False)  # a prefix would move the window
     hypotheses: list[str] = [""] * len(requests)
     buckets = _length_buckets([len(i) for i in ids], config.batch_size)
     bar = tqdm(total=len(requests), desc=desc, disable=not progress, unit="seg")
@@ -421,13 +428,7 @@ def _translate(model, tokenizer, requests, config, batch_context, progress, desc
     return hypotheses
 
 
-def _row_budget(tokenizer, request: TranslationRequest, config: GenerationConfig) -> int:
-    """max_new_tokens of one row: length_ratio x its source tokens + length_margin, capped."""
-    source = len(tokenizer(request.source, add_special_tokens=False)["input_ids"])
-    return min(config.max_new_tokens, math.ceil(config.length_ratio * source) + config.length_margin)
-
-
-def _fits_sliding_window(model, tokenizer, requests, ids, config: GenerationConfig) -> bool:
+def _fits_sliding_window(model, ids: list[list[int]], budgets: list[int]) -> bool:
     """Whether every prompt plus its budget fits the model's shortest sliding window (if it has one):
     continuous batching rebuilds caches, which a sliding layer would cut at its window."""
     from mlas_lora.translation.continuous import sliding_window_limit
@@ -435,16 +436,17 @@ def _fits_sliding_window(model, tokenizer, requests, ids, config: GenerationConf
     window = sliding_window_limit(model)
     if window is None:
         return True
-    longest = max(len(p) + _row_budget(tokenizer, r, config) for r, p in zip(requests, ids, strict=True))
-    return longest < window
+    return max(len(p) + b for p, b in zip(ids, budgets, strict=True)) < window
 
 
-def _translate_continuous(model, tokenizer, requests, ids, config, batch_context, stops, progress, desc):
+def _translate_continuous(
+    model, tokenizer, requests, ids, budgets, config, batch_context, stops, progress, desc
+):
     from mlas_lora.translation.continuous import ContinuousDecoder, Row
 
     rows = [
-        Row(i, r.pair, prompt, _row_budget(tokenizer, r, config))
-        for i, (r, prompt) in enumerate(zip(requests, ids, strict=True))
+        Row(i, r.pair, prompt, budget)
+        for i, (r, prompt, budget) in enumerate(zip(requests, ids, budgets, strict=True))
     ]
     decoder = ContinuousDecoder(
         model,
