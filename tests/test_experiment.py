@@ -18,6 +18,7 @@ from mlas_lora.experiments.experiment import (
     experiment_config,
     experiment_systems,
     run_named_experiment,
+    seed_groups,
     trainable_parameters,
 )
 from mlas_lora.experiments.tables import paper_table
@@ -50,12 +51,12 @@ def test_table2_runs_every_ablation_and_writes_tables_and_plots(tiny_config):
     table = (folder / "table.test.bleu.md").read_text()
     for system in TABLE2:
         assert f"| {system} |" in table
-    assert (
-        "| System | en-de | en-fi | Avg. | Params |" in table
-        and "paired bootstrap against mlas-lora" in table
-    )
+    assert "| System | en-de | en-fi | Avg. | Params |" in table and "better / worse than mlas-lora" in table
     rows = list(csv.reader(open(folder / "table.test.chrf.csv")))
-    assert rows[0] == ["system", "en-de", "en-de p", "en-fi", "en-fi p", "avg", "trainable_params"]
+    assert rows[0] == [
+        "system", "seeds", "en-de", "en-de sd", "en-de p", "en-fi", "en-fi sd", "en-fi p", "avg", "avg sd",
+        "trainable_params",
+    ]  # fmt: skip
     params = {row[0]: int(row[-1]) for row in rows[1:]}
     assert params["R-i"] == params["R-a"] == params["R-s"]  # one LoRA of rank r_gen + r_spe
     assert (
@@ -162,14 +163,52 @@ def test_paper_table_bolds_the_best_and_marks_significance():
         ]
     ]
     comparisons = [
-        {"system_a": "b", "system_b": "a", "direction": "en-de", "metric": "bleu", "p_value": 0.01},
-        {"system_a": "b", "system_b": "a", "direction": "en-fi", "metric": "bleu", "p_value": 0.2},
-        {"system_a": "b", "system_b": "a", "direction": "en-fi (valid)", "metric": "bleu", "p_value": 0.001},
+        {
+            "system_a": "b",
+            "split": "test",
+            "direction": "en-de",
+            "metric": "bleu",
+            "p_holm": 0.01,
+            "delta": 2.0,
+        },
+        {
+            "system_a": "b",
+            "split": "test",
+            "direction": "en-fi",
+            "metric": "bleu",
+            "p_holm": 0.2,
+            "delta": -10,
+        },
+        {
+            "system_a": "b",
+            "split": "valid",
+            "direction": "en-fi",
+            "metric": "bleu",
+            "p_holm": 0.001,
+            "delta": -1,
+        },
     ]
     md, rows = paper_table(records, "bleu", ["a", "b"], {"a": 0, "b": 2_500_000}, comparisons, "test", "a")
     assert "| a | 10.00 | **30.00** | **20.00** | 0 |" in md
-    assert "| b | **12.00†** | 20.00 | 16.00 | 2.50M |" in md
-    assert rows[2] == ["b", 12.0, 0.01, 20.0, 0.2, 16.0, 2_500_000]
+    assert "| b | **12.00▲** | 20.00 | 16.00 | 2.50M |" in md  # en-fi's -10 is not significant here
+    assert rows[2] == ["b", 1, 12.0, None, 0.01, 20.0, None, 0.2, 16.0, None, 2_500_000]
+    worse = [{**comparisons[1], "p_holm": 0.01}]
+    md, _ = paper_table(records, "bleu", ["a", "b"], {}, worse, "test", "a")
+    assert "| b | **12.00** | 20.00▼ |" in md
+
+
+def test_seed_rows_read_mean_and_sd():
+    records = [
+        ResultRecord(s, d, "bleu", score, "sig", 10, "h")
+        for s, d, score in [("m", "en-de", 10.0), ("m", "en-fi", 20.0), ("m.seed1", "en-de", 12.0),
+                            ("m.seed1", "en-fi", 22.0), ("z", "en-de", 1.0), ("z", "en-fi", 2.0)]
+    ]  # fmt: skip
+    groups = seed_groups(["z", "m", "m.seed1"])
+    assert groups == {"z": ["z"], "m": ["m", "m.seed1"]}
+    md, rows = paper_table(records, "bleu", ["z", "m", "m.seed1"], {}, [], "test", None, groups=groups)
+    assert "| m | **11.00 ± 1.41** | **21.00 ± 1.41** | **16.00 ± 1.41** | — |" in md
+    assert "| z | 1.00 | 2.00 | 1.50 | — |" in md and "mean ± sd over training seeds" in md
+    assert rows[2][:2] == ["m", 2]
 
 
 def test_experiment_command_prints_the_tables(tiny_config, tmp_path, capsys):
@@ -228,7 +267,7 @@ def test_pairs_transfer_and_family_analyses(tiny_config, tmp_path):
     assert "| mlas-lora |" in (folder / "report.md").read_text()
     table = (folder / "table.test.bleu.md").read_text()
     assert "| Params |" in table and "| zero-shot |" in table and "| mlas-lora |" in table
-    assert "bootstrap against mlas-lora" in table
+    assert "better / worse than mlas-lora" in table
     assert str(other) in (folder / "family.md").read_text()
     with pytest.raises(MlasLoraError, match="not one of data.directions"):
         run_named_experiment("pairs", tiny_config, focus="en-cs")
@@ -266,3 +305,55 @@ def test_the_choice_is_made_on_valid_and_only_reported_on_test():
     text = choice_on_valid(valid, test)
     assert text.startswith("Chosen on the validation split by average chrf: **b** (test average 10.00")
     assert "| 1 | b | 47.00 | 10.00 |" in text and "| 2 | a | 45.00 | 60.00 |" in text
+
+
+def test_verdict_trains_each_system_with_every_seed_and_reuses_them(tiny_config):
+    systems = ["zero-shot", "teacher", "lora", "lora-total", "pissa", "mlas-pissa", "mlas-lora"]
+    folder = run_named_experiment("verdict", tiny_config, systems=systems, seeds=2)
+    run = folder.parent.parent
+    for name in ("lora", "pissa", "mlas-pissa", "mlas-lora"):
+        assert (run / f"train-{name}.seed1").is_dir() and (run / "hyps" / f"{name}.seed1").is_dir()
+    assert not (run / "hyps" / "zero-shot.seed1").exists()  # decoding is deterministic: once
+    key0 = json.loads((run / "hyps" / "lora" / "test.en-de.jsonl").read_text().splitlines()[0])["key"]
+    key1 = json.loads((run / "hyps" / "lora.seed1" / "test.en-de.jsonl").read_text().splitlines()[0])["key"]
+    assert key0 != key1
+    table = (folder / "table.test.bleu.md").read_text()
+    assert "mean ± sd over training seeds" in table and "| lora.seed1 |" not in table
+    assert all(f"| {name} |" in table for name in systems)
+    rows = {r[0]: r for r in csv.reader(open(folder / "table.test.bleu.csv"))}
+    assert rows["lora"][1] == "2" and rows["zero-shot"][1] == "1"
+    params = {name: int(rows[name][-1]) for name in systems}
+    assert params["lora-total"] > params["lora"] == params["pissa"] and params["teacher"] == 0
+    sig = json.loads((folder / "significance.seeds.json").read_text())
+    assert {r["system_b"] for r in sig} == {"mlas-lora"} and {
+        r["strata"] for r in sig if r["system_a"] == "lora"
+    } == {2}
+    assert all(0 < r["p_value"] <= r["p_holm"] <= 1 for r in sig)
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "hyps").rglob("*.jsonl")}
+    run_named_experiment("verdict", tiny_config, systems=systems, seeds=2)  # every seed's cells reused
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_a_significantly_worse_system_is_marked_worse(tiny_config, tmp_path):
+    from dataclasses import replace
+
+    from mlas_lora.experiments.experiment import seed_significance
+    from mlas_lora.experiments.run import HypothesisStore
+
+    config = replace(tiny_config, output_dir=str(tmp_path))
+    config = replace(config, evaluation=replace(config.evaluation, baseline_for_significance="base"))
+    store = HypothesisStore(tmp_path)
+    refs = [f"das ist der satz nummer {i} mit etwas mehr text" for i in range(40)]
+    examples = [type("E", (), {"source": f"s{i}", "reference": r})() for i, r in enumerate(refs)]
+    worse = [" ".join(r.split()[:3]) for r in refs]
+    for name, hyps in (("base", refs), ("bad", worse), ("bad.seed1", worse), ("same", refs)):
+        store.save(name, "test", "en-de", "k", examples, hyps, 0.0)
+    groups = seed_groups(["base", "bad", "bad.seed1", "same"])
+    sig = seed_significance(config, groups, ["test"], {"test": ["en-de"]}, 200)
+    by_row = {(r["system_a"], r["metric"]): r for r in sig}
+    assert by_row[("bad", "bleu")]["delta"] < 0 and by_row[("bad", "bleu")]["p_holm"] < 0.05
+    assert by_row[("same", "chrf")]["p_value"] == 1.0
+    records = [ResultRecord(s, "en-de", "bleu", v, "sig", 40, "h")
+               for s, v in (("base", 100.0), ("bad", 5.0), ("bad.seed1", 5.0), ("same", 100.0))]  # fmt: skip
+    md, _ = paper_table(records, "bleu", list(groups), {}, sig, "test", "base", groups=groups)
+    assert "| bad | 5.00 ± 0.00▼ |" in md and "| same | **100.00** |" in md

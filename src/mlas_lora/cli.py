@@ -265,7 +265,10 @@ def _experiment(args) -> None:
     config = load_config(ExperimentConfig, args.config, args.overrides)
     systems = args.systems.split(",") if args.systems else None
     lambdas = [float(x) for x in args.lambdas.split(",")] if args.lambdas else LAMBDAS
-    folder = run_named_experiment(args.name, config, systems, args.budget, lambdas, args.focus, args.student)
+    seeds = args.seeds if args.seeds is not None else (3 if args.name == "verdict" else 1)
+    folder = run_named_experiment(
+        args.name, config, systems, args.budget, lambdas, args.focus, args.student, seeds
+    )
     for table in sorted(folder.glob("table.test.*.md")) or sorted(folder.glob("table.*.md")):
         print(f"## {table.stem}\n\n{table.read_text()}")
     if (folder / "choice.md").is_file():
@@ -389,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a named set of systems (table2: MLAS-LoRA + the ten ablations; lambda: Fig. 5) with tables and plots",
     )
     exp.add_argument(
-        "name", help="table1, table2, lambda, pairs, transfer, family, or any label with --systems"
+        "name", help="table1, table2, verdict, lambda, pairs, transfer, family, or any label with --systems"
     )
     exp.add_argument(
         "config", help="experiment YAML for data, models and settings, e.g. configs/embedded-4dir.yaml"
@@ -400,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--lambdas", help="lambda experiment: comma-separated values (default 0.05..0.6 in 8)")
     exp.add_argument("--focus", default="en-de", help="pairs experiment: the direction whose BLEU is plotted")
     exp.add_argument("--student", default="gemma3-270m", help="family experiment: the other student")
+    exp.add_argument(
+        "--seeds",
+        type=int,
+        help="train every trained system N times (training.seed + 0..N-1; cells: mean ± sd; default 3 "
+        "for verdict, else 1)",
+    )
     exp.set_defaults(func=_experiment)
 
     run = sub.add_parser("run", help="run every stage of an experiment config and print the report")

@@ -201,6 +201,9 @@ class AwarenessConfig:
         return out
 
 
+LORA_INITS = ("teacher", "random", "student")
+
+
 @dataclass
 class LoraSettings:
     """The `lora:` section: the general and specific LoRAs (Eq. 7-9); not PEFT's LoraConfig."""
@@ -229,7 +232,10 @@ class LoraSettings:
     r_spe), 'shared' (one LoRA of rank r_gen + r_spe) or 'per-pair' (rank r_gen + r_spe each, no
     general LoRA): the -R-* and -M-* ablations."""
     init: str = "teacher"
-    """'teacher' (SVD of teacher submatrices, Eq. 7-8) or 'random' (PEFT's: A kaiming, B = 0)."""
+    """'teacher' (SVD of teacher submatrices, Eq. 7-8), 'random' (PEFT's: A kaiming, B = 0) or
+    'student' (the control `mlas-pissa`: the SVD of the student's own weight at each routed
+    projection, the general LoRA its top r_gen components and every pair's LoRA the next r_spe, set
+    by init_mode and teacher_scale as teacher factors are: the teacher replaced by the student)."""
 
     def problems(self) -> list[str]:
         from mlas_lora.transfer.extract import FILL_RULES
@@ -253,8 +259,8 @@ class LoraSettings:
             out.append(f"lora.fill_rule: {self.fill_rule!r} (known: {', '.join(FILL_RULES)})")
         if self.structure not in STRUCTURES:
             out.append(f"lora.structure: {self.structure!r} (known: {', '.join(STRUCTURES)})")
-        if self.init not in ("teacher", "random"):
-            out.append(f"lora.init: {self.init!r} (known: teacher, random)")
+        if self.init not in LORA_INITS:
+            out.append(f"lora.init: {self.init!r} (known: {', '.join(LORA_INITS)})")
         return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 from mlas_lora.config import config_from_dict, merge_trees, to_dict
@@ -24,6 +25,7 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.analyses import ANALYSES
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.methods.presets import TABLE2
+from mlas_lora.stage_files import write_json_atomic, write_text_atomic
 
 TABLE1 = (
     "zero-shot",
@@ -39,6 +41,22 @@ TABLE1 = (
     "mlas-lora",
 )
 """Table 1's rows, in the paper's order."""
+
+VERDICT = (
+    "zero-shot",
+    "in-context",
+    "teacher",
+    "lora",
+    "lora-total",
+    "pissa",
+    "mlas-pissa",
+    "R-a",
+    "M-i",
+    "mlas-lora",
+)
+"""The verdict's rows (with `--seeds`, default 3, for every trained one): the untuned student, the
+teacher (the ceiling), LoRA at both budget rules, the PiSSA controls, two ablations and MLAS-LoRA;
+the best tuned Table 1 baselines join with `--systems`."""
 
 LAMBDAS = (0.05, 0.129, 0.207, 0.286, 0.364, 0.443, 0.521, 0.6)
 """Fig. 5's range in 8 even steps (rounded to 3 decimals), then `auto`."""
@@ -56,6 +74,13 @@ BUDGETS: dict[str, dict] = {
         "data": {"train_per_direction": 2000, "seed_per_direction": 32, "valid_per_direction": 0,
                  "test_per_direction": 50, "ood_per_direction": 0},
         "training": {"max_steps": 16, "micro_batch": 8, "grad_accum": 2, "checkpoint_every": 8},
+    },
+    # The verdict's: the cpu budget's training and valid, every test segment of the corpus and 300
+    # out-of-domain segments per direction (3,006 test + 1,200 OOD on the embedded 4 directions).
+    "verdict": {
+        "data": {"train_per_direction": 2000, "seed_per_direction": 32, "valid_per_direction": 50,
+                 "test_per_direction": None, "ood_per_direction": 300},
+        "training": {"max_steps": 48, "micro_batch": 8, "grad_accum": 2, "checkpoint_every": 16},
     },
     # The paper's setting (Sec. 4.1): 200k random pairs and 1k seeds per direction, batch 64, 3 epochs.
     "paper": {
@@ -75,6 +100,8 @@ def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) ->
         return list(TABLE1)
     if name == "table2":
         return list(TABLE2)
+    if name == "verdict":
+        return list(VERDICT)
     if name == "lambda":
         points = [*lambdas, "auto"]
         return [{"name": f"lambda-{lam}", "preset": "mlas-lora", "awareness": {"lam": lam}} for lam in points]
@@ -108,17 +135,22 @@ def with_budget(config: ExperimentConfig, budget: str | None) -> ExperimentConfi
     )
 
 
-def experiment_config(name: str, config: ExperimentConfig, systems: list | None, budget: str | None):
-    """The config with the experiment's systems (and budget). The bootstrap baseline is MLAS-LoRA in
-    table1, table2 and family, `lambda-auto` (MLAS-LoRA as shipped) in lambda, else the config's where it is one
-    of the systems, else MLAS-LoRA if present, else none."""
+def experiment_config(
+    name: str, config: ExperimentConfig, systems: list | None, budget: str | None, seeds: int = 1
+):
+    """The config with the experiment's systems (and budget; each trained system `seeds` times). The
+    significance baseline is MLAS-LoRA in table1, table2, verdict and family, `lambda-auto` (MLAS-LoRA
+    as shipped) in lambda, else the config's where it is one of the systems, else MLAS-LoRA if present,
+    else none."""
     from mlas_lora.experiments.systems import system_spec
 
     tree = budget_tree(to_dict(config), budget)
     if systems is not None:
         tree["systems"] = systems
+    if seeds != 1:
+        tree["systems"] = expand_seeds(list(tree["systems"]), seeds, config)
     names = [system_spec(s)[0] for s in tree["systems"]]
-    if name in ("table1", "table2", "family"):  # family: Table 1's comparison on another student
+    if name in ("table1", "table2", "verdict", "family"):  # family: Table 1's comparison on another student
         tree["evaluation"]["baseline_for_significance"] = "mlas-lora"
     elif name == "lambda" and systems is not None and "lambda-auto" in names:
         tree["evaluation"]["baseline_for_significance"] = "lambda-auto"  # MLAS-LoRA as shipped
@@ -135,8 +167,10 @@ def run_named_experiment(
     lambdas=LAMBDAS,
     focus: str = "en-de",
     student: str = "gemma3-270m",
+    seeds: int = 1,
 ) -> Path:
-    """Run the experiment, then write its tables and plots; returns RUN/experiments/NAME/."""
+    """Run the experiment, then write its tables and plots; returns RUN/experiments/NAME/. `seeds`
+    trains every trained system that many times (training.seed + 0 .. seeds - 1)."""
     from mlas_lora.experiments.run import run_experiment
     from mlas_lora.experiments.systems import resolve_systems
 
@@ -144,7 +178,9 @@ def run_named_experiment(
         raise MlasLoraError(f"experiment name {name!r}: a non-empty name without '/'")
     if name in ANALYSES:
         return run_analysis(name, config, systems, budget, focus, student)
-    config = experiment_config(name, config, experiment_systems(name, systems, lambdas), budget)
+    if name in ANALYSES and seeds != 1:
+        raise MlasLoraError(f"--seeds applies to system tables, not to the {name} analysis")
+    config = experiment_config(name, config, experiment_systems(name, systems, lambdas), budget, seeds)
     resolved = resolve_systems(config)
     folder = Path(config.output_dir) / "experiments" / name
     run_experiment(config, report_dir=folder)
@@ -176,37 +212,147 @@ def run_analysis(name: str, config, systems, budget, focus: str, student: str) -
 
 def trainable_parameters(system) -> int | None:
     """What the system's training recorded (params.json of pipeline.training_folder: its own folder, or
-    the finished training of its key under another name, whose hypotheses it reused); 0 for a
-    prompting method; None if neither has recorded it."""
-    from mlas_lora.experiments.pipeline import training_folder
+    the finished training of its key under another name, whose hypotheses it reused), plus what its
+    prerequisite trained (LoRA-Flow's per-pair LoRAs); 0 for a prompting method; None if not recorded."""
+    from mlas_lora.experiments.pipeline import prior_system, training_folder
 
     if not system.method.trains:
         return 0
     path = training_folder(system)[0] / "params.json"
-    return json.loads(path.read_text())["trainable"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    own = json.loads(path.read_text())["trainable"]
+    if (prior := prior_system(system)) is None:
+        return own
+    before = trainable_parameters(prior)
+    return None if before is None else own + before
+
+
+SEED_SUFFIX = re.compile(r"^(?P<base>.+)\.seed(?P<k>[0-9]+)$")
+"""`NAME.seedK`: system NAME trained with its training.seed + K (`--seeds`)."""
+
+
+def expand_seeds(entries: list, seeds: int, config: ExperimentConfig) -> list:
+    """Every system once (its own name, its own training.seed), then, for K = 1 .. seeds - 1, each
+    trained system again as `NAME.seedK` with training.seed + K: seed-major, so an interrupted run
+    has whole seeds done. Prompting systems decode deterministically and appear once."""
+    from mlas_lora.experiments.systems import system_spec
+    from mlas_lora.methods import METHODS
+
+    if seeds < 1:
+        raise MlasLoraError(f"--seeds must be >= 1, got {seeds}")
+    out = list(entries)
+    for k in range(1, seeds):
+        for entry in entries:
+            name, spec = system_spec(entry)
+            if not METHODS[spec["method"]].trains:
+                continue
+            training = dict(spec.get("training", {}))
+            training["seed"] = training.get("seed", config.training.seed) + k
+            out.append({"name": f"{name}.seed{k}", **spec, "training": training})
+    return out
+
+
+def seed_groups(names: list[str]) -> dict[str, list[str]]:
+    """Row name -> the systems it averages: NAME with its NAME.seedK, in order; others alone."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        match = SEED_SUFFIX.match(name)
+        base = match["base"] if match and match["base"] in names else name
+        groups.setdefault(base, []).append(name)
+    return groups
+
+
+def _hyps(run_dir: Path, system: str, split: str, direction: str) -> tuple[list[str], list[str]]:
+    from mlas_lora.experiments.run import HypothesisStore
+
+    rows = HypothesisStore._rows(HypothesisStore(run_dir).path(system, split, direction))[1:]
+    return [r["hypothesis"] for r in rows], [r["reference"] for r in rows]
+
+
+def seed_significance(
+    config: ExperimentConfig, groups: dict[str, list[str]], splits: list[str], directions: dict, trials: int
+) -> list[dict]:
+    """Every row against the baseline row, per split, direction and metric (BLEU, chrF++): paired
+    approximate randomization stratified by seed (challenger seed K against baseline seed K, or
+    against the baseline's one output), p-values Holm-corrected across the directions of one
+    (row, split, metric)."""
+    from mlas_lora.evaluation.seeds import holm, stratified_ar
+
+    baseline = config.evaluation.significance_baseline(list(groups))
+    if baseline not in groups:
+        return []
+    run_dir, rows = Path(config.output_dir), []
+    for row, members in groups.items():
+        if row == baseline:
+            continue
+        for split in splits:
+            for metric in ("bleu", "chrf"):
+                family = []
+                for direction in directions[split]:
+                    strata, refs = [], None
+                    for k, member in enumerate(members):
+                        hyps_a, refs_a = _hyps(run_dir, member, split, direction)
+                        other = groups[baseline][k % len(groups[baseline])]
+                        hyps_b, refs_b = _hyps(run_dir, other, split, direction)
+                        if not hyps_a or refs_a != refs_b:
+                            break
+                        strata.append((hyps_a, hyps_b))
+                        refs = refs_a
+                    else:
+                        tgt = direction.split("-")[1]
+                        result = stratified_ar(strata, refs, tgt, metric, trials, seed=12345 + config.seed)
+                        family.append({"system_a": row, "system_b": baseline, "split": split,
+                                       "direction": direction, **result})  # fmt: skip
+                for item, adjusted in zip(family, holm([f["p_value"] for f in family]), strict=True):
+                    item["p_holm"] = adjusted
+                rows.extend(family)
+    return rows
 
 
 def write_tables(config: ExperimentConfig, systems, folder: Path) -> None:
-    """table.{split}.{metric}.md / .csv for every evaluated split and metric."""
+    """table.{split}.{metric}.md / .csv for every evaluated split and metric (a system trained with
+    several seeds is one row, mean ± sd), significance.seeds.json and choice.md."""
     from mlas_lora.evaluation.report import read_results
     from mlas_lora.experiments.tables import choice_on_valid, paper_table
 
+    names = [s.name for s in systems]
+    groups = seed_groups(names)
     params = {s.name: trainable_parameters(s) for s in systems}
-    sig_path = folder / "significance.json"
-    comparisons = json.loads(sig_path.read_text()) if sig_path.is_file() else []
-    for results in sorted((folder / "results").glob("*.json")):
-        split, records = results.stem, read_results(results)
+    results = {path.stem: read_results(path) for path in sorted((folder / "results").glob("*.json"))}
+    directions = {
+        split: list(dict.fromkeys(r.direction for r in records)) for split, records in results.items()
+    }
+    comparisons = seed_significance(
+        config, groups, list(results), directions, config.evaluation.bootstrap_samples
+    )
+    write_json_atomic(folder / "significance.seeds.json", comparisons)
+    baseline = config.evaluation.significance_baseline(list(groups))
+    for split, records in results.items():
         for metric in sorted({r.metric for r in records}):
-            md, rows = paper_table(
-                records, metric, [s.name for s in systems], params, comparisons, split,
-                config.evaluation.significance_baseline([s.name for s in systems]),
-            )  # fmt: skip
-            (folder / f"table.{split}.{metric}.md").write_text(md)
+            md, rows = paper_table(records, metric, names, params, comparisons, split,
+                                   baseline if baseline in groups else None, groups=groups)  # fmt: skip
+            write_text_atomic(folder / f"table.{split}.{metric}.md", md)
             with open(folder / f"table.{split}.{metric}.csv", "w", newline="") as handle:
                 csv.writer(handle).writerows(rows)
-    valid, test = folder / "results" / "valid.json", folder / "results" / "test.json"
-    if valid.is_file() and test.is_file():
-        (folder / "choice.md").write_text(choice_on_valid(read_results(valid), read_results(test)))
+    if "valid" in results and "test" in results:
+        means = {split: group_means(results[split], groups) for split in ("valid", "test")}
+        write_text_atomic(folder / "choice.md", choice_on_valid(means["valid"], means["test"]))
+
+
+def group_means(records, groups: dict[str, list[str]]) -> list:
+    """One record per (row, direction, metric): the mean over the row's seeds."""
+    from dataclasses import replace
+
+    row_of = {member: row for row, members in groups.items() for member in members}
+    cells: dict[tuple, list] = {}
+    for r in records:
+        if r.system in row_of:
+            cells.setdefault((row_of[r.system], r.direction, r.metric), []).append(r)
+    return [
+        replace(rs[0], system=row, score=sum(r.score for r in rs) / len(rs))
+        for (row, _, _), rs in cells.items()
+    ]
 
 
 def write_plots(name: str, config: ExperimentConfig, systems, folder: Path) -> None:

@@ -267,13 +267,17 @@ def load_student(config: ExperimentConfig):
 def system_translator(system: System, splits: Splits, run_dir: Path, cache: dict):
     """The translator of one system; trained systems run their stages first (skipped when done)."""
     if not system.method.trains:
-        if "student" not in cache:
-            cache["student"] = load_student(system.config)
-        model, tokenizer = cache["student"]
+        from mlas_lora.models.loading import load_model
+
+        name = system.method.model(system.config)
+        if cache.get("prompting", (None,))[0] != name:  # one untuned model in memory at a time
+            cache.pop("prompting", None)
+            cache["prompting"] = (name, load_model(name, dtype=system.config.models.dtype))
+        model, tokenizer = cache["prompting"][1]
         return prompting_translator(system, model, tokenizer, splits)
     from mlas_lora.experiments.pipeline import trained_translator
 
-    cache.pop("student", None)  # free the untuned copy: trained systems load their own
+    cache.pop("prompting", None)  # free the untuned model: trained systems load their own
     return trained_translator(system, splits, run_dir)
 
 
@@ -296,7 +300,7 @@ def _hypothesis_inputs(system: System) -> dict:
     parts = {
         "system": system.name,
         "method": system.method.name,
-        "student": config.models.student,
+        "student": system.method.model(config) if not system.method.trains else config.models.student,
         "dtype": config.models.dtype,
         "generation": to_dict(config.generation),
         "data": {**to_dict(config.data), **config.data.train_settings()},

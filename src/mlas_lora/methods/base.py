@@ -187,7 +187,7 @@ class PeftFolders:
 
         set_peft_model_state_dict(student.model, load_file(str(Path(path) / "adapter_model.safetensors")))
 
-    def export(self, student, config, folder: Path, merge: bool = False) -> Path:
+    def export(self, student, config, folder: Path, merge: bool = False, **save_options) -> Path:
         from mlas_lora.models.loading import base_model_id
         from mlas_lora.stage_files import fresh_dir
 
@@ -195,5 +195,5 @@ class PeftFolders:
         for peft_config in student.model.peft_config.values():  # the hub id, not the cache path
             peft_config.base_model_name_or_path = base_model_id(config.models.student)
         # no embedding layer is trained; "auto" would ask the hub for the base model's vocabulary
-        student.model.save_pretrained(str(folder), save_embedding_layers=False)
+        student.model.save_pretrained(str(folder), save_embedding_layers=False, **save_options)
         return folder

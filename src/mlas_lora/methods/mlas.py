@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import torch
+
 from mlas_lora.config import to_dict
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.methods.base import Student, count_trainable
@@ -28,8 +30,8 @@ class MlasLora:
     def problems(self, config) -> list[str]:
         out = []
         lora = config.lora
-        if lora.init == "random" and config.transfer.changed():
-            out.append("transfer.* settings have no effect with lora.init: random")
+        if lora.init != "teacher" and config.transfer.changed():
+            out.append(f"transfer.* settings have no effect with lora.init: {lora.init}")
         if lora.init_mode == "residual" and lora.init == "random":
             out.append("lora.init_mode: residual needs lora.init: teacher (a random init starts at B = 0)")
         return out
@@ -60,6 +62,7 @@ class MlasLora:
 
         lora, shape = config.lora, routed_shape(config.lora)
         model, tokenizer = load_model(config.models.student, dtype=config.models.dtype)
+        torch.manual_seed(config.training.seed)  # the random factors (lora.init random, M-i) follow the seed
         routed = attach_routed_lora(
             model,
             pairs,
@@ -70,6 +73,8 @@ class MlasLora:
             shape.alpha_spe,
             lora.dropout,
         )
+        if lora.init == "student":
+            factors = student_factors(routed, shape.r_gen, shape.r_spe)
         if factors is not None:
             init_from_factors(routed, factors, mode=lora.init_mode, teacher_scale=lora.teacher_scale)
         return Student(routed, tokenizer)
@@ -128,6 +133,27 @@ class MlasLora:
 
     def trainable_parameters(self, student) -> int:
         return count_trainable(student.model)
+
+
+def student_factors(routed, r_gen: int, r_spe: int) -> dict:
+    """`lora.init: student` (the `mlas-pissa` control): Eq. (8)'s factors from the SVD of the student's
+    own weight W at every routed projection instead of a teacher submatrix: the general LoRA gets the
+    top r_gen components (B = U S, A = V^T), every pair's LoRA the next r_spe (the same for every pair:
+    the student's weights know no language), so general + pair hold the top r_gen + r_spe once."""
+    from mlas_lora.transfer.svd_init import thin_svd
+
+    factors = {}
+    for key, layer in routed.routed_layers().items():
+        u, s, vh = thin_svd(layer.base.weight.detach().to(torch.float32))
+        blocks = {}
+        if r_gen:
+            blocks["general"] = ((u[:, :r_gen] * s[:r_gen]).contiguous(), vh[:r_gen].contiguous())
+        if r_spe:
+            end = r_gen + r_spe
+            pair = ((u[:, r_gen:end] * s[r_gen:end]).contiguous(), vh[r_gen:end].contiguous())
+            blocks.update({name: pair for name in layer.pairs})
+        factors[key] = blocks
+    return factors
 
 
 METHODS = (MlasLora(),)

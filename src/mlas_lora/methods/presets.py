@@ -17,6 +17,18 @@ PRESETS: dict[str, dict] = {
     # General + per-pair LoRAs, randomly initialised: the architecture without the teacher. Not the
     # paper's -M-i, which has no general LoRA.
     "mlas-lora-random": {"method": "mlas-lora", "lora": {"init": "random"}},
+    # The teacher itself, 0-shot with the student's prompt: the ceiling of what transfer could reach.
+    "teacher": {"method": "teacher"},
+    # LoRA at MLAS-LoRA's total trainable parameters (rank r_gen + P x r_spe, one shared LoRA), beside
+    # `lora` at the rank one pair's sample sees (r_gen + r_spe): the two budget rules, side by side.
+    "lora-total": {"method": "lora", "options": {"rank": "total"}},
+    # Controls for "teacher knowledge" against "SVD initialisation" (the verdict experiment):
+    # `pissa` is `lora` started from the SVD of the student's own weights (PEFT's PiSSA: principal
+    # factors trained, the residual frozen, the function unchanged at step 0); `mlas-pissa` is
+    # MLAS-LoRA (general + per-pair, init mode and scale as configured) with every factor from the
+    # student's own SVD instead of a teacher submatrix.
+    "pissa": {"method": "lora", "options": {"init": "pissa"}},
+    "mlas-pissa": {"method": "mlas-lora", "lora": {"init": "student"}},
 }
 
 ABLATIONS: dict[str, dict] = {

@@ -1,4 +1,5 @@
-"""0-shot and 5-shot in-context translation with the untuned student (Table 1's first two rows)."""
+"""0-shot and 5-shot in-context translation with the untuned student (Table 1's first two rows), and
+the teacher 0-shot with the same prompt (the ceiling a transfer from it could reach)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ class ZeroShot:
 
     def problems(self, config) -> list[str]:
         return []
+
+    def model(self, config) -> str:
+        """The model that translates: the untuned student."""
+        return config.models.student
 
     def requests(self, examples, splits, config):
         return zero_shot_requests(examples)
@@ -31,9 +36,21 @@ class InContext:
             else [f"in-context: data.shots must be >= 1, got {config.data.shots}"]
         )
 
+    def model(self, config) -> str:
+        return config.models.student
+
     def requests(self, examples, splits, config):
         train = splits.train.get(examples[0].pair, [])
         return in_context_requests(examples, train, shots=config.data.shots, seed=config.seed)
 
 
-METHODS = (ZeroShot(), InContext())
+class Teacher(ZeroShot):
+    """The teacher (`models.teacher`), 0-shot with the student's prompt and decoding."""
+
+    name = "teacher"
+
+    def model(self, config) -> str:
+        return config.models.teacher
+
+
+METHODS = (ZeroShot(), InContext(), Teacher())
