@@ -1,6 +1,6 @@
-"""AFLoRA (methods/aflora.py): starts at the base model, freezes A / B matrices on the cubic schedule
-(the count of trainable ones never rises), a frozen matrix never changes again, resume equals an
-uninterrupted run, and the export is a PEFT LoRA giving the same logits."""
+"""AFLoRA (methods/aflora.py): starts at the base model, freezes A / B matrices on the official LLM
+schedule and threshold rule (the count of trainable ones never rises), a frozen matrix never changes
+again, resume equals an uninterrupted run, and the export is a PEFT LoRA giving the same logits."""
 
 import json
 
@@ -20,7 +20,6 @@ from mlas_lora.methods.aflora import (
     aflora_settings,
     attach_aflora,
     freeze_step,
-    trainable_budget,
     trainable_matrices,
 )
 from mlas_lora.models.arch import PROJECTIONS
@@ -76,29 +75,74 @@ def test_starts_at_the_base_model_bitwise():
     assert layer.A.abs().min() > 0 and layer.B.abs().min() > 0  # both factors random (kaiming)
 
 
-def test_cubic_budget_by_hand():
-    # t_i = 2, t_f = 3, T = 10: the cubic runs over steps 3..6 with denominator 5
-    budgets = [trainable_budget(28, t, 10, 2, 3) for t in range(1, 11)]
-    assert budgets == [
-        28,
-        28,
-        14,
-        6,
-        1,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ]  # 28 * 0.8^3 = 14.3, 28 * 0.6^3 = 6.0, 28 * 0.4^3 = 1.8
-    assert [trainable_budget(28, t, 4, 2, 2) for t in range(1, 5)] == [28, 28, 0, 0]  # no cubic span
-    assert FreezeSchedule(initial=0.2, final=0.3).warmups(10) == (2, 3)
+def official_remaining(step, total, initial=0.3, final=0.3, delta_t=10):
+    """The official `schedule_threshold_comb` (zeyuliu1037/AFLoRA gsm8k/utils.py:203-227) as written there."""
+    warmup_steps = total
+    if step <= initial * warmup_steps:
+        return 1, False
+    elif step > (total - final * warmup_steps):
+        return 0.0, True
+    spars_warmup_steps = initial * warmup_steps
+    spars_schedu_steps = (final + initial) * warmup_steps
+    mul_coeff = (step - spars_warmup_steps) / (total - spars_schedu_steps)
+    return 1 - (mul_coeff**2), step % delta_t == 0
 
 
-def test_trainable_count_follows_the_schedule_and_frozen_matrices_never_change(tmp_path):
-    schedule = FreezeSchedule(initial=0.2, final=0.3)
-    counts, frozen, moved = [], {}, set()
-    start = {}
+@pytest.mark.parametrize("total", [48, 480])
+def test_the_default_schedule_is_the_official_llm_one(total):
+    schedule = FreezeSchedule()
+    ours = [schedule.remaining(t, total) for t in range(1, total + 1)]
+    assert ours == [official_remaining(t, total) for t in range(1, total + 1)]
+    checks = [t for t, (_, check) in enumerate(ours, start=1) if check]
+    if total == 48:  # t_i = 14.4, T - t_f = 33.6: checks at 20 and 30, then every step from 34
+        assert checks == [20, 30, *range(34, 49)]
+        assert ours[19][0] == pytest.approx(1 - (5.6 / 19.2) ** 2) and ours[33] == (0.0, True)
+    else:  # t_i = 144, T - t_f = 336
+        assert checks == [*range(150, 331, 10), *range(337, 481)]
+        assert ours[149][0] == pytest.approx(1 - (6 / 192) ** 2) and ours[336] == (0.0, True)
+    assert all(rho == 1 for rho, _ in ours[: int(0.3 * total)])
+
+
+def test_the_glue_cola_schedule_stays_reachable_and_is_cubic():
+    # glue/utils.py:236-258, CoLA: 1 and 14 of 20 epochs; T = 20: t_i = 1, T - t_f = 6, x = (t - 1) / 5
+    schedule = FreezeSchedule(initial=0.05, final=0.7, shape="cubic", every=1)
+    assert [schedule.remaining(t, 20) for t in range(1, 8)] == [
+        (1.0, False),
+        *[(pytest.approx((1 - (t - 1) / 5) ** 3), True) for t in range(2, 7)],
+        (0.0, True),
+    ]
+
+
+def test_the_threshold_rule_freezes_matrices_whose_mean_is_below_the_kth_entry():
+    model = student(FreezeSchedule()).model
+    layers = aflora_layers(model)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for i, (path, name) in enumerate(trainable_matrices(model)):
+            scale = 1 + (i * 7) % N_MATRICES  # matrices differ in scale, entries within one vary
+            getattr(layers[path], f"ipt_{name}").copy_(
+                torch.rand(getattr(layers[path], name).shape, generator=generator) * scale
+            )
+            getattr(layers[path], f"unc_{name}").fill_(0.5)
+    matrices = trainable_matrices(model)
+    entries = torch.cat(
+        [(layers[p].ipt_A if m == "A" else layers[p].ipt_B).flatten() * 0.5 for p, m in matrices]
+    )
+    schedule = FreezeSchedule(initial=0.0, final=0.0, every=1)
+    rho = schedule.remaining(5, 10)[0]  # 1 - 0.5^2 = 0.75
+    cut = entries.sort().values[int(entries.numel() * (1 - rho)) - 1]
+    expected = [m for m in matrices if layers[m[0]].score(m[1]) < cut]
+    assert 0 < len(expected) < N_MATRICES
+    assert freeze_step(model, schedule, 5, 10) == expected
+    assert set(trainable_matrices(model)) == set(matrices) - set(expected)
+    assert freeze_step(model, schedule, 1, 1000) == []  # k = int(n (1 - rho)) = int(n / 1e6) = 0
+    assert freeze_step(model, schedule, 10, 10) == [m for m in matrices if m not in expected]  # rho = 0: all
+    assert trainable_matrices(model) == []
+
+
+def test_no_matrix_freezes_before_t_i_or_between_checks(tmp_path):
+    schedule = FreezeSchedule(initial=0.25, final=0.25, every=2)  # T = 16: checks 6, 8, 10, 12 (rho 0)
+    counts, frozen, moved, start = [], {}, set(), {}
 
     def watch(trained, step):
         layers = aflora_layers(trained.model)
@@ -117,51 +161,35 @@ def test_trainable_count_follows_the_schedule_and_frozen_matrices_never_change(t
                     if not torch.equal(frozen[(path, name)], start[(path, name)]):
                         moved.add((path, name))
 
-    trained = train(tmp_path, schedule, 10, watch=watch, weight_decay=0.1)
-    assert counts == [trainable_budget(N_MATRICES, t, 10, 2, 3) for t in range(1, 11)]
-    assert counts == [28, 28, 14, 6, 1, 0, 0, 0, 0, 0]
+    trained = train(tmp_path, schedule, 16, watch=watch, weight_decay=0.1)
+    assert counts[:5] == [N_MATRICES] * 5 and counts[12:] == [0] * 4
+    assert {
+        step for step in range(1, 17) if counts[step - 1] < (counts[step - 2] if step > 1 else N_MATRICES)
+    } <= {6, 8, 10, 12}
+    assert N_MATRICES > counts[7] > counts[9] > 0  # the checks at 8 and 10 froze some, not all
     assert len(frozen) == N_MATRICES and moved  # matrices trained before they froze
     layer = next(iter(aflora_layers(trained.model).values()))
     assert layer.lambda_b.requires_grad and layer.lambda_b.any()  # the vectors train to the end
 
 
-def test_the_lowest_scores_freeze_first():
-    model = student(FreezeSchedule()).model
-    layers = aflora_layers(model)
-    scores = torch.randperm(N_MATRICES).tolist()
-    with torch.no_grad():
-        for (path, name), score in zip(trainable_matrices(model), scores, strict=True):
-            getattr(layers[path], f"ipt_{name}").fill_(float(score))
-            getattr(layers[path], f"unc_{name}").fill_(2.0)  # score = mean(Ibar * Ubar) = 2 * score
-    order = sorted(trainable_matrices(model), key=lambda m: layers[m[0]].score(m[1]))
-    assert [layers[p].score(m) for p, m in order] == [2.0 * s for s in range(N_MATRICES)]
-    frozen = freeze_step(model, FreezeSchedule(initial=0.0, final=0.0), 1, 2)  # k(1) = int(28 / 8) = 3
-    assert frozen == order[:25] and set(trainable_matrices(model)) == set(order[25:])
-    assert freeze_step(model, FreezeSchedule(initial=0.0, final=0.0), 2, 2) == order[25:]
-    assert trainable_matrices(model) == []
-
-
-def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path):
-    schedule = FreezeSchedule(initial=1 / 12, final=2 / 12)  # T = 12: t_i = 1, t_f = 2, cubic over 2..9
+def test_resume_mid_window_equals_an_uninterrupted_run(tmp_path):
+    schedule = FreezeSchedule(initial=0.25, final=0.25, every=2)  # T = 12: checks at 4, 6, 8; all at 10
     straight = train(tmp_path / "a", schedule, 12)
-    train(tmp_path / "b", schedule, 12, stop_after=3)
+    train(tmp_path / "b", schedule, 12, stop_after=5)  # step 5 opens a window
     saved = json.loads(
-        (tmp_path / "b" / "checkpoints" / "step-000003" / "adapters" / "freezing.json").read_text()
+        (tmp_path / "b" / "checkpoints" / "step-000005" / "adapters" / "freezing.json").read_text()
     )
-    assert sum(len(m) for m in saved["frozen_at"].values()) == N_MATRICES - 13  # k(3) = int(28 (7/9)^3)
+    assert all(at == 4 for by in saved["frozen_at"].values() for at in by.values())
     resumed = train(tmp_path / "b", schedule, 12)
     ours, theirs = adapter_state(straight.model), adapter_state(resumed.model)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     scores, resumed_scores = dict(straight.model.named_buffers()), dict(resumed.model.named_buffers())
-    assert sum(".ipt_" in k or ".unc_" in k for k in scores) == 2 * N_MATRICES
-    assert all(torch.equal(scores[k], resumed_scores[k]) for k in scores)  # the smoothed scores too
+    assert sum(k.rsplit(".", 1)[-1][:4] in ("win_", "ipt_", "unc_") for k in scores) == 3 * N_MATRICES
+    assert all(torch.equal(scores[k], resumed_scores[k]) for k in scores)  # windows and scores too
     frozen = {p: layer.frozen_at for p, layer in aflora_layers(straight.model).items()}
     assert frozen == {p: layer.frozen_at for p, layer in aflora_layers(resumed.model).items()}
-    assert sorted(at for by in frozen.values() for at in by.values()) == sorted(
-        t
-        for t in range(2, 9)
-        for _ in range(trainable_budget(28, t - 1, 12, 1, 2) - trainable_budget(28, t, 12, 1, 2))
-    )  # 9 at step 2, 6 at 3, 5 at 4, 4 at 5, 2 at 6, 1 at 7, 1 at 8
+    steps = sorted(at for by in frozen.values() for at in by.values())
+    assert len(steps) == N_MATRICES and set(steps) <= {4, 6, 8, 10} and steps[-1] == 10
 
 
 def test_export_folds_the_vectors_into_a_peft_lora_with_the_same_logits(tmp_path):
@@ -180,15 +208,22 @@ def test_export_folds_the_vectors_into_a_peft_lora_with_the_same_logits(tmp_path
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
-def test_default_rank_matches_mlas_lora_and_options_are_checked():
+def test_defaults_are_the_official_llm_setting_and_options_are_checked():
     config = config_from_dict(ExperimentConfig, {"lora": {"r_gen": 4, "r_spe": 4}})
     r, scaling, schedule = aflora_settings(config, 2)
-    assert (r, scaling, schedule) == (12, 4.0, FreezeSchedule(0.05, 0.7, 0.85, 0.95, "gradient"))
-    config.options = {"r": 4, "alpha": 1.0}
-    assert aflora_settings(config, 2)[:2] == (4, 0.5)  # AFLoRA's GLUE setting: alpha / sqrt(r)
-    config.options = {"initial": 0.5, "final": 0.6, "sensitivity": "fisher"}
+    assert (r, scaling, schedule) == (
+        12,
+        4.0,
+        FreezeSchedule(0.3, 0.3, "quadratic", 10, 0.85, 0.95, "gradient"),
+    )
+    assert METHOD.training_config(config).lr == 2e-3 != config.training.lr  # the official lr
+    assert METHOD.train_key(config, {})["training"]["lr"] == 2e-3
+    config.options = {"r": 4, "alpha": 8.0, "lr": 5e-4}
+    assert aflora_settings(config, 2)[:2] == (4, 2.0)  # the LLM code: alpha / r
+    assert METHOD.training_config(config).lr == 5e-4  # an lr grid sets options.lr
+    config.options = {"initial": 0.5, "final": 0.6, "sensitivity": "fisher", "shape": "linear", "every": 0}
     (problem,) = METHOD.problems(config)
-    assert "sum <= 1" in problem and "'fisher'" in problem
+    assert "sum <= 1" in problem and "'fisher'" in problem and "'linear'" in problem and "every" in problem
     # r (in + out) + r + out per projection: 12 * 1024 + 12 * 14 + 2 * (32 + 16 + 16 + 32 + 64 + 64 + 32)
     config.options = {}
     assert METHOD.trainable_parameters(student(FreezeSchedule(), r=12)) == 12 * 1024 + 168 + 512

@@ -4,40 +4,59 @@ LoRA path whose factors are each followed by a trainable vector (Eq. 1 of the pa
 
     y = W0 x + s Lambda_b ⊙ (B (Lambda_d ⊙ (A x))),   A [r, d_in], B [d_out, r], Lambda_d [r], Lambda_b [d_out]
 
-A and B start trainable and are frozen one matrix at a time during training, by a freezing score
-(Eq. 2-4): the sensitivity I of every entry, smoothed Ibar = b1 Ibar + (1 - b1) I, its uncertainty
-Ubar = b2 Ubar + (1 - b2) |I - Ibar|, and score = mean over the matrix of Ibar ⊙ Ubar. A cubic
-schedule (AFLoRA's GLUE code, from AdaLoRA's) sets how many A / B matrices may still train after
-optimizer step t of T:
+A and B start trainable and freeze one matrix at a time; Lambda_d and Lambda_b train to the end.
 
-    k(t) = N                                              t <= t_i
-           floor(N (1 - (t - t_i) / (T - t_i - t_f))^3)   t_i < t < T - t_f
-           0                                              t >= T - t_f
+Official code followed: zeyuliu1037/AFLoRA @ 23f632f, its LLM (LLaMA-7B, math) setup in gsm8k/:
+  - gsm8k/trainer.py:30-47 (`ipt_all_tasks_config["commonsense"]`: initial_warmup 0.3, final_warmup
+    0.3, deltaT 10, beta1 0.85, beta2 0.95) and :175-181 (the freezing runs after every backward);
+  - gsm8k/utils.py:203-227 (`schedule_threshold_comb`), :229-263 (`update_ipt_with_local_window`),
+    :276-322 (`mask_with_threshold`);
+  - gsm8k/peft/src/peft/tuners/lora.py:317 (s = alpha / r), :328-332 and :359-363 (A, B
+    kaiming-uniform, a = 0; Lambda_d = 0.1, Lambda_b = 0: the student starts at the base bitwise),
+    :411-415 (the forward above);
+  - gsm8k/llama_7b_math_aflora.sh:11 (lr 2e-3), :15-16 (q k v up down, r 32, alpha 64).
 
-and after each step the lowest-scored trainable matrices freeze until k(t) remain; a frozen matrix
-never trains again. Lambda_d and Lambda_b train to the end. Freezing is requires_grad_(False) and
-grad = None: the trainer clears gradients to None, so torch's AdamW skips a frozen matrix entirely
-(no momentum, no weight decay) and it stays bitwise unchanged. The trainer calls `after_step` after
-each optimizer step; the smoothed scores (buffers of each layer) and the frozen set are saved with
-every checkpoint, so a resumed run freezes exactly as an uninterrupted one.
+The freezing, after optimizer step t of T (`freeze_step`):
+  1. Sensitivity (Eq. 2): I = |sign(p) ⊙ grad| of every entry of every trainable A / B (`sensitivity:
+     taylor` gives |p ⊙ grad| instead), averaged over windows of `every` = 10 steps. At each window's
+     end (t a multiple of `every`) the window mean enters Ibar = b1 Ibar + (1 - b1) I and
+     Ubar = b2 Ubar + (1 - b2) |I - Ibar| (Eq. 3). The score of an entry is Ibar ⊙ Ubar (Eq. 4).
+  2. Remaining ratio rho(t), with t_i = `initial` T and t_f = `final` T (not rounded) and
+     x = (t - t_i) / (T - t_i - t_f):
 
-Init as AFLoRA's GLUE scripts (init_type 1, d_init_type 94): A and B kaiming-uniform (a = 0),
-Lambda_d = 0.1, Lambda_b = 0, so the student starts at the base model bitwise.
+         rho(t) = 1                       t <= t_i                (no freezing)
+                  1 - x^2                 t_i < t <= T - t_f      (`shape: quadratic`, the LLM code)
+                  (1 - x)^3                                       (`shape: cubic`, glue/utils.py:236-258)
+                  0                       t > T - t_f             (checked every step)
 
-Where ours differs from the original:
-  - Sizes. The paper uses r = 4 on GLUE. Our default r = r_gen + P r_spe (P pairs) gives
-    r (d_in + d_out) + r + d_out trainable parameters per projection at the start: MLAS-LoRA's
-    (r_gen + P r_spe)(d_in + d_out) plus the two vectors (`budget_rank`). `trainable_parameters`
-    reports this starting count (every parameter that trains at some point).
-  - Scaling. s = alpha / sqrt(r) with `options.alpha` (the code's rule; alpha 1 there); by default
-    s = lora.alpha_gen / lora.r_gen, the scaling of every LoRA in Table 1.
-  - Schedule. t_i and t_f are fractions of the run (`initial`, `final`: defaults 0.05 and 0.7 are the
-    code's CoLA setting, 1 and 14 of 20 epochs). The code freezes every 10 steps, and those matrices
-    whose mean score falls below a k-th value taken over all *entries*; we freeze every step, by
-    matrix counts, exactly k(t) left trainable.
-  - Sensitivity. The code's I is |grad| (|sign(p) grad|), averaged over 10-step windows before
-    smoothing; ours smooths every step, with I = |grad| (`sensitivity: gradient`, the default) or
-    the Taylor |weight ⊙ grad| (`sensitivity: taylor`).
+     checked only when t is a multiple of `every` inside the span.
+  3. At a check: one global threshold, the k-th smallest entry score over every still-trainable A / B
+     entry, k = int(n (1 - rho)); every trainable matrix whose mean score is below it freezes (none
+     when k = 0). A frozen matrix never trains again.
+  Our step t is the code's `global_step`: both freeze a matrix after it has had t updates, from
+  scores of the gradients of updates 1..t. At 48 steps (the cpu budget) the checks fall at 20 and 30
+  and every matrix is frozen after step 34; at 480 steps at 150, 160, .., 330 and all after 337.
+  The GLUE (CoLA) setting of the first version is `options: {initial: 0.05, final: 0.7, shape: cubic}`.
+
+Freezing is requires_grad_(False) and grad = None: the trainer clears gradients to None, so torch's
+AdamW skips a frozen matrix entirely (no momentum, no weight decay) and it stays bitwise unchanged.
+The trainer calls `after_step` after each optimizer step; the score and window buffers of each layer
+and the frozen set are saved with every checkpoint, so a resumed run freezes as an uninterrupted one.
+
+Learning rate: the trainer runs at `options.lr`, by default (null) the official 2e-3; training.lr does
+not apply to this method (an lr grid sets options.lr). `train_key` holds the lr used.
+
+Where ours differs from the official code:
+  - Sizes. The code runs r = 32 on q k v up down of LLaMA-7B. Our default r = r_gen + P r_spe (P
+    pairs) on lora.targets gives r (d_in + d_out) + r + d_out trainable parameters per projection at
+    the start: MLAS-LoRA's (r_gen + P r_spe)(d_in + d_out) plus the two vectors (`budget_rank`).
+    `trainable_parameters` reports this starting count (every parameter that trains at some point).
+  - Scaling. s = options.alpha / r when set (the LLM code's rule); by default s = lora.alpha_gen /
+    lora.r_gen, the scaling of every LoRA in Table 1 (2 at alpha 16, r 8: the code's 64 / 32).
+  - At rho = 0 every trainable matrix freezes. The code's kthvalue at k = n keeps a matrix whose
+    every entry equals the largest score (only possible with degenerate, e.g. all-zero, scores).
+  - The code skips the sensitivity of a step whose gradient has inf / NaN (with a warning); ours
+    takes every step's gradient (our trainer's float32 factors do not overflow).
   - Decoding is always unmerged (float32 factors beside the base weights), whatever evaluation.merge says.
 
 Checkpoints are `adapters/wrapped.py` folders (factors, vectors and score buffers in safetensors) plus
@@ -47,8 +66,8 @@ with the vectors and s folded in, B' = s diag(Lambda_b) B, A' = diag(Lambda_d) A
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,29 +93,38 @@ from mlas_lora.methods.base import (
     student_key,
 )
 
-FORMAT = "mlas-lora-aflora/1"
+FORMAT = "mlas-lora-aflora/2"
 FREEZING = "freezing.json"
 MATRICES = ("A", "B")
 LAMBDA_D_INIT = 0.1
 SENSITIVITIES = ("gradient", "taylor")
+SHAPES = ("quadratic", "cubic")
+OFFICIAL_LR = 2e-3
+"""gsm8k/llama_7b_math_aflora.sh:11 of the official code."""
 
 
 @dataclass
 class AFLoRAOptions:
-    """AFLoRA's settings, from a system's `options:` section."""
+    """AFLoRA's settings, from a system's `options:` section (defaults: the official LLM code's)."""
 
     r: int | None = None
-    """Rank of A and B; None = r_gen + P r_spe, MLAS-LoRA's trainable count (the paper: 4)."""
+    """Rank of A and B; None = r_gen + P r_spe, MLAS-LoRA's trainable count (the code: 32)."""
     alpha: float | None = None
-    """s = alpha / sqrt(r) when set (AFLoRA's code); None = lora.alpha_gen / lora.r_gen."""
-    initial: float = 0.05
+    """s = alpha / r when set (the LLM code); None = lora.alpha_gen / lora.r_gen."""
+    initial: float = 0.3
     """t_i as a fraction of the optimizer steps: every A and B trains until then."""
-    final: float = 0.7
+    final: float = 0.3
     """t_f as a fraction of the optimizer steps: every A and B is frozen for the last t_f steps."""
+    shape: str = "quadratic"
+    """rho(t) between: 'quadratic' 1 - x^2 (the LLM code) or 'cubic' (1 - x)^3 (the GLUE code)."""
+    every: int = 10
+    """The code's deltaT: sensitivity window and freezing check, in optimizer steps."""
     beta1: float = 0.85
     beta2: float = 0.95
     sensitivity: str = "gradient"
-    """I of an entry: 'gradient' |grad| (AFLoRA's code) or 'taylor' |weight * grad|."""
+    """I of an entry: 'gradient' |sign(p) grad| (AFLoRA's code) or 'taylor' |p grad|."""
+    lr: float | None = None
+    """The trainer's learning rate; None = the official 2e-3 (training.lr does not apply)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -108,10 +136,16 @@ class AFLoRAOptions:
             out.append(
                 f"options.initial and final must be >= 0 with a sum <= 1, got {self.initial}, {self.final}"
             )
+        if self.shape not in SHAPES:
+            out.append(f"options.shape: {self.shape!r} (known: {', '.join(SHAPES)})")
+        if self.every < 1:
+            out.append(f"options.every must be >= 1, got {self.every}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             out.append(f"options.beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.sensitivity not in SENSITIVITIES:
             out.append(f"options.sensitivity: {self.sensitivity!r} (known: {', '.join(SENSITIVITIES)})")
+        if self.lr is not None and self.lr <= 0:
+            out.append(f"options.lr must be > 0 (or null: the official {OFFICIAL_LR}), got {self.lr}")
         return out
 
 
@@ -119,24 +153,25 @@ class AFLoRAOptions:
 class FreezeSchedule:
     """When and by which score A / B matrices freeze (resolved options)."""
 
-    initial: float = 0.05
-    final: float = 0.7
+    initial: float = 0.3
+    final: float = 0.3
+    shape: str = "quadratic"
+    every: int = 10
     beta1: float = 0.85
     beta2: float = 0.95
     sensitivity: str = "gradient"
 
-    def warmups(self, total: int) -> tuple[int, int]:
-        """(t_i, t_f) in optimizer steps for a run of `total` steps."""
-        return round(self.initial * total), round(self.final * total)
-
-
-def trainable_budget(n: int, step: int, total: int, t_i: int, t_f: int) -> int:
-    """k(t): how many of the n A / B matrices may still train after optimizer step `step` (cubic)."""
-    if step <= t_i:
-        return n
-    if step >= total - t_f:
-        return 0
-    return int(n * (1 - (step - t_i) / (total - t_i - t_f)) ** 3)
+    def remaining(self, step: int, total: int) -> tuple[float, bool]:
+        """(rho, check) after optimizer step `step` of `total`: the share of the trainable entries
+        kept and whether matrices freeze now (the code's `schedule_threshold_comb`)."""
+        start, end = self.initial * total, total - self.final * total
+        if step <= start:
+            return 1.0, False
+        if step > end:
+            return 0.0, True
+        x = (step - start) / (end - start)
+        rho = 1 - x**2 if self.shape == "quadratic" else (1 - x) ** 3
+        return rho, step % self.every == 0
 
 
 class AFLoRALinear(ProjectionAdapter):
@@ -152,9 +187,9 @@ class AFLoRALinear(ProjectionAdapter):
         nn.init.kaiming_uniform_(self.B)
         self.lambda_d = nn.Parameter(torch.full((r,), LAMBDA_D_INIT, **kw))
         self.lambda_b = nn.Parameter(torch.zeros(base.out_features, **kw))
-        for name in MATRICES:
-            self.register_buffer(f"ipt_{name}", torch.zeros_like(getattr(self, name)))
-            self.register_buffer(f"unc_{name}", torch.zeros_like(getattr(self, name)))
+        for name in MATRICES:  # the window's mean sensitivity, Ibar and Ubar of each matrix
+            for buffer in ("win", "ipt", "unc"):
+                self.register_buffer(f"{buffer}_{name}", torch.zeros_like(getattr(self, name)))
         self.frozen_at: dict[str, int] = {}
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -173,23 +208,32 @@ class AFLoRALinear(ProjectionAdapter):
         return b, self.lambda_d.detach()[:, None] * self.A.detach()
 
     @torch.no_grad()
-    def update_scores(self, schedule: FreezeSchedule) -> None:
-        """Smooth the sensitivity and its uncertainty (Eq. 2-3) of each trainable matrix from its grad."""
+    def update_scores(self, schedule: FreezeSchedule, step: int) -> None:
+        """Add this step's sensitivity of each trainable matrix to its window mean; at a window's end
+        (`step` a multiple of `every`) smooth the window into Ibar and Ubar (Eq. 2-3)."""
+        seen = (step - 1) % schedule.every  # steps already in the window
         for name in MATRICES:
             param = getattr(self, name)
             if not param.requires_grad or param.grad is None:
                 continue
-            ipt = (param.grad * param).abs() if schedule.sensitivity == "taylor" else param.grad.abs()
-            ibar, ubar = getattr(self, f"ipt_{name}"), getattr(self, f"unc_{name}")
-            ibar.mul_(schedule.beta1).add_(ipt, alpha=1 - schedule.beta1)
-            ubar.mul_(schedule.beta2).add_((ipt - ibar).abs(), alpha=1 - schedule.beta2)
+            ipt = (param.grad * (param if schedule.sensitivity == "taylor" else param.sign())).abs()
+            window = getattr(self, f"win_{name}")
+            if seen == 0:
+                window.copy_(ipt)
+            else:
+                window.mul_(seen / (seen + 1)).add_(ipt, alpha=1 / (seen + 1))
+            if step % schedule.every == 0:
+                ibar, ubar = getattr(self, f"ipt_{name}"), getattr(self, f"unc_{name}")
+                ibar.mul_(schedule.beta1).add_(window, alpha=1 - schedule.beta1)
+                ubar.mul_(schedule.beta2).add_((window - ibar).abs(), alpha=1 - schedule.beta2)
 
-    def score_tensor(self, name: str) -> torch.Tensor:
-        """Eq. 4: the freezing score of matrix `name`, mean(Ibar ⊙ Ubar), as a 0-d tensor."""
-        return (getattr(self, f"ipt_{name}") * getattr(self, f"unc_{name}")).mean()
+    def entry_scores(self, name: str) -> torch.Tensor:
+        """Eq. 4: the score Ibar ⊙ Ubar of every entry of matrix `name`."""
+        return getattr(self, f"ipt_{name}") * getattr(self, f"unc_{name}")
 
     def score(self, name: str) -> float:
-        return float(self.score_tensor(name))
+        """The matrix's score: the mean of its entries' (what the threshold is compared with)."""
+        return float(self.entry_scores(name).mean())
 
     def freeze(self, name: str, step: int) -> None:
         param = getattr(self, name)
@@ -216,18 +260,26 @@ def trainable_matrices(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def freeze_step(model: nn.Module, schedule: FreezeSchedule, step: int, total: int) -> list[tuple[str, str]]:
-    """After optimizer step `step` of `total`: update the scores, then freeze the lowest-scored
-    trainable matrices until k(step) remain (ties: model order). Returns those frozen now."""
+    """After optimizer step `step` of `total`: update the scores; at a check, freeze every trainable
+    matrix whose mean score is below the k-th smallest entry score of all trainable matrices,
+    k = int(n (1 - rho)) (the code's `mask_with_threshold`); at rho = 0 all. Returns those frozen now."""
     layers = aflora_layers(model)
     for layer in layers.values():
-        layer.update_scores(schedule)
+        layer.update_scores(schedule, step)
+    rho, check = schedule.remaining(step, total)
     trainable = trainable_matrices(model)
-    budget = trainable_budget(len(layers) * len(MATRICES), step, total, *schedule.warmups(total))
-    if len(trainable) <= budget:
+    if not check or not trainable:
         return []
-    scores = torch.stack([layers[path].score_tensor(name) for path, name in trainable]).tolist()  # one sync
-    ranked = sorted(range(len(trainable)), key=lambda i: (scores[i], i))
-    frozen = [trainable[i] for i in ranked[: len(trainable) - budget]]
+    frozen = trainable
+    if rho > 0:
+        scores = [layers[path].entry_scores(name) for path, name in trainable]
+        entries = torch.cat([score.flatten() for score in scores])
+        k = int(entries.numel() * (1 - rho))
+        if k < 1:
+            return []
+        threshold = torch.kthvalue(entries, k).values
+        below = (torch.stack([score.mean() for score in scores]) < threshold).tolist()  # one sync
+        frozen = [matrix for matrix, low in zip(trainable, below, strict=True) if low]
     for path, name in frozen:
         layers[path].freeze(name, step)
     return frozen
@@ -251,9 +303,15 @@ def aflora_settings(config, n_pairs: int) -> tuple[int, float, FreezeSchedule]:
     """(r, s, schedule) resolved from the config's options and lora section."""
     options, lora = method_options(AFLoRAOptions, config), config.lora
     r = options.r if options.r is not None else budget_rank(lora, n_pairs)
-    scaling = options.alpha / math.sqrt(r) if options.alpha is not None else lora.alpha_gen / lora.r_gen
+    scaling = options.alpha / r if options.alpha is not None else lora.alpha_gen / lora.r_gen
     schedule = FreezeSchedule(
-        options.initial, options.final, options.beta1, options.beta2, options.sensitivity
+        options.initial,
+        options.final,
+        options.shape,
+        options.every,
+        options.beta1,
+        options.beta2,
+        options.sensitivity,
     )
     return r, scaling, schedule
 
@@ -291,7 +349,12 @@ class AFLoRA(Standalone, Unrouted):
             "dropout": config.lora.dropout,
             "targets": list(config.lora.targets),
         }
-        return student_key(self.name, config, aflora=aflora)
+        return student_key(self.name, config, training=self.training_config(config), aflora=aflora)
+
+    def training_config(self, config):
+        """config.training at options.lr, or at the official 2e-3 when that is null."""
+        lr = method_options(AFLoRAOptions, config).lr
+        return dataclasses.replace(config.training, lr=OFFICIAL_LR if lr is None else lr)
 
     def build(self, config, pairs, factors=None, prior=None) -> Student:
         from mlas_lora.models.loading import load_model
