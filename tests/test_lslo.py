@@ -1,6 +1,7 @@
 """LSLo (methods/lslo.py, adapters/language_lora.py): source-routed lower layers, target-routed upper
 layers, per-sample routing in mixed batches, gradual cubic pruning that stays pruned, exact resume,
-one PEFT adapter per pair, and a rank matched to MLAS-LoRA's parameters."""
+one PEFT adapter per pair, the official README's defaults, and a rank matched to MLAS-LoRA's on
+request."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.methods import Student
 from mlas_lora.methods.base import count_trainable
-from mlas_lora.methods.lslo import Lslo, export_pair_adapters, lslo_config, matched_rank
-from mlas_lora.models.arch import PROJECTIONS, ArchInfo
+from mlas_lora.methods.lslo import OFFICIAL_TARGETS, Lslo, export_pair_adapters, lslo_config, matched_rank
+from mlas_lora.models.arch import PROJECTIONS, ArchInfo, describe
 from mlas_lora.testing.tiny import tiny_model, tiny_tokenizer
 from mlas_lora.training.config import TrainingConfig
 from mlas_lora.training.trainer import Trainer
@@ -210,19 +211,48 @@ def test_each_pairs_peft_adapter_gives_the_routed_logits(tmp_path):
             torch.testing.assert_close(peft(**encoded).logits, ours, rtol=0, atol=1e-5)
 
 
-def test_the_matched_rank_gives_mlas_loras_parameter_count():
+QWEN = ArchInfo("qwen2", 24, 896, 4864, 14, 2, 64)
+"""Qwen2.5-0.5B: 24 layers, hidden 896, intermediate 4864, 14 heads, 2 kv heads, head dim 64."""
+
+
+def test_the_defaults_are_the_official_readmes():
     config = config_from_dict(ExperimentConfig, {"lora": {"r_gen": 4, "r_spe": 4}})
-    pairs = ["en-de", "en-fi"]
-    shape = lslo_config(config, pairs, num_layers=2)
+    shape = lslo_config(config, ["en-cs", "en-de", "en-et", "en-fi"], QWEN)
+    assert (shape.split, shape.rank, shape.targets) == (9, 2, ("q", "k", "v", "gate", "up", "down"))
+    assert (shape.sparsity, shape.prune_start, shape.prune_end) == (0.9, 2 / 15, 10 / 15)
+    assert Lslo().training_config(config).lr == 3e-3 != config.training.lr
+    assert Lslo().train_key(config, {})["training"]["lr"] == 3e-3
+    per_rank = sum(sum(QWEN.projection_shape(p)) for p in shape.targets)
+    assert per_rank == (896 + 896) + 2 * (896 + 128) + 3 * (896 + 4864) == 21_120
+    assert per_rank * 2 * (9 * 1 + 15 * 4) == 2_914_560  # 9 layers x en, 15 x cs de et fi
+    pairs, tiny = ["en-de", "en-fi"], tiny_model()
+    model = attach_language_lora(tiny, lslo_config(config, pairs, describe(tiny)))
+    assert model.lslo_config.split == 1  # round(2 x 9 / 24)
+    assert {proj for _, proj in model.lslo_layers()} == {"q", "k", "v", "gate", "up", "down"}  # no o
+    # 2 x (q 64 + k 48 + v 48 + gate 96 + up 96 + down 96) x (1 layer x en + 1 layer x de, fi)
+    assert count_trainable(model) == 2 * 448 * 3 == 2_688
+    config.options = {"lr": 1e-4, "rank": 8}
+    assert Lslo().training_config(config).lr == 1e-4  # an lr grid sets options.lr
+    assert lslo_config(config, pairs, describe(tiny)).rank == 8  # the low-resource rank
+
+
+def test_the_matched_rank_gives_mlas_loras_parameter_count():
+    config = config_from_dict(
+        ExperimentConfig,
+        {"lora": {"r_gen": 4, "r_spe": 4}, "options": {"rank": "matched", "targets": list(PROJECTIONS)}},
+    )
+    pairs, tiny = ["en-de", "en-fi"], tiny_model()
+    shape = lslo_config(config, pairs, describe(tiny))
     assert (shape.split, shape.rank, shape.scaling) == (1, 8, 4.0)  # 2 (4 + 2 x 4) / (1 + 2) = 8
-    ours = count_trainable(attach_language_lora(tiny_model(), shape))
+    ours = count_trainable(attach_language_lora(tiny, shape))
     mlas = count_trainable(attach_routed_lora(tiny_model(), pairs, r_gen=4, r_spe=4))
     assert ours == mlas == 12_288
-    # Qwen2.5-0.5B, 4 en-xx pairs, r_gen = r_spe = 8: rank 16 spends exactly MLAS-LoRA's budget
-    qwen = ArchInfo("qwen2", 24, 896, 4864, 14, 2, 64)
-    per_rank = sum(sum(qwen.projection_shape(p)) for p in PROJECTIONS)
-    assert matched_rank(24, 12, 1, 4, 8, 8, 4) == 16
+    # the first version's row: Qwen2.5-0.5B, 4 en-xx pairs, r_gen = r_spe = 8, split 12, every projection
+    lora = config_from_dict(ExperimentConfig, {}).lora
+    assert matched_rank(QWEN, 12, 1, 4, PROJECTIONS, lora, 4) == 16
+    per_rank = sum(sum(QWEN.projection_shape(p)) for p in PROJECTIONS)
     assert per_rank * 16 * (12 * 1 + 12 * 4) == per_rank * 24 * (8 + 4 * 8) == 21_995_520
+    assert matched_rank(QWEN, 9, 1, 4, OFFICIAL_TARGETS, lora, 4) == 15  # 21,995,520 / (69 x 21,120)
 
 
 def test_bad_options_are_reported():
@@ -233,3 +263,6 @@ def test_bad_options_are_reported():
     assert "sparsity" in problem and "prune_start" in problem
     assert Lslo().problems(config_from_dict(ExperimentConfig, {"options": {"typo": 1}}))
     assert Lslo().problems(config_from_dict(ExperimentConfig, {"options": {"split": 3, "rank": 4}})) == []
+    bad = {"options": {"rank": "half", "targets": ["q", "fc1"], "lr": 0}}
+    (problem,) = Lslo().problems(config_from_dict(ExperimentConfig, bad))
+    assert "options.rank" in problem and "fc1" in problem and "options.lr" in problem

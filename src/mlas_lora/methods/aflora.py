@@ -2,7 +2,8 @@
 Parameter Efficient Fine-Tuning of Large Models"), a Table 1 baseline. Each target projection gets a
 LoRA path whose factors are each followed by a trainable vector (Eq. 1 of the paper):
 
-    y = W0 x + s Lambda_b ⊙ (B (Lambda_d ⊙ (A x))),   A [r, d_in], B [d_out, r], Lambda_d [r], Lambda_b [d_out]
+    y = W0 x + s Lambda_b ⊙ (B (Lambda_d ⊙ (A x)))
+    A [r, d_in], B [d_out, r], Lambda_d [r], Lambda_b [d_out]
 
 A and B start trainable and freeze one matrix at a time; Lambda_d and Lambda_b train to the end.
 

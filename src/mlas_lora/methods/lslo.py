@@ -1,28 +1,45 @@
 """`lslo`: language-specific LoRA with gradual pruning (Cao et al., EMNLP 2024, "Exploring Intrinsic
 Language-specific Subspaces in Fine-tuning Multilingual Neural Machine Translation"): Table 1's LSLo.
 
-One LoRA per language (adapters/language_lora.py). Where ours differs from the original:
+One LoRA per language (adapters/language_lora.py), pruned to its "intrinsic subspace".
 
-- Decoder-only. The original adds LSLo to an encoder-decoder (M2M-100), source-indexed in the encoder
-  and target-indexed in the decoder. Here the layers below `split` play the encoder's role and are
-  routed by the source language, the others by the target language; `split` defaults to half the
-  layers (the lower half of a decoder-only LM reads the source, the upper half writes the target).
-  The paper's architecture search over which layers are source- or target-indexed is not run.
+Official setting followed: Spike0924/LSLo @ c4a6522, README.md:27-78 (the repository holds only this
+README: its training command names the authors' own fairseq extension, which is not published), on
+M2M-100 (12 encoder + 12 decoder layers):
+  - :43 lr 3e-3 (`options.lr`, null = 3e-3: the trainer runs at it and training.lr does not apply to
+    this method; an lr grid sets options.lr; `train_key` holds the lr used);
+  - :69-71 rank 2 for high- and medium-resource languages, 8 for low-resource ones (`options.rank`,
+    default 2: our languages cs, de, et, fi and en all have WMT-scale data; one rank for every
+    language, so `rank: 8` is the low-resource setting for all);
+  - :65 encoder positions q k v fc1 fc2 (`options.targets`, default q k v gate up down). Qwen2's MLP is
+    gated, down(silu(gate x) ⊙ up x): gate and up together are fc1 (the projection into the MLP
+    width, one fc1 of width 2 x intermediate cut in two), down is fc2; o (out_proj) is not a position
+    there, so not here. The decoder's cross-attention positions (:67) have no counterpart;
+  - :72-73 activation directions: the first 9 of the 24 layers are indexed by the source language,
+    the other 15 (3 encoder, 12 decoder) by the target. Ours: the layers below `options.split` by the
+    source, the others by the target; split defaults to 9 / 24 of the layers, rounded (9 of
+    Qwen2.5-0.5B's 24);
+  - :46 and :75-78 pruning from epoch 2 to epoch 10 of 15 to a final ratio 0.9 (`prune_start` 2/15,
+    `prune_end` 10/15, `sparsity` 0.9; our reading: t1 and t2 are epochs, since --max-epoch is).
+Qwen2.5-0.5B, 4 en-xx pairs, the defaults: 9 layers x 1 source LoRA + 15 x 4 target LoRAs, rank 2,
+21,120 parameters per rank and layer on the six targets: 2,914,560 trainable parameters (about
+290,000 non-zero after pruning).
+
+Where ours differs from the original:
+- Decoder-only. The original is an encoder-decoder, source-indexed in the encoder and target-indexed
+  in the decoder (plus its last 3 encoder layers); here one decoder stack is cut at `split`.
 - Which languages: the lower layers get a LoRA for each *source* language of the pairs, the upper
   layers one for each *target* language (4 en-xx pairs: `en` below, `cs de et fi` above). The
   original gives every language a LoRA on both sides because every language is a source and a target
   in its many-to-many data; a LoRA for a language that never occupies a side would never be trained.
-- Rank: chosen so the trainable parameters equal MLAS-LoRA's at the same `lora` section, which trains
-  per layer and projection a rank of r_gen + P r_spe (general + P pairs), here spread over the
-  languages of each side: rank = L (r_gen + P r_spe) / (split n_src + (L - split) n_tgt)
-  (`matched_rank`). 4 en-xx pairs, r_gen = r_spe = 8, 24 layers, split 12: 24 x 40 / (12 + 48) = 16,
-  exactly MLAS-LoRA's count; `options.rank` overrides it. Scaling alpha_gen / r_gen, as `lora`.
-- Pruning: one final sparsity for every language, 0.9 by default (our reading of the paper's setting
-  for high- and medium-resource languages, which it prunes hardest: all our languages have WMT-scale
-  data), reached by Zhu & Gupta's cubic schedule between prune_start = 0.1 and prune_end = 0.7 of
-  training (our choice: the last 30% of steps recover at the final sparsity). Every A and B matrix
-  is pruned on its own. The trainable count stays the dense one (pruned weights are still parameters,
-  held at zero); about (1 - sparsity) of it is non-zero at the end.
+- Scaling alpha_gen / r_gen, as `lora` (the original's is not published).
+- Training: the shared trainer (AdamW, its schedule and loss); the original trains with Adam (0.9,
+  0.98), an inverse-sqrt schedule, label smoothing 0.2 and temperature-5 sampling of pairs.
+- Pruning: Zhu & Gupta's cubic schedule, each A and B matrix pruned on its own; the trainable count
+  stays the dense one (pruned weights are still parameters, held at zero).
+- `rank: matched` sizes the rank to MLAS-LoRA's trainable parameters at the same `lora` section
+  (`matched_rank`, on options.targets): the first version's row, with lora.targets as targets and
+  split = half the layers, was rank 16 for Qwen2.5-0.5B and 4 pairs at r_gen = r_spe = 8.
 
 Checkpoints are safetensors of the factors and masks + a JSON manifest; the export is one PEFT LoRA
 folder per pair (its source's LoRA below the split, its target's above: one rank-r LoRA on every
@@ -32,13 +49,15 @@ layer), which `PeftModel.from_pretrained` loads as it is. Pruned weights are sto
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from mlas_lora.adapters.budget import budget_settings, mlas_lora_parameters
 from mlas_lora.config import to_dict
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.methods.base import (
@@ -50,66 +69,88 @@ from mlas_lora.methods.base import (
     options_problems,
     student_key,
 )
+from mlas_lora.models.arch import PROJECTIONS
 
 MANIFEST = "lslo.json"
 WEIGHTS = "lslo.safetensors"
 FORMAT = "mlas-lora-lslo/1"
+OFFICIAL_LR = 3e-3
+OFFICIAL_RANK = 2
+OFFICIAL_TARGETS = ("q", "k", "v", "gate", "up", "down")
+OFFICIAL_SOURCE_LAYERS = 9 / 24
+"""The README's encoder-activation-direction: 9 source-indexed layers of its 12 + 12."""
 
 
 @dataclass
 class LsloOptions:
-    """LSLo's own settings (a system's `options:` section)."""
+    """LSLo's own settings (a system's `options:` section); the defaults are the official README's."""
 
     split: int | None = None
-    """First decoder layer routed by the target language; None = half the layers (rounded down)."""
-    rank: int | None = None
-    """Rank of each language's LoRA; None = MLAS-LoRA's trainable parameters (`matched_rank`)."""
+    """First decoder layer routed by the target language; None = 9 / 24 of the layers (rounded)."""
+    rank: int | str = OFFICIAL_RANK
+    """Rank of each language's LoRA (high / medium resource: 2, low: 8), or 'matched' (`matched_rank`)."""
+    targets: list[str] = field(default_factory=lambda: list(OFFICIAL_TARGETS))
+    """Projections with a LoRA: q k v and the MLP (fc1 = gate + up, fc2 = down)."""
     sparsity: float = 0.9
     """Final fraction of every A and B matrix pruned (0 = no pruning)."""
-    prune_start: float = 0.1
-    """Fraction of training where pruning starts."""
-    prune_end: float = 0.7
-    """Fraction of training where `sparsity` is reached."""
+    prune_start: float = 2 / 15
+    """Fraction of training where pruning starts (epoch 2 of 15)."""
+    prune_end: float = 10 / 15
+    """Fraction of training where `sparsity` is reached (epoch 10 of 15)."""
+    lr: float | None = None
+    """The trainer's learning rate; None = the official 3e-3 (training.lr does not apply)."""
 
     def problems(self) -> list[str]:
         out = []
         if self.split is not None and self.split < 0:
             out.append(f"options.split must be >= 0, got {self.split}")
-        if self.rank is not None and self.rank < 1:
-            out.append(f"options.rank must be >= 1, got {self.rank}")
+        if self.rank != "matched" and not (isinstance(self.rank, int) and self.rank >= 1):
+            out.append(f"options.rank must be an int >= 1 or 'matched', got {self.rank!r}")
+        unknown = [t for t in self.targets if t not in PROJECTIONS]
+        if unknown or not self.targets:
+            out.append(f"options.targets: {self.targets} (known: {', '.join(PROJECTIONS)})")
         if not 0.0 <= self.sparsity < 1.0:
             out.append(f"options.sparsity must be in [0, 1), got {self.sparsity}")
         if not 0.0 <= self.prune_start <= self.prune_end <= 1.0:
             out.append(
                 f"options: need 0 <= prune_start <= prune_end <= 1, got {self.prune_start}, {self.prune_end}"
             )
+        if self.lr is not None and self.lr <= 0:
+            out.append(f"options.lr must be > 0 (or null: the official {OFFICIAL_LR}), got {self.lr}")
         return out
 
 
-def matched_rank(
-    num_layers: int, split: int, n_sources: int, n_targets: int, r_gen: int, r_spe: int, n_pairs: int
-) -> int:
-    """The per-language rank whose parameter count is nearest MLAS-LoRA's (module docstring)."""
-    units = split * n_sources + (num_layers - split) * n_targets
-    return max(1, round(num_layers * (r_gen + n_pairs * r_spe) / units))
+def official_split(num_layers: int) -> int:
+    """The first target-indexed layer: the official 9 source-indexed layers of 24, scaled (rounded)."""
+    return round(num_layers * OFFICIAL_SOURCE_LAYERS)
 
 
-def lslo_config(config, pairs: list[str], num_layers: int):
-    """The LanguageLoRAConfig of a system's config for `pairs` on a model of `num_layers` layers."""
+def matched_rank(arch, split: int, n_sources: int, n_targets: int, targets, lora, n_pairs: int) -> int:
+    """The per-language rank whose trainable count on `targets` is nearest MLAS-LoRA's at the `lora`
+    section (its budget, adapters/budget.py): budget / (sum over layers of the languages there x
+    sum over targets of d_in + d_out)."""
+    units = split * n_sources + (arch.num_layers - split) * n_targets
+    per_rank = sum(sum(arch.projection_shape(t)) for t in targets)
+    return max(1, round(mlas_lora_parameters(arch, lora, n_pairs) / (units * per_rank)))
+
+
+def lslo_config(config, pairs: list[str], arch):
+    """The LanguageLoRAConfig of a system's config for `pairs` on a model of architecture `arch`."""
     from mlas_lora.adapters.language_lora import LanguageLoRAConfig
 
     options, lora = method_options(LsloOptions, config), config.lora
-    split = num_layers // 2 if options.split is None else options.split
+    split = official_split(arch.num_layers) if options.split is None else options.split
     shape = LanguageLoRAConfig(tuple(pairs), split, 1, 0.0)
-    rank = options.rank or matched_rank(
-        num_layers, split, len(shape.sources), len(shape.target_languages), lora.r_gen, lora.r_spe, len(pairs)
-    )
+    rank = options.rank
+    if rank == "matched":
+        sides = len(shape.sources), len(shape.target_languages)
+        rank = matched_rank(arch, split, *sides, options.targets, lora, len(pairs))
     return LanguageLoRAConfig(
         tuple(pairs),
         split,
         rank,
         lora.alpha_gen / lora.r_gen,
-        tuple(lora.targets),
+        tuple(options.targets),
         lora.dropout,
         options.sparsity,
         options.prune_start,
@@ -126,26 +167,27 @@ class Lslo(Standalone):
         return options_problems(LsloOptions, config)
 
     def train_key(self, config, inputs: dict) -> dict:
-        lora = config.lora
-        sizes = {
-            "r_gen": lora.r_gen,
-            "r_spe": lora.r_spe,
-            "alpha_gen": lora.alpha_gen,
-            "dropout": lora.dropout,
-            "targets": list(lora.targets),
-        }
+        lora, options = config.lora, method_options(LsloOptions, config)
+        sizes = {"scaling": lora.alpha_gen / lora.r_gen, "dropout": lora.dropout}
+        if options.rank == "matched":
+            sizes["budget"] = budget_settings(lora)
         return student_key(
-            self.name, config, lora=sizes, options=to_dict(method_options(LsloOptions, config))
+            self.name, config, training=self.training_config(config), lora=sizes, options=to_dict(options)
         )
+
+    def training_config(self, config):
+        """config.training at options.lr, or at the official 3e-3 when that is null."""
+        lr = method_options(LsloOptions, config).lr
+        return dataclasses.replace(config.training, lr=OFFICIAL_LR if lr is None else lr)
 
     def build(self, config, pairs, factors=None, prior=None) -> Student:
         from mlas_lora.adapters.language_lora import attach_language_lora
-        from mlas_lora.models.arch import decoder_layers
+        from mlas_lora.models.arch import describe
         from mlas_lora.models.loading import load_model
 
         model, tokenizer = load_model(config.models.student, dtype=config.models.dtype)
         torch.manual_seed(config.training.seed)
-        shape = lslo_config(config, list(pairs), len(decoder_layers(model)))
+        shape = lslo_config(config, list(pairs), describe(model))
         return Student(attach_language_lora(model, shape), tokenizer)
 
     def route(self, student):
