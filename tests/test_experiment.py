@@ -357,3 +357,12 @@ def test_a_significantly_worse_system_is_marked_worse(tiny_config, tmp_path):
                for s, v in (("base", 100.0), ("bad", 5.0), ("bad.seed1", 5.0), ("same", 100.0))]  # fmt: skip
     md, _ = paper_table(records, "bleu", list(groups), {}, sig, "test", "base", groups=groups)
     assert "| bad | 5.00 ± 0.00▼ |" in md and "| same | **100.00** |" in md
+
+
+def test_command_line_overrides_win_over_the_budget(tiny_config):
+    config = experiment_config("verdict", tiny_config, ["lora"], "verdict")
+    assert config.data.test_per_direction is None and config.data.ood_per_direction == 300  # every segment
+    config = experiment_config(
+        "verdict", tiny_config, ["lora"], "verdict", overrides={"data": {"test_per_direction": 300}}
+    )
+    assert config.data.test_per_direction == 300 and config.training.max_steps == 48

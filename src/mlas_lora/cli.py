@@ -218,13 +218,17 @@ def _check_export(system, folder: Path, config) -> None:
 
 
 def _curve(args) -> None:
-    from mlas_lora.config import load_config
+    from mlas_lora.config import load_config, parse_overrides
     from mlas_lora.experiments.config import ExperimentConfig
     from mlas_lora.experiments.curve import leader_by_step, learning_curve
     from mlas_lora.experiments.experiment import with_budget
     from mlas_lora.experiments.systems import resolve_systems
 
-    config = with_budget(load_config(ExperimentConfig, args.config, args.overrides), args.budget)
+    config = with_budget(
+        load_config(ExperimentConfig, args.config, args.overrides),
+        args.budget,
+        parse_overrides(args.overrides),
+    )
     systems = (
         args.systems.split(",")
         if args.systems
@@ -258,16 +262,17 @@ def _evaluate(args) -> None:
 
 
 def _experiment(args) -> None:
-    from mlas_lora.config import load_config
+    from mlas_lora.config import load_config, parse_overrides
     from mlas_lora.experiments.config import ExperimentConfig
     from mlas_lora.experiments.experiment import LAMBDAS, run_named_experiment
 
     config = load_config(ExperimentConfig, args.config, args.overrides)
+    overrides = parse_overrides(args.overrides)  # applied again after the budget: they win over it
     systems = args.systems.split(",") if args.systems else None
     lambdas = [float(x) for x in args.lambdas.split(",")] if args.lambdas else LAMBDAS
     seeds = args.seeds if args.seeds is not None else (3 if args.name == "verdict" else 1)
     folder = run_named_experiment(
-        args.name, config, systems, args.budget, lambdas, args.focus, args.student, seeds
+        args.name, config, systems, args.budget, lambdas, args.focus, args.student, seeds, overrides
     )
     for table in sorted(folder.glob("table.test.*.md")) or sorted(folder.glob("table.*.md")):
         print(f"## {table.stem}\n\n{table.read_text()}")

@@ -108,13 +108,13 @@ def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) ->
     return None  # the config's own systems
 
 
-def budget_tree(tree: dict, budget: str | None) -> dict:
-    """A config tree with a budget's settings merged in (None: as it is)."""
-    if budget is None:
-        return tree
-    if budget not in BUDGETS:
+def budget_tree(tree: dict, budget: str | None, overrides: dict | None = None) -> dict:
+    """A config tree with a budget's settings merged in (None: as it is), then the command line's
+    `key=value` overrides, which win over the budget."""
+    if budget is not None and budget not in BUDGETS:
         raise MlasLoraError(f"unknown budget {budget!r} (known: {', '.join(BUDGETS)})")
-    return merge_trees(tree, BUDGETS[budget])
+    merged = tree if budget is None else merge_trees(tree, BUDGETS[budget])
+    return merge_trees(merged, overrides) if overrides else merged
 
 
 def budget_caption(budget: str | None) -> str:
@@ -128,15 +128,22 @@ def budget_caption(budget: str | None) -> str:
     return f"budget `{budget}` ({settings})"
 
 
-def with_budget(config: ExperimentConfig, budget: str | None) -> ExperimentConfig:
+def with_budget(
+    config: ExperimentConfig, budget: str | None, overrides: dict | None = None
+) -> ExperimentConfig:
     """The config as `experiment --budget` runs it (for `curve`, which reads those trainings)."""
-    return (
-        config if budget is None else config_from_dict(ExperimentConfig, budget_tree(to_dict(config), budget))
-    )
+    if budget is None and not overrides:
+        return config
+    return config_from_dict(ExperimentConfig, budget_tree(to_dict(config), budget, overrides))
 
 
 def experiment_config(
-    name: str, config: ExperimentConfig, systems: list | None, budget: str | None, seeds: int = 1
+    name: str,
+    config: ExperimentConfig,
+    systems: list | None,
+    budget: str | None,
+    seeds: int = 1,
+    overrides: dict | None = None,
 ):
     """The config with the experiment's systems (and budget; each trained system `seeds` times). The
     significance baseline is MLAS-LoRA in table1, table2, verdict and family, `lambda-auto` (MLAS-LoRA
@@ -144,7 +151,7 @@ def experiment_config(
     else none."""
     from mlas_lora.experiments.systems import system_spec
 
-    tree = budget_tree(to_dict(config), budget)
+    tree = budget_tree(to_dict(config), budget, overrides)
     if systems is not None:
         tree["systems"] = systems
     if seeds != 1:
@@ -168,19 +175,23 @@ def run_named_experiment(
     focus: str = "en-de",
     student: str = "gemma3-270m",
     seeds: int = 1,
+    overrides: dict | None = None,
 ) -> Path:
     """Run the experiment, then write its tables and plots; returns RUN/experiments/NAME/. `seeds`
-    trains every trained system that many times (training.seed + 0 .. seeds - 1)."""
+    trains every trained system that many times (training.seed + 0 .. seeds - 1). `overrides` (a tree
+    of the command line's key=value) are applied after the budget."""
     from mlas_lora.experiments.run import run_experiment
     from mlas_lora.experiments.systems import resolve_systems
 
     if "/" in name or not name:
         raise MlasLoraError(f"experiment name {name!r}: a non-empty name without '/'")
     if name in ANALYSES:
-        return run_analysis(name, config, systems, budget, focus, student)
+        return run_analysis(name, config, systems, budget, focus, student, overrides)
     if name in ANALYSES and seeds != 1:
         raise MlasLoraError(f"--seeds applies to system tables, not to the {name} analysis")
-    config = experiment_config(name, config, experiment_systems(name, systems, lambdas), budget, seeds)
+    config = experiment_config(
+        name, config, experiment_systems(name, systems, lambdas), budget, seeds, overrides
+    )
     resolved = resolve_systems(config)
     folder = Path(config.output_dir) / "experiments" / name
     run_experiment(config, report_dir=folder)
@@ -189,13 +200,13 @@ def run_named_experiment(
     return folder
 
 
-def run_analysis(name: str, config, systems, budget, focus: str, student: str) -> Path:
+def run_analysis(name: str, config, systems, budget, focus: str, student: str, overrides=None) -> Path:
     """pairs, transfer or family (analyses.py) at the budget, into RUN/experiments/NAME/."""
     from mlas_lora.experiments import analyses
     from mlas_lora.experiments.systems import resolve_systems
 
     base = experiment_config(
-        name, config, list((systems or TABLE1) if name == "family" else ["mlas-lora"]), budget
+        name, config, list((systems or TABLE1) if name == "family" else ["mlas-lora"]), budget, 1, overrides
     )
     folder = Path(config.output_dir) / "experiments" / name
     folder.mkdir(parents=True, exist_ok=True)
