@@ -114,3 +114,23 @@ def test_export_is_a_peft_lora_of_rank_n_r_with_the_same_logits(tmp_path):
         theirs = peft(IDS).logits
     assert not torch.allclose(theirs, tiny_model()(IDS).logits)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_the_melora_preset_is_the_official_llm_setting_and_melora_matched_the_budget():
+    from mlas_lora.experiments.systems import resolve_system
+    from mlas_lora.models.arch import ArchInfo
+
+    official = resolve_system("melora", config())
+    shape = melora_shape(official.config, 2)
+    assert (shape.n, shape.r, shape.scaling, shape.dropout, shape.targets) == (8, 1, 16.0, 0.05, ("q", "v"))
+    assert official.method.training_config(official.config).lr == 3e-4  # llama_finetune.sh:8
+    model = tiny_model()
+    attach_melora(model, shape)
+    assert count_trainable(model) == 2 * 1 * ((32 + 32) + (32 + 16)) == 224  # layers x r (d_in + d_out)
+    # Qwen2.5-0.5B: n r (d_in / n + d_out / n) = r (d_in + d_out) on q and v, for any number of pairs
+    qwen = ArchInfo("qwen2", 24, 896, 4864, 14, 2, 64)
+    assert 24 * sum(sum(qwen.projection_shape(p)) for p in shape.targets) == 24 * (1792 + 1024) == 67_584
+    matched = resolve_system("melora-matched", config())
+    assert melora_shape(matched.config, 2) == MELoRAShape(8, 12, 4.0, 0.0, PROJECTIONS)
+    assert matched.method.training_config(matched.config) is matched.config.training  # training.lr
+    assert matched.method.train_key(matched.config, {}) == METHODS["melora"].train_key(config(), {})

@@ -12,16 +12,35 @@ never formed: x is cut into its n slices and two batched matmuls apply the n min
 kaiming-uniform and B_i zero (PEFT's LoRA init, per mini-LoRA), so the student starts at the base.
 PEFT's BD-LoRA is not this method (it is block-diagonal in one factor only).
 
-Where ours differs from the original (the paper's official code was not available to us):
-  - Sizes. The paper runs mini rank 1 with n = 8 (alpha 16). Our default keeps n = 8 but sets the
-    mini rank r = r_gen + P r_spe (P pairs), so the trainable count per projection,
-    r (d_in + d_out), equals MLAS-LoRA's (r_gen + P r_spe)(d_in + d_out) exactly (`budget_rank`).
-    For Qwen2.5-0.5B's k / v (896 -> 128: blocks 112 -> 16) a mini rank above 16 is rank-deficient
-    per block; the parameters are still spent, as the budget asks. `options: {r: 1}` is the paper's.
-  - Scaling. s = alpha / r with `options.alpha` (each mini-LoRA a LoRA of its own: our reading);
-    by default s = lora.alpha_gen / lora.r_gen, the scaling of every LoRA in Table 1.
+Official code followed: ChasonShi/MELoRA @ 4ebb8b4 (its own copy of PEFT 0.5.0):
+  - peft-0.5.0/src/peft/tuners/melora.py:143-163 (`update_layer`: d_in and d_out divided by n, one
+    nn.Linear pair per mini-LoRA on its slice, scaling alpha_i / r_i per mini-LoRA, A_i kaiming-uniform
+    with a = sqrt(5) on its d_in / n inputs, B_i = 0) and :909-921 (`forward`: mini-LoRA i reads input
+    slice i and writes output slice i, outputs concatenated): our MELoRALinear computes the same with
+    two batched matmuls;
+  - llama_finetune.py:195-207 (n copies of one rank and one alpha) and llama_finetune.sh:8, :14-16, :49
+    (LLaMA-2-7B instruction tuning: mini rank 1, n = 8, alpha 16, so s = 16 per mini-LoRA, q_proj and
+    v_proj, dropout 0.05, lr 3e-4).
+That setting is the preset `melora` (methods/presets.py): Qwen2.5-0.5B, q (896 -> 896) and v
+(896 -> 128), 1 x (1792 + 1024) = 2,816 parameters per layer, 67,584 in all, whatever the pairs.
+
+The method's defaults (`options: {}`, the preset `melora-matched`, the first version's row) size it to
+MLAS-LoRA instead: n = 8 and mini rank r = r_gen + P r_spe (P pairs) on every lora.target, so the
+trainable count per projection, r (d_in + d_out), equals MLAS-LoRA's (r_gen + P r_spe)(d_in + d_out)
+exactly (`budget_rank`): r = 40, 21,995,520 parameters for Qwen2.5-0.5B and 4 pairs at r_gen = r_spe =
+8. For Qwen2.5-0.5B's k / v (896 -> 128: blocks 112 -> 16) a mini rank above 16 is rank-deficient per
+block; the parameters are still spent, as the budget asks. Scaling s = lora.alpha_gen / lora.r_gen,
+that of every LoRA in Table 1, unless `options.alpha` sets s = alpha / r.
+
+Learning rate: `options.lr` when set (the preset `melora`: the official 3e-4), else training.lr.
+
+Where ours differs from the official code:
   - Shapes. d_in and d_out of every target projection must be divisible by n; otherwise `build`
-    raises one error naming every projection that is not (no uneven last block).
+    raises one error naming every projection that is not (the code's integer division would leave
+    the last d_in mod n inputs unread and fail to concatenate to d_out).
+  - Dropout: one dropout on the input before it is cut into slices, where the code has one per
+    slice: the same distribution (independent per element).
+  - Training: the shared trainer (AdamW, its schedule), not the code's HF Trainer at batch 128.
   - Decoding is always unmerged (the trained float32 factors beside the base weights), whatever
     evaluation.merge says.
 
@@ -32,6 +51,7 @@ s B_i placed in their output slices, so B A is the block-diagonal update, and Pe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,14 +89,18 @@ class MELoRAOptions:
     """MELoRA's settings, from a system's `options:` section."""
 
     n: int = 8
-    """Mini-LoRAs per projection (the paper's 8); every target's d_in and d_out must be divisible by it."""
+    """Mini-LoRAs per projection (the code's 8); every target's d_in and d_out must be divisible by it."""
     r: int | None = None
-    """Rank of each mini-LoRA; None = r_gen + P r_spe, MLAS-LoRA's trainable count (the paper: 1)."""
+    """Rank of each mini-LoRA; None = r_gen + P r_spe, MLAS-LoRA's trainable count (the code: 1)."""
     alpha: float | None = None
-    """s = alpha / r when set; None = lora.alpha_gen / lora.r_gen, the scaling of Table 1's LoRAs."""
+    """s = alpha / r when set (the code's, per mini-LoRA); None = lora.alpha_gen / lora.r_gen."""
+    lr: float | None = None
+    """The trainer's learning rate when set (the official 3e-4 in the preset `melora`); None = training.lr."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.lr is not None and self.lr <= 0:
+            out.append(f"options.lr must be > 0 (or null: training.lr), got {self.lr}")
         if self.n < 1:
             out.append(f"options.n must be >= 1, got {self.n}")
         if self.r is not None and self.r < 1:
@@ -171,9 +195,13 @@ class MELoRA(Standalone, Unrouted):
         return options_problems(MELoRAOptions, config)
 
     def train_key(self, config, inputs: dict) -> dict:
-        return student_key(
-            self.name, config, melora=asdict(melora_shape(config, len(config.data.trained_directions)))
-        )
+        shape = melora_shape(config, len(config.data.trained_directions))
+        return student_key(self.name, config, training=self.training_config(config), melora=asdict(shape))
+
+    def training_config(self, config):
+        """config.training at options.lr when that is set."""
+        lr = method_options(MELoRAOptions, config).lr
+        return config.training if lr is None else dataclasses.replace(config.training, lr=lr)
 
     def build(self, config, pairs, factors=None, prior=None) -> Student:
         from mlas_lora.models.loading import load_model

@@ -86,6 +86,20 @@ ABLATIONS: dict[str, dict] = {
     },
 }
 
+BASELINES: dict[str, dict] = {
+    # MELoRA as its official code runs an LLM (ChasonShi/MELoRA llama_finetune.sh: 8 mini-LoRAs of rank
+    # 1 and alpha 16 each on q and v, dropout 0.05, lr 3e-4): 67,584 parameters on Qwen2.5-0.5B.
+    "melora": {
+        "method": "melora",
+        "options": {"n": 8, "r": 1, "alpha": 16.0, "lr": 3.0e-4},
+        "lora": {"targets": ["q", "v"], "dropout": 0.05},
+    },
+    # MELoRA sized to MLAS-LoRA's trainable parameters (mini rank r_gen + P r_spe, n = 8, every
+    # lora.target, Table 1's scaling, training.lr): the first version's row.
+    "melora-matched": {"method": "melora"},
+}
+
+PRESETS.update(BASELINES)
 PRESETS.update(ABLATIONS)
 
 TABLE2 = ("mlas-lora", *ABLATIONS)
