@@ -170,16 +170,38 @@ def test_the_default_mlp_matches_mlas_lora_and_counts_like_peft():
     assert prefix_parameters(QWEN_05B, 16, 3505) == 21_995_057 and prefix_parameters(QWEN_05B, 3580) == qwen
 
 
-def test_the_prefix_starts_at_zero_and_a_checkpoint_resumes_the_mlp_exactly(tmp_path):
-    """Built by the method: P = 0 at init; after a step, save -> load into a fresh student gives the
-    same encoder (MLP included, which PEFT's own folder does not keep) and the same logits."""
+def prefix_of(student) -> torch.Tensor:
+    encoder = student.model.prompt_encoder[student.model.active_adapter]
+    with torch.no_grad():
+        return encoder(torch.arange(student.model.active_peft_config.num_virtual_tokens))
+
+
+def test_the_prefix_starts_random_seeded_by_training_seed_or_at_zero(tmp_path):
+    """P-Tuning v2's (and PEFT's default) init: P != 0 at step 0, drawn from training.seed."""
+    method = METHODS["p-tuning"]
+    models = {"student": str(save_tiny(tmp_path / "student", role="student", seed=2)), "dtype": "float32"}
+    first = method.build(_config(models=models), PAIRS)
+    prefix = prefix_of(first)
+    assert prefix.abs().min() > 0 and method.update_norms(first)()["prefix_rms"] > 0.01
+    assert torch.equal(prefix_of(method.build(_config(models=models), PAIRS)), prefix)
+    other_seed = _config(models=models)
+    other_seed.training.seed += 1
+    assert not torch.equal(prefix_of(method.build(other_seed, PAIRS)), prefix)
+    zero = method.build(_config(models=models, init="zero"), PAIRS)
+    assert method.update_norms(zero)() == {"prefix_rms": 0.0}
+    assert method.train_key(_config(), {})["init"] == "random"
+    assert method.train_key(_config(init="zero"), {})["init"] == "zero"  # the first version's key
+
+
+def test_a_checkpoint_resumes_the_mlp_exactly(tmp_path):
+    """After a step, save -> load into a fresh student gives the same encoder (MLP included, which
+    PEFT's own folder does not keep) and the same logits."""
     method = METHODS["p-tuning"]
     config = _config(
         models={"student": str(save_tiny(tmp_path / "student", role="student", seed=2)), "dtype": "float32"}
     )
     student = method.build(config, PAIRS)
     norms = method.update_norms(student)
-    assert norms() == {"prefix_rms": 0.0}
     assert method.trainable_parameters(student) == prefix_parameters(
         describe(student.model.get_base_model()),
         16,
@@ -187,10 +209,11 @@ def test_the_prefix_starts_at_zero_and_a_checkpoint_resumes_the_mlp_exactly(tmp_
     )
     trainable = [p for p in student.model.parameters() if p.requires_grad]
     assert len(trainable) == 5  # embedding, W1, b1, W2, b2
+    before = norms()["prefix_rms"]
     with torch.no_grad():
         for p in trainable:
             p.add_(0.01 * torch.randn_like(p))
-    assert norms()["prefix_rms"] > 0
+    assert norms()["prefix_rms"] != before
     method.save(student, tmp_path / "ckpt")
     fresh = method.build(config, PAIRS)
     method.load(fresh, tmp_path / "ckpt")
@@ -224,6 +247,7 @@ def test_options_and_beam_search_are_checked_and_evaluation_uses_the_decoder():
     assert len(method.problems(_config({"num_beams": 2}, num_virtual_tokens=0))) == 2
     assert len(method.problems(_config(prefix_projection=False, encoder_hidden_size=8))) == 1
     assert len(method.problems(_config(encoder_hidden_size=0))) == 1
+    assert method.problems(_config(init="normal")) == ["options.init: 'normal' (known: random, zero)"]
     assert "budget" in method.train_key(_config(), {})
     assert "budget" not in method.train_key(_config(encoder_hidden_size=8), {})
     assert "budget" not in method.train_key(_config(prefix_projection=False), {})

@@ -10,7 +10,7 @@ PEFT's `prefix_projection`: P = W2 tanh(W1 E + b1) + b2 from an embedding E of n
 
 Settings (`options`), and why:
 - `num_virtual_tokens` (default 16; P-Tuning v2 uses 4 to a few hundred): every virtual token takes
-  attention mass from the real ones, and a zero prefix still does. Measured on Qwen2.5-0.5B (two
+  attention mass from the real ones, and even a zero prefix does. Measured on Qwen2.5-0.5B (two
   prompts with their references, mean token loss; base model 2.99): zero-initialised prefix of 16
   tokens 3.09, 64 tokens 3.29, 128 tokens 3.48.
 - `prefix_projection` (default true) and `encoder_hidden_size` (default None: the H whose count is
@@ -20,10 +20,24 @@ Settings (`options`), and why:
   same loss to 7.34 and stayed there (it was our first version). With the MLP: H = 3,505, 21,995,057
   parameters (MLAS-LoRA: 21,995,520). `prefix_projection: false` trains the prefix itself (n x
   layers x 2 x kv_dim parameters, no matching).
-- the prefix starts at zero (PEFT's `init_weights: "zero"`: W2, b2 = 0; without the MLP, P = 0), so
-  training starts from the base model up to the dilution above.
+- `init` (default "random"): the official start. THUDM/P-tuning-v2 @ b1520c9,
+  model/prefix_encoder.py:15-24, builds the embedding and the MLP (or the prefix itself, without it)
+  as torch.nn.Embedding and torch.nn.Linear and leaves them at torch's default init: E ~ N(0, 1),
+  W1 and W2 kaiming-uniform (a = sqrt(5)), b1 and b2 uniform(+-1 / sqrt(fan_in)), so the prefix is
+  random and not zero at step 0. PEFT's PrefixEncoder (huggingface/peft v0.21.2, the version used
+  here: src/peft/tuners/prefix_tuning/model.py:58-81, a refactor of that file) does the same when
+  `init_weights` is unset, which is what `init: random` passes; the draw is seeded by training.seed.
+  `init: zero` is PEFT's `init_weights: "zero"` (W2, b2 = 0; without the MLP, P = 0): training then
+  starts from the base model up to the dilution above (the first version's start, whose training
+  key it keeps).
 - the learning rate is training.lr, as for every other method (P-Tuning v2 trained its prefixes
   without the MLP at 5e-3 to 1e-2, which a system can set in its `training:` section).
+
+Where ours differs from P-Tuning v2's code: E and each layer's keys and values are kv_dim wide
+(PEFT's layout for grouped-query attention; the code's BERT / RoBERTa use hidden_size), the code's
+prefix MLP is 512 wide (arguments.py:149-154; ours matched to the budget), and the code's dropout on
+the prefix (model/sequence_classification.py:141, hidden_dropout_prob 0.1) is not applied (PEFT
+has none).
 
 Where ours differs from PEFT's path: decoding. Under transformers 5 PEFT's prefix is dropped by
 `generate` and by any call that passes a cache (adapters/prefix_decoding.py), so the evaluation
@@ -61,6 +75,7 @@ from mlas_lora.methods.base import (
 
 PREFIX_ENCODER = "prefix_encoder.safetensors"
 """A checkpoint's trainable prefix encoder (embedding and MLP): PEFT's folder keeps only its output."""
+INITS = ("random", "zero")
 
 
 @dataclass
@@ -71,6 +86,8 @@ class PrefixOptions:
     """Make the prefix by the reparameterisation MLP (PEFT's prefix_projection)."""
     encoder_hidden_size: int | None = None
     """The MLP's width H; None: the H nearest MLAS-LoRA's trainable parameters."""
+    init: str = "random"
+    """'random' (torch's default init, as P-Tuning v2 and PEFT) or 'zero' (the prefix starts at 0)."""
 
 
 def kv_width(arch) -> int:
@@ -110,6 +127,8 @@ class PrefixTuning(Standalone, Unrouted, PeftFolders):
                     "options.encoder_hidden_size must be >= 1 (or null: matched), "
                     f"got {options.encoder_hidden_size}"
                 )
+        if options.init not in INITS:
+            out.append(f"options.init: {options.init!r} (known: {', '.join(INITS)})")
         if config.generation.num_beams != 1:
             out.append(
                 "p-tuning decodes greedily (generation.num_beams: 1): PEFT's generate drops the prefix"
@@ -124,7 +143,7 @@ class PrefixTuning(Standalone, Unrouted, PeftFolders):
             num_virtual_tokens=options.num_virtual_tokens,
             prefix_projection=options.prefix_projection,
             encoder_hidden_size=options.encoder_hidden_size,
-            init="zero",
+            init=options.init,
         )
         if options.prefix_projection and options.encoder_hidden_size is None:
             key["budget"] = budget_settings(config.lora)  # the lora section sizes the MLP
@@ -157,7 +176,7 @@ class PrefixTuning(Standalone, Unrouted, PeftFolders):
             num_virtual_tokens=options.num_virtual_tokens,
             prefix_projection=hidden is not None,
             encoder_hidden_size=hidden,
-            init_weights="zero",
+            init_weights="zero" if options.init == "zero" else None,
         )
         return Student(get_peft_model(model, peft_config), tokenizer)
 
@@ -182,8 +201,8 @@ class PrefixTuning(Standalone, Unrouted, PeftFolders):
         copy_saved(trainable, load_file(str(encoder)), encoder, "what this p-tuning student trains")
 
     def update_norms(self, student):
-        """{"prefix_rms": ||P|| / sqrt(numel P)} of the prefix P the encoder gives: it starts at zero,
-        so there is no ||P0|| to divide by (and no Delta W)."""
+        """{"prefix_rms": ||P|| / sqrt(numel P)} of the prefix P the encoder gives: a prefix is not a
+        change of weights, so there is no Delta W (and with `init: zero` no ||P0|| to divide by)."""
         encoder = student.model.prompt_encoder[student.model.active_adapter]
         tokens = torch.arange(student.model.active_peft_config.num_virtual_tokens)
 
