@@ -11,7 +11,7 @@ from mlas_lora.experiments.pipeline import initial_student, train_key
 from mlas_lora.experiments.systems import resolve_system
 from mlas_lora.models.loading import load_model
 from mlas_lora.transfer.svd_init import thin_svd
-from test_methods import logits, matrix_setting
+from test_methods import TEXTS, logits, matrix_setting
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,3 +98,39 @@ def test_the_teacher_row_translates_with_the_teacher(tiny):
     teacher, zero = resolve_system("teacher", config), resolve_system("zero-shot", config)
     assert teacher.method.model(config) == config.models.teacher != zero.method.model(config)
     assert hypothesis_keys(teacher)[1] != hypothesis_keys(zero)[1]
+
+
+def test_unseen_directions_are_decoded_with_the_general_lora_alone(tiny):
+    from mlas_lora.data.records import Example
+
+    config, splits, run = tiny
+    system = resolve_system("mlas-lora", config)
+    student = initial_student(system, splits, run)  # teacher factors: general and pairs non-zero
+    unseen = [Example("en", "et", "open the file", "x"), Example("en", "et", "save it", "y")]
+    scope, context = system.method.decode_scope(student, unseen, "none")
+    encoded = student.tokenizer(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), scope, context([0, 0]):
+        general_alone = student.model(**encoded).logits
+    with torch.no_grad(), student.model.routing(["en-de", "en-de"]):
+        with_pair = student.model(**encoded).logits
+        for layer in student.model.routed_layers().values():
+            for block in layer.specific.values():
+                block.B.zero_()
+        expected = student.model(**encoded).logits
+    assert not torch.allclose(with_pair, expected)  # the pair LoRA mattered
+    torch.testing.assert_close(general_alone, expected, rtol=0, atol=1e-6)
+    assert all(layer.scaling_spe > 0 for layer in student.model.routed_layers().values())  # restored
+    mixed = [*unseen, Example("en", "de", "a", "b")]
+    with pytest.raises(Exception, match="no LoRA for"):
+        system.method.decode_scope(student, mixed, "none")
+
+
+def test_a_training_key_names_the_trained_directions_not_the_evaluated_ones(tiny):
+    from dataclasses import replace
+
+    config, _, _ = tiny
+    other = replace(
+        config, data=replace(config.data, directions=["en-et"], train_directions=["en-de", "en-fi"])
+    )
+    assert train_key(resolve_system("lora", other)) == train_key(resolve_system("lora", config))
+    assert train_key(resolve_system("mlas-lora", other)) == train_key(resolve_system("mlas-lora", config))

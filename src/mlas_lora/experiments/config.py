@@ -51,7 +51,9 @@ class DataConfig:
     """The test split's name in `test_corpus` (FLORES-200: devtest)."""
     train_directions: list[str] | None = None
     """The directions trained systems learn from (train split and seed sentences); null: all of
-    `directions`, which are all evaluated (Fig. 2: train on one direction, test on every one)."""
+    `directions`. Only `directions` are evaluated, so these may be others (the verdict's unseen
+    directions) or a subset (Fig. 2: train on one direction, test on every one). A training's key
+    names these alone, so it is shared with a run whose `directions` are these."""
 
     EVAL_FIELDS: ClassVar[tuple[str, ...]] = (
         "valid_per_direction",
@@ -68,8 +70,9 @@ class DataConfig:
         """The settings a training stage reads: all but the evaluation-only ones (EVAL_FIELDS); a
         field added later enters only when set, so the keys of earlier runs stay valid."""
         out = {k: v for k, v in asdict(self).items() if k not in self.EVAL_FIELDS}
-        if out["train_directions"] is None:
-            del out["train_directions"]
+        if out["train_directions"] is not None:  # trained on these whatever is evaluated: one key
+            out["directions"] = out["train_directions"]
+        del out["train_directions"]
         return out
 
     @property
@@ -99,12 +102,13 @@ class DataConfig:
                 out.append(f"data.directions: {err}")
         if not self.directions:
             out.append("data.directions: at least one direction is needed")
-        if self.train_directions is not None and (
-            not self.train_directions or set(self.train_directions) - set(self.directions)
-        ):
-            out.append(
-                f"data.train_directions must be a non-empty subset of data.directions, got {self.train_directions}"
-            )
+        if self.train_directions is not None and not self.train_directions:
+            out.append("data.train_directions must be non-empty (or null: data.directions)")
+        for d in self.train_directions or ():
+            try:
+                Direction.parse(d)
+            except MlasLoraError as err:
+                out.append(f"data.train_directions: {err}")
         return out
 
 

@@ -303,7 +303,7 @@ def _hypothesis_inputs(system: System) -> dict:
         "student": system.method.model(config) if not system.method.trains else config.models.student,
         "dtype": config.models.dtype,
         "generation": to_dict(config.generation),
-        "data": {**to_dict(config.data), **config.data.train_settings()},
+        "data": {**config.data.train_settings(), **to_dict(config.data)},
         "seed": config.seed,
     }
     if config.data.train_directions is None:  # a field added later enters only when set

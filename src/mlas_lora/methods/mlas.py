@@ -107,16 +107,22 @@ class MlasLora:
         Unmerged, the LoRA factors stay in float32 beside the frozen bfloat16 weights. `weights`
         folds the set's pair update into the base weights (base-model speed), where bfloat16 rounds a
         small update partly away. A model trained on one direction only decodes every direction with
-        that direction's LoRAs (the transfer analysis of Fig. 2).
+        that direction's LoRAs (the transfer analysis of Fig. 2); one trained on several decodes a set
+        of directions it was not trained on with its general LoRA alone (every pair LoRA's scaling 0).
         """
         pairs, trained = {example.pair for example in examples}, student.model.lora_config.pairs
         untrained = pairs - set(trained)
         if untrained and len(trained) == 1:  # trained on one direction (Fig. 2): its LoRAs serve every one
             (only,) = trained
             return contextlib.nullcontext(), lambda ids: student.model.routing([only] * len(ids))
+        if untrained and untrained == pairs and shape_has_general(student.model):
+            # directions it was not trained on (the verdict's unseen directions): the general LoRA alone
+            only = trained[0]
+            return general_only(student.model), lambda ids: student.model.routing([only] * len(ids))
         if untrained:
             raise MlasLoraError(
-                f"{self.name}: no LoRA for {sorted(untrained)} (trained pairs: {list(trained)})"
+                f"{self.name}: no LoRA for {sorted(untrained)} (trained pairs: {list(trained)}; a set of "
+                "only untrained directions is decoded with the general LoRA alone)"
             )
         if len(pairs) != 1 or merge != "weights":
             return contextlib.nullcontext(), student.model.routing
@@ -133,6 +139,24 @@ class MlasLora:
 
     def trainable_parameters(self, student) -> int:
         return count_trainable(student.model)
+
+
+def shape_has_general(model) -> bool:
+    return model.lora_config.r_gen > 0
+
+
+@contextlib.contextmanager
+def general_only(model):
+    """Every pair LoRA switched off (its scaling 0, in every path and mode) for the duration."""
+    layers = list(model.routed_layers().values())
+    saved = [layer.scaling_spe for layer in layers]
+    for layer in layers:
+        layer.scaling_spe = 0.0
+    try:
+        yield
+    finally:
+        for layer, scaling in zip(layers, saved, strict=True):
+            layer.scaling_spe = scaling
 
 
 def student_factors(routed, r_gen: int, r_spe: int) -> dict:
