@@ -368,7 +368,7 @@ def group_means(records, groups: dict[str, list[str]]) -> list:
 
 def write_plots(name: str, config: ExperimentConfig, systems, folder: Path) -> None:
     """The lambda curve (lambda experiments), layer relevance and neuron counts (MLAS-LoRA's stages)."""
-    from mlas_lora.experiments.plots import lambda_plot, neuron_plot, relevance_plot
+    from mlas_lora.experiments.plots import lambda_plot, neuron_plot, relevance_plot, seeds_plot
     from mlas_lora.experiments.run import teacher_folders
 
     run_dir = Path(config.output_dir)
@@ -378,3 +378,6 @@ def write_plots(name: str, config: ExperimentConfig, systems, folder: Path) -> N
         neuron_plot(stages["classes"], folder / "neurons.png")
     if name == "lambda":
         lambda_plot(systems, folder, folder / "lambda.png")
+    groups = seed_groups([s.name for s in systems])
+    if name == "verdict" or any(len(members) > 1 for members in groups.values()):
+        seeds_plot(folder, groups, folder / f"{name}.png")

@@ -103,3 +103,45 @@ def lambda_plot(
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def seeds_plot(folder: Path, groups: dict[str, list[str]], out: Path, splits=("test", "ood")) -> Path | None:
+    """The headline figure: per system, the average over directions (BLEU and chrF++), its mean over
+    training seeds with a bar of ± 1 sd (none for one seed), each split side by side."""
+    from mlas_lora.evaluation.report import read_results
+    from mlas_lora.evaluation.seeds import mean_sd
+
+    paths = {s: folder / "results" / f"{s}.json" for s in splits}
+    results = {s: read_results(path) for s, path in paths.items() if path.is_file()}
+    if not results:
+        return None
+    plt = _pyplot()
+    metrics = ("bleu", "chrf")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(11, 0.45 * len(groups) + 1.6), sharey=True)
+    height = 0.8 / len(results)
+    for ax, metric in zip(axes, metrics, strict=True):
+        for j, (split, records) in enumerate(results.items()):
+            grid = {(r.system, r.direction): r.score for r in records if r.metric == metric}
+            directions = sorted({d for _, d in grid})
+            means, sds = [], []
+            for members in groups.values():
+                seeds = [[grid.get((m, d)) for d in directions] for m in members]
+                averages = [sum(s) / len(s) for s in seeds if None not in s and s]
+                mean, sd = mean_sd(averages) if averages else (float("nan"), None)
+                means.append(mean)
+                sds.append(sd or 0.0)
+            ys = [i + j * height for i in range(len(groups))]
+            ax.barh(ys, means, height=height, xerr=sds, capsize=3, label=split, alpha=0.85)
+            for y, mean in zip(ys, means, strict=True):
+                ax.text(mean, y, f" {mean:.2f}", va="center", fontsize=7)
+        ax.set_yticks([i + height * (len(results) - 1) / 2 for i in range(len(groups))])
+        ax.set_yticklabels([f"{row} ({len(m)})" for row, m in groups.items()])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{'BLEU' if metric == 'bleu' else 'chrF++'}, average over directions")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("mean over training seeds (in brackets), bars ± 1 sd", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
