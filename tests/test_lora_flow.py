@@ -13,7 +13,7 @@ from mlas_lora.data.records import Example
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.methods import Student
 from mlas_lora.methods.base import count_trainable
-from mlas_lora.methods.lora_flow import LoraFlow, fuse_routed, load_lora_flow
+from mlas_lora.methods.lora_flow import LoraFlow, fuse_routed, initial_gate_bias, load_lora_flow
 from mlas_lora.models.loading import load_model
 from mlas_lora.testing.tiny import save_tiny, tiny_model, tiny_tokenizer
 from mlas_lora.training.config import TrainingConfig
@@ -149,3 +149,30 @@ def test_the_export_is_self_contained(tmp_path):
     loaded = load_lora_flow(load_model(path, dtype="float32")[0], folder)
     with torch.no_grad():
         assert torch.equal(loaded(**encoded()).logits, flow(**encoded()).logits)
+
+
+def flow_config(**options):
+    return config_from_dict(ExperimentConfig, {"options": options})
+
+
+def test_the_gate_bias_starts_as_the_official_codes_and_the_gates_train_at_its_lr():
+    method, prior = LoraFlow(), Student(m_i(), tiny_tokenizer())
+    flow = method.build(flow_config(), PAIRS, prior=prior).model
+    for gate in flow.gates:  # blocks.py:466: the constant [-0.5, 0.5] for two LoRAs
+        assert torch.equal(gate.bias.detach(), torch.tensor([-0.5, 0.5]))
+        assert not gate.weight.any()
+    for weights in gate_outputs(flow, encoded()):  # softmax(0) + b = (0, 1): the second LoRA alone
+        assert torch.equal(weights, torch.tensor([0.0, 1.0]).expand_as(weights))
+    four = initial_gate_bias(4, "spread")
+    assert four.abs().max() <= 0.5 and four.any() and len(set(four.tolist())) == 4
+    torch.testing.assert_close(four, torch.tensor([-0.5, -1 / 6, 1 / 6, 0.5]), rtol=0, atol=1e-7)
+    zero = method.build(flow_config(gate_bias="zero"), PAIRS, prior=Student(m_i(), tiny_tokenizer())).model
+    assert all(not gate.bias.any() for gate in zero.gates)  # the first version's start: 1/P each
+    assert method.training_config(flow_config()).lr == 1e-3  # README.md:81
+    assert method.training_config(flow_config(lr=5e-4)).lr == 5e-4  # an lr grid sets options.lr
+    keys = {
+        method.train_key(flow_config(**o), {"prior": "m-i"})["gate_bias"] for o in ({}, {"gate_bias": "zero"})
+    }
+    assert keys == {"spread", "zero"}
+    (problem,) = method.problems(flow_config(gate_bias="uniform", lr=-1.0))
+    assert "'uniform'" in problem and "options.lr" in problem

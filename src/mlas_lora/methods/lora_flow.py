@@ -8,14 +8,29 @@ as `prior`. Then the LoRAs and the base are frozen and only the fusion gates tra
 the layer, one weight per LoRA per token, shared by the layer's projections (the paper's layer-level
 gate, its best variant).
 
+Official code followed: thunlp/LoRAFlow @ 74c3826 (BMTrain / ModelCenter):
+  - train/ModelCenter/model_center/layer/blocks.py:465-468: the gate of each layer, W_gate a
+    `Linear(..., cps = 3)`, which linear.py:59-65 initialises to zeros, and the bias `weight_bias`,
+    the constant [-0.5, 0.5] for its k = 2 LoRAs (language, task), so each token starts at weights
+    1/2 + b = (0, 1): the second LoRA alone. :563-566: w = softmax(W_gate x / T) + b, T = 1;
+  - train/train.py:52-56 (only W_gate and b train), :63-66 and :289 (Adam, weight decay 0.1);
+  - README.md:81 and :86-89 (lr 1e-3, the tuned value of four of its six tasks; 1e-4 for the other two).
+Ours: W_gate = 0 as there; b = k values evenly spaced from -0.5 to 0.5 in pair order
+(`options.gate_bias: spread`, the default), which is the code's [-0.5, 0.5] at k = 2 and for our
+k = P = 4 pairs is (-1/2, -1/6, 1/6, 1/2): weights (-1/4, 1/12, 5/12, 3/4) for every token at step 0.
+The code has no rule for k > 2; it draws nothing at random (the constant is not U(-0.5, 0.5)).
+`gate_bias: zero` is the first version's start (every LoRA 1/P, our old choice). The gates train at
+`options.lr`, by default (null) the official 1e-3: training.lr does not apply to this phase (an lr
+grid sets options.lr), while the M-i phase trains at training.lr as its own method does.
+
 Where ours differs from the original: LoRA-Flow fuses LoRAs of different *skills* (a language LoRA and
 a math or code LoRA) for one new task; here the LoRAs are the per-pair ones and the task is every pair
 at once, so at inference every pair's LoRA is available to every sample and the gate alone decides
-(no routing by the pair: `route` is None). The gate starts at W_gate = 0, b = 0, i.e. every LoRA
-weighted 1/P for every token (our choice: uniform, the least informed start; the paper's gate is
-trained from its own initialisation on a few hundred examples). The gates are tiny: L P (d + 1)
-parameters (Qwen2.5-0.5B, 4 pairs: 24 x 4 x 897 = 86,112), so the `lora` section's budget is spent
-by the M-i phase, which `trainable_parameters` does not count.
+(no routing by the pair: `route` is None). Its LoRAs are rank 64 on LLaMA-2-7B, trained before;
+ours are M-i's. Training is the shared trainer's (AdamW, its schedule), not the code's BMTrain
+optimizer (betas 0.9 / 0.95). The gates are tiny: L P (d + 1) parameters (Qwen2.5-0.5B, 4 pairs:
+24 x 4 x 897 = 86,112), so the `lora` section's budget is spent by the M-i phase, which
+`trainable_parameters` does not count.
 
 Checkpoints hold the gates (safetensors + JSON manifest); the export is self-contained: the gates and
 the frozen LoRAs (scalings folded into B) in `lora_flow.safetensors` plus `lora_flow.json`, loaded onto
@@ -25,18 +40,57 @@ The trained function is run unmerged (`merge` is ignored: the weights differ per
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.methods.base import Student, Unrouted, copy_saved, count_trainable, student_key
+from mlas_lora.methods.base import (
+    Student,
+    Unrouted,
+    copy_saved,
+    count_trainable,
+    method_options,
+    options_problems,
+    student_key,
+)
 
 GATES = "gates.safetensors"
 MANIFEST = "lora_flow.json"
 EXPORT = "lora_flow.safetensors"
 FORMAT = "mlas-lora-lora-flow/1"
+GATE_BIASES = ("spread", "zero")
+OFFICIAL_LR = 1e-3
+"""README.md:81 and :86-89 of the official code."""
+
+
+@dataclass
+class LoraFlowOptions:
+    """LoRA-Flow's settings (a system's `options:` section); the defaults are the official code's."""
+
+    gate_bias: str = "spread"
+    """b at the start: 'spread' (k values evenly from -0.5 to 0.5: the code's [-0.5, 0.5] at k = 2) or
+    'zero' (every LoRA weighted 1/k)."""
+    lr: float | None = None
+    """The gates' learning rate; None = the official 1e-3 (training.lr does not apply to them)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.gate_bias not in GATE_BIASES:
+            out.append(f"options.gate_bias: {self.gate_bias!r} (known: {', '.join(GATE_BIASES)})")
+        if self.lr is not None and self.lr <= 0:
+            out.append(f"options.lr must be > 0 (or null: the official {OFFICIAL_LR}), got {self.lr}")
+        return out
+
+
+def initial_gate_bias(n_loras: int, rule: str) -> torch.Tensor:
+    """b of every layer's gate at the start (`LoraFlowOptions.gate_bias`)."""
+    if rule == "zero" or n_loras == 1:
+        return torch.zeros(n_loras)
+    return torch.linspace(-0.5, 0.5, n_loras)
 
 
 def fuse_routed(routed):
@@ -109,7 +163,7 @@ class LoraFlow(Unrouted):
     export_format = "safetensors"
 
     def problems(self, config) -> list[str]:
-        return [f"lora-flow takes no options, got {sorted(config.options)}"] if config.options else []
+        return options_problems(LoraFlowOptions, config)
 
     def prerequisite(self, config) -> str:
         return "M-i"
@@ -118,8 +172,17 @@ class LoraFlow(Unrouted):
         return False
 
     def train_key(self, config, inputs: dict) -> dict:
-        """The gates read the data, the training settings and the M-i LoRAs (`inputs["prior"]`)."""
-        return student_key(self.name, config, **inputs)
+        """The gates read the data, the training settings (lr: `training_config`), their start and the
+        M-i LoRAs (`inputs["prior"]`)."""
+        gate_bias = method_options(LoraFlowOptions, config).gate_bias
+        return student_key(
+            self.name, config, training=self.training_config(config), gate_bias=gate_bias, **inputs
+        )
+
+    def training_config(self, config):
+        """config.training at options.lr, or at the official 1e-3 when that is null."""
+        lr = method_options(LoraFlowOptions, config).lr
+        return dataclasses.replace(config.training, lr=OFFICIAL_LR if lr is None else lr)
 
     def build(self, config, pairs, factors=None, prior=None) -> Student:
         from mlas_lora.adapters.routed_lora import RoutedLoRAModel
@@ -130,7 +193,12 @@ class LoraFlow(Unrouted):
             raise MlasLoraError(
                 f"lora-flow: the M-i LoRAs are for {prior.model.lora_config.pairs}, not {pairs}"
             )
-        return Student(fuse_routed(prior.model), prior.tokenizer)
+        flow = fuse_routed(prior.model)
+        bias = initial_gate_bias(len(pairs), method_options(LoraFlowOptions, config).gate_bias)
+        with torch.no_grad():
+            for gate in flow.gates:
+                gate.bias.copy_(bias)
+        return Student(flow, prior.tokenizer)
 
     def update_norms(self, student):
         """Nothing: the update of a projection differs per token (its gate), so no ||Delta W|| exists."""
