@@ -239,6 +239,9 @@ def trainable_parameters(system) -> int | None:
     return None if before is None else own + before
 
 
+SPLIT_ORDER = ("test", "ood", "valid")
+"""The order of the splits in an experiment's tables.md."""
+
 SEED_SUFFIX = re.compile(r"^(?P<base>.+)\.seed(?P<k>[0-9]+)$")
 """`NAME.seedK`: system NAME trained with its training.seed + K (`--seeds`)."""
 
@@ -339,13 +342,21 @@ def write_tables(config: ExperimentConfig, systems, folder: Path) -> None:
     )
     write_json_atomic(folder / "significance.seeds.json", comparisons)
     baseline = config.evaluation.significance_baseline(list(groups))
-    for split, records in results.items():
+    summary = []
+    for split in sorted(
+        results, key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER)
+    ):
+        records = results[split]
+        sizes = {r.direction: r.n_segments for r in records}
+        summary.append(f"## {split}: segments per direction {sizes}\n")
         for metric in sorted({r.metric for r in records}):
             md, rows = paper_table(records, metric, names, params, comparisons, split,
                                    baseline if baseline in groups else None, groups=groups)  # fmt: skip
             write_text_atomic(folder / f"table.{split}.{metric}.md", md)
             with open(folder / f"table.{split}.{metric}.csv", "w", newline="") as handle:
                 csv.writer(handle).writerows(rows)
+            summary.append(f"### {metric}\n\n{md}")
+    write_text_atomic(folder / "tables.md", "\n".join(summary))
     if "valid" in results and "test" in results:
         means = {split: group_means(results[split], groups) for split in ("valid", "test")}
         write_text_atomic(folder / "choice.md", choice_on_valid(means["valid"], means["test"]))
