@@ -29,7 +29,8 @@ from mlas_lora.models.arch import PROJECTION_PATHS, decoder_layers, projection
 
 
 class FusionGate(nn.Module):
-    """w = softmax(W x) + b, W [k, hidden] and b [k] zero at first: every LoRA weighted 1/k."""
+    """w = softmax(W x) + b, W [k, hidden] zero (every softmax weight 1/k) and b [k] zero here; LoRA-Flow
+    sets b to its start (methods/lora_flow.py: the official [-0.5, 0.5] spread over the pairs)."""
 
     def __init__(self, hidden: int, n_loras: int, device=None, dtype=torch.float32):
         super().__init__()
