@@ -21,7 +21,7 @@ from mlas_lora.distributed import barrier, is_main_process, main_process_first
 from mlas_lora.experiments.config import DataConfig, ExperimentConfig
 from mlas_lora.experiments.data import Splits
 from mlas_lora.models.arch import describe
-from mlas_lora.stage_files import fresh_dir, write_json_atomic
+from mlas_lora.stage_files import fresh_dir, read_small_json, write_json_atomic
 
 SEED_DATA_FIELDS = ("corpus", "split_names", "directions", "seed_per_direction")
 """The data settings the awareness stage reads (the seed sentences); train / test sizes are not."""
@@ -76,7 +76,8 @@ def mark_done(folder: Path, key: str, seconds: float) -> None:
 
 def record_stage_time(run_dir: Path, name: str, seconds: float) -> None:
     path = run_dir / "stages.json"
-    stages = json.loads(path.read_text()) if path.is_file() else {}
+    stages = read_small_json(path)
+    stages = stages if isinstance(stages, dict) else {}  # missing, or cut by a kill: start again
     stages[name] = round(seconds, 1)
     write_json_atomic(path, stages)
 
