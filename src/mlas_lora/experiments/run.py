@@ -19,7 +19,7 @@ from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import Splits, load_splits, split_back
 from mlas_lora.experiments.stages import set_aside_name
 from mlas_lora.experiments.systems import System, resolve_systems
-from mlas_lora.stage_files import write_json_atomic, write_text_atomic
+from mlas_lora.stage_files import json_line, json_lines, read_small_json, write_json_atomic, write_text_atomic
 from mlas_lora.translation.generate import GREEDY_DECODER, translate
 
 EVAL_SPLITS = ("valid", "test", "ood")
@@ -62,12 +62,14 @@ class HypothesisStore:
     def load(
         self, system: str, split: str, direction: str, key: str, content: str | None = None, examples=None
     ) -> list[str] | None:
-        """The system's cached hypotheses made under `key`; failing those, with `content` and `examples`,
-        another system's made under the same content key on the same segments (a lambda below 1/P,
-        R-i and lora: one function under two names), copied to this system's file."""
+        """The system's cached hypotheses made under `key` (given `examples`, only if made from these
+        very sources and references: a corpus edited in place keeps its keys); failing those, with
+        `content` and `examples`, another system's made under the same content key on the same
+        segments (a lambda below 1/P, R-i and lora: one function under two names), copied to this
+        system's file."""
         own = self.path(system, split, direction)
         rows = self._rows(own)
-        if rows and rows[0].get("key") == key:
+        if rows and rows[0].get("key") == key and (examples is None or _same_segments(rows, examples)):
             if content is not None and "content" not in rows[0]:
                 rows[0]["content"] = content  # a file from before content keys: its key proves the inputs
                 self._write(own, rows)
@@ -76,10 +78,7 @@ class HypothesisStore:
             return None
         for path in sorted(self.root.glob(f"*/{split}.{direction}.jsonl")):
             rows = self._rows(path)
-            if not rows or rows[0].get("content") != content or len(rows) != len(examples) + 1:
-                continue
-            same = zip(rows[1:], examples, strict=True)
-            if all(r["source"] == e.source and r["reference"] == e.reference for r, e in same):
+            if rows and rows[0].get("content") == content and _same_segments(rows, examples):
                 hyps = [r["hypothesis"] for r in rows[1:]]
                 self.save(
                     system, split, direction, key, examples, hyps, 0.0, content, copied=path.parent.name
@@ -92,10 +91,8 @@ class HypothesisStore:
         content-key search still finds it: one name run under two configs (`run` and `experiment
         --budget cpu` both have a `zero-shot`) then keeps both instead of translating again each time."""
         path = self.path(system, split, direction)
-        if not path.is_file():
-            return
-        with open(path) as handle:
-            old = json.loads(handle.readline() or "{}").get("key")
+        rows = self._rows(path)
+        old = rows[0].get("key") if rows else None
         if old is not None and old != key:
             aside = self.path(set_aside_name(system, old), split, direction)
             aside.parent.mkdir(parents=True, exist_ok=True)
@@ -103,11 +100,17 @@ class HypothesisStore:
 
     @staticmethod
     def _rows(path: Path) -> list[dict]:
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        """The header and rows of a hypothesis file; [] when there is none or it is unreadable (cut by
+        a kill or a full disk): its cells are then translated again."""
+        try:
+            rows = json_lines(path.read_text(encoding="utf-8")) if path.is_file() else []
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return []
+        return rows if all(isinstance(row, dict) for row in rows) else []
 
     @staticmethod
     def _write(path: Path, rows: list[dict]) -> None:
-        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_text_atomic(path, "".join(json_line(r) + "\n" for r in rows))
 
     def save(
         self,
@@ -135,6 +138,14 @@ class HypothesisStore:
             for e, h in zip(examples, hyps, strict=True)
         ]
         self._write(path, rows)
+
+
+def _same_segments(rows: list[dict], examples) -> bool:
+    """Whether a hypothesis file's rows hold exactly these examples' sources and references, in order."""
+    return len(rows) == len(examples) + 1 and all(
+        r.get("source") == e.source and r.get("reference") == e.reference
+        for r, e in zip(rows[1:], examples, strict=True)
+    )
 
 
 # A system's translator: ({direction: examples}, split) -> {direction: hypotheses}. All directions of a
@@ -493,7 +504,7 @@ def write_report(
         sections.append("## Paired bootstrap significance\n\n" + significance_table(comparisons))
     diagnosed = next((f for s in systems if (f := teacher_folders(s, run_dir))), {})
     sections.append(method_diagnostics(diagnosed))
-    stages_file = run_dir / "stages.json"
-    stages = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
+    stages = read_small_json(run_dir / "stages.json")
+    stages = stages if isinstance(stages, dict) else {}  # missing or cut: the table is left out
     sections.append("## Wall time (this invocation)\n\n" + _timing_table(timings, stages))
     return write_text_atomic(report_dir / "report.md", "\n".join(sections))
