@@ -100,6 +100,15 @@ def copy_saved(target: dict, saved: dict, where: Path, what: str) -> None:
     the file `where`, `what` the model trains, and the first differences (nothing is copied then)."""
     import torch
 
+    check_saved(target, saved, where, what)
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            target[name].copy_(tensor)
+
+
+def check_saved(target: dict, saved: dict, where: Path, what: str) -> None:
+    """Raise one error naming `where` unless `saved` holds exactly the names of `target`, with their
+    shapes (`copy_saved`'s check, for loaders that copy in their own way)."""
     missing, unexpected = sorted(target.keys() - saved.keys()), sorted(saved.keys() - target.keys())
     reshaped = [
         f"{name} {tuple(saved[name].shape)} (model {tuple(target[name].shape)})"
@@ -113,9 +122,6 @@ def copy_saved(target: dict, saved: dict, where: Path, what: str) -> None:
     ]
     if problems:
         raise MlasLoraError(f"{where}: does not match {what}; " + "; ".join(problems))
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            target[name].copy_(tensor)
 
 
 def method_options(cls, config):
@@ -182,10 +188,17 @@ class PeftFolders:
         student.model.save_pretrained(str(path))
 
     def load(self, student, path: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        """PEFT's own load, after checking the file holds every tensor of the model's adapters, no
+        other, in their shapes: PEFT skips a missing or misnamed tensor silently (the untrained LoRA
+        would then be translated and exported as if trained)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        set_peft_model_state_dict(student.model, load_file(str(Path(path) / "adapter_model.safetensors")))
+        from mlas_lora.stage_files import read_safetensors
+
+        where = Path(path) / "adapter_model.safetensors"
+        saved = read_safetensors(where, "save or copy the adapters again, or use an earlier checkpoint")
+        check_saved(get_peft_model_state_dict(student.model), saved, where, "this PEFT model's adapters")
+        set_peft_model_state_dict(student.model, saved)
 
     def export(self, student, config, folder: Path, merge: bool = False, **save_options) -> Path:
         from mlas_lora.models.loading import base_model_id
