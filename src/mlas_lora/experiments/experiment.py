@@ -16,7 +16,6 @@ plots go to RUN/experiments/NAME/. A budget (BUDGETS) scales every system alike.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from pathlib import Path
 
@@ -183,8 +182,8 @@ def run_named_experiment(
     from mlas_lora.experiments.run import run_experiment
     from mlas_lora.experiments.systems import resolve_systems
 
-    if "/" in name or not name:
-        raise MlasLoraError(f"experiment name {name!r}: a non-empty name without '/'")
+    if "/" in name or name in ("", ".", ".."):
+        raise MlasLoraError(f"experiment name {name!r}: a non-empty name without '/', not '.' or '..'")
     if name in ANALYSES:
         return run_analysis(name, config, systems, budget, focus, student, overrides)
     if name in ANALYSES and seeds != 1:
@@ -225,14 +224,13 @@ def trainable_parameters(system) -> int | None:
     """What the system's training recorded (params.json of pipeline.training_folder: its own folder, or
     the finished training of its key under another name, whose hypotheses it reused), plus what its
     prerequisite trained (LoRA-Flow's per-pair LoRAs); 0 for a prompting method; None if not recorded."""
-    from mlas_lora.experiments.pipeline import prior_system, training_folder
+    from mlas_lora.experiments.pipeline import prior_system, recorded_parameters, training_folder
 
     if not system.method.trains:
         return 0
-    path = training_folder(system)[0] / "params.json"
-    if not path.is_file():
+    own = recorded_parameters(training_folder(system)[0] / "params.json")  # None: missing or cut
+    if own is None:
         return None
-    own = json.loads(path.read_text())["trainable"]
     if (prior := prior_system(system)) is None:
         return own
     before = trainable_parameters(prior)

@@ -31,6 +31,7 @@ from mlas_lora.experiments.stages import (
 )
 from mlas_lora.experiments.systems import System
 from mlas_lora.methods import Student
+from mlas_lora.stage_files import read_small_json, replace_dir, restore_dir, write_text_atomic
 from mlas_lora.translation.generate import trains_under_autocast
 
 
@@ -75,11 +76,19 @@ def finished_checkpoint(folder: Path) -> Path:
 
 
 def _record_parameters(system: System, student: Student, folder: Path) -> None:
-    """train-<system>/params.json: the trainable parameters, for the tables' Params column."""
+    """train-<system>/params.json: the trainable parameters, for the tables' Params column (written
+    again where it is missing or unreadable)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "params.json"
-    if not path.is_file():
-        path.write_text(json.dumps({"trainable": system.method.trainable_parameters(student)}))
+    if recorded_parameters(path) is None:
+        write_text_atomic(path, json.dumps({"trainable": system.method.trainable_parameters(student)}))
+
+
+def recorded_parameters(path: Path) -> int | None:
+    """The count a params.json holds; None when it is missing or unreadable (cut by a full disk)."""
+    recorded = read_small_json(path)
+    count = recorded.get("trainable") if isinstance(recorded, dict) else None
+    return count if isinstance(count, int) else None
 
 
 def _remove(folder: Path) -> None:
@@ -144,30 +153,56 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
     return student
 
 
-def _park(folder: Path) -> None:
-    """Move a finished training of another key out of the system's way, to `train-NAME@KEY8`, where
-    `same_training` finds it when that key comes back (a run alternating budgets retrains nothing)."""
-    if folder.is_symlink() or (old := finished_key(folder)) is None:
+def _park(folder: Path, key: str) -> None:
+    """Move a training of another key than `key` out of the system's way, to `train-NAME@KEY8`: a
+    finished one, where `same_training` finds it when that key comes back (a run alternating budgets
+    retrains nothing), and an unfinished one with checkpoints, which a run of its key resumes
+    (`_unpark`). A started training without a checkpoint holds nothing to keep and stays."""
+    from mlas_lora.training.trainer import complete_checkpoints
+
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    finished = finished_key(folder)
+    old = finished or started_key(folder)
+    if old is None or old == key or (finished is None and not complete_checkpoints(folder)):
         return
     parked = folder.with_name(set_aside_name(folder.name, old))
+    if stage_done(parked, old) and finished is None:
+        return  # the finished training of that key is parked already; this one is its unfinished copy
     _remove(parked)
     folder.rename(parked)
+
+
+def _unpark(folder: Path, key: str) -> None:
+    """Move back an unfinished training of `key` that `_park` set aside, to resume it."""
+    parked = folder.with_name(set_aside_name(folder.name, key))
+    free = not folder.exists() and not folder.is_symlink()
+    if free and parked.is_dir() and not parked.is_symlink() and started_key(parked) == key:
+        parked.rename(folder)
 
 
 STARTED = "key.json"
 """A training folder's marker of the key it is training (written before the first step)."""
 
+UNREADABLE = "unreadable"
+"""`started_key` of a folder whose key.json cannot be read: a key no config has."""
+
 
 def started_key(folder: Path) -> str | None:
-    """The key of the training started in `folder` (finished or not); None if none was started."""
+    """The key of the training started in `folder` (finished or not); None if none was started, and
+    UNREADABLE when its key.json is cut or garbled (its checkpoints are then never resumed)."""
     started = folder / STARTED
-    return json.loads(started.read_text())["key"] if started.is_file() else None
+    if not started.is_file():
+        return None
+    recorded = read_small_json(started)
+    key = recorded.get("key") if isinstance(recorded, dict) else None
+    return key if isinstance(key, str) else UNREADABLE
 
 
 def _prepare_train_dir(system: System, student: Student, run_dir: Path, folder: Path, key: str) -> None:
     """Make `folder` ready to train into, or link it to a finished training of the same key."""
     if not stage_done(folder, key):
-        _park(folder)
+        _park(folder, key)
         if (same := same_training(run_dir, key)) is not None:
             _remove(folder)
             folder.symlink_to(same.name)  # train-R-i -> train-lora: one training, both names
@@ -175,17 +210,24 @@ def _prepare_train_dir(system: System, student: Student, run_dir: Path, folder: 
         _record_parameters(system, student, folder)
         return
     if folder.is_symlink() or started_key(folder) not in (None, key):
-        _remove(folder)  # checkpoints of another config must not be resumed
+        _remove(folder)  # a link, or another config's start without a checkpoint (`_park` kept the rest)
+    _unpark(folder, key)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / STARTED).write_text(json.dumps({"key": key}))
+    write_text_atomic(folder / STARTED, json.dumps({"key": key}))
     _record_parameters(system, student, folder)
 
 
 def export_stage(system: System, student: Student, run_dir: Path, merge: bool = False) -> Path:
-    """The method's export (PEFT adapter folders) into RUN/adapters-<system>."""
+    """The method's export (PEFT adapter folders) into RUN/adapters-<system>: written beside it, then
+    swapped in (`replace_dir`), so an interrupted export leaves the previous one whole."""
     start = time.perf_counter()
-    folder = system.method.export(student, system.config, run_dir / f"adapters-{system.name}", merge)
-    record_stage_time(run_dir, folder.name, time.perf_counter() - start)
+    final = run_dir / f"adapters-{system.name}"
+    restore_dir(final)  # a swap killed halfway
+    new = final.with_name(f".{final.name}.new")
+    written = system.method.export(student, system.config, new, merge)
+    replace_dir(new, final)
+    folder = final / Path(written).relative_to(new)
+    record_stage_time(run_dir, final.name, time.perf_counter() - start)
     return folder
 
 
