@@ -84,6 +84,7 @@ def resolve_systems(config: ExperimentConfig) -> list[System]:
     names = [s.name for s in systems]
     problems += [f"system name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
     problems += [f"system name {n!r} may not contain '/'" for n in names if "/" in n]
+    problems += [f"system name {n!r} is a folder's own name ('.' or '..')" for n in names if n in (".", "..")]
     baseline = config.evaluation.significance_baseline(names)
     complete = len(systems) == len(config.systems)
     if complete and baseline is not None and any(s.method.trains for s in systems) and baseline not in names:
