@@ -2,7 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class DistillConfig:
+    """Token-level distillation (beyond the paper): loss = (1 - weight) x CE + weight x divergence
+    between the teacher's and the student's next-token distributions at the target positions
+    (training/distill.py). Off at weight 0: the teacher is not loaded and the loss is CE alone."""
+
+    weight: float = 0.0
+    """Share of the divergence in the loss, in [0, 1]; 0 = off."""
+    temperature: float = 1.0
+    """Both logits are divided by it before the softmax (no T^2 factor: the loss is as written above)."""
+    divergence: str = "forward_kl"
+    """'forward_kl' KL(teacher || student), 'reverse_kl' KL(student || teacher), or 'jsd': the
+    generalised Jensen-Shannon divergence of GKD (Agarwal et al., ICLR 2024; TRL's
+    generalized_jsd_loss) at `beta`."""
+    beta: float = 0.5
+    """jsd only: the teacher's weight in the mixture (0 gives forward KL, 1 reverse KL)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 <= self.weight <= 1:
+            out.append(f"training.distill.weight must be in [0, 1], got {self.weight}")
+        if not self.temperature > 0:
+            out.append(f"training.distill.temperature must be > 0, got {self.temperature}")
+        if self.divergence not in DIVERGENCES:
+            out.append(f"training.distill.divergence: {self.divergence!r} (known: {', '.join(DIVERGENCES)})")
+        if not 0 <= self.beta <= 1:
+            out.append(f"training.distill.beta must be in [0, 1], got {self.beta}")
+        return out
 
 
 @dataclass
@@ -39,12 +75,16 @@ class TrainingConfig:
     curve` reads. The state is 2x the trained weights in float32: 3.7 GB a checkpoint for full-ft
     on Qwen2.5-0.5B."""
     seed: int = 0
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Token-level distillation from the teacher (off by default: weight 0)."""
 
     def key_settings(self) -> dict:
         """What a training's result depends on: every field but what stays on disk."""
         out = {k: v for k, v in asdict(self).items() if k not in ("keep_checkpoints", "keep_states")}
         if not self.group_by_length:  # a field added later enters the key only when set
             del out["group_by_length"]
+        if not self.distill.enabled:  # off changes nothing: the loss is CE bit for bit
+            del out["distill"]
         return out
 
     def problems(self) -> list[str]:

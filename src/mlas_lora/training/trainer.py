@@ -3,7 +3,9 @@
 For the routed MLAS-LoRA student, `route(pair_ids)` tells every LoRA layer which pair each row
 of the micro-batch belongs to, so only the general LoRA and that pair's LoRA see the sample.
 The loss is the next-token cross-entropy on target tokens only (mean over the micro-batch's
-target tokens), with logits computed at the target-predicting positions only (`training.loss`).
+target tokens), with logits computed at the target-predicting positions only (`training.loss`);
+with `training.distill` on, a frozen teacher's divergence on the same batch is mixed in
+(`training.distill`, beyond the paper).
 Checkpoints hold the adapters (safetensors, written by `save_adapters`) and the training state
 (optimizer, scheduler, RNG, data position) apart, as torchtune does; a resumed run rebuilds the seeded data
 order and continues from the exact micro-batch it stopped at.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -40,7 +43,8 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.stage_files import write_json_atomic
 from mlas_lora.training.config import TrainingConfig
 from mlas_lora.training.data import Feature, collate, epoch_batches, featurize, width_multiple
-from mlas_lora.training.loss import IGNORE, predicting_positions, target_loss
+from mlas_lora.training.distill import distill_loss
+from mlas_lora.training.loss import IGNORE, predicting_positions
 
 Route = Callable[[torch.Tensor], contextlib.AbstractContextManager]
 
@@ -51,6 +55,18 @@ class TrainResult:
     seconds: float
     loss_per_pair: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    peak_rss_mb: float | None = None
+    """The process's peak resident memory so far (teacher included under token distillation)."""
+
+
+def peak_rss_mb() -> float | None:
+    """The peak resident set size of this process in MiB (None where `resource` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)
 
 
 def total_steps(n_micro_per_epoch: int, config: TrainingConfig) -> int:
@@ -144,17 +160,23 @@ class Trainer:
         bf16: bool = False,
         update_norms: Callable[[], dict[str, float]] | None = None,
         after_step: Callable[[int, int], None] | None = None,
+        teacher=None,
     ):
         """`update_norms`, if given, is called after every optimizer step and its {name: ||Delta W|| /
         ||W||} goes into that step's history record (`adapters.update_norms`). `after_step(step,
         total)`, if given, runs after every optimizer step (the gradients still set) and before that
-        step's checkpoint: a method's own schedule, e.g. AFLoRA freezing its matrices."""
+        step's checkpoint: a method's own schedule, e.g. AFLoRA freezing its matrices. `teacher`, with
+        `config.distill` on, is the frozen model whose logits on the same batch the loss distils
+        (training/distill.py); it is never trained nor wrapped by accelerate."""
         if not examples:
             raise MlasLoraError("no training examples")
         self.config, self.out_dir, self.route, self.pairs = config, Path(out_dir), route, pairs
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.save_adapters, self.load_adapters = save_adapters, load_adapters
         self.update_norms, self.after_step = update_norms, after_step
+        self.teacher = teacher if config.distill.enabled else None
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False).eval()
         self.rank, self.processes = rank_and_size()  # sets up the process group under a launcher
         if config.grad_accum < self.processes:
             raise MlasLoraError(
@@ -204,13 +226,26 @@ class Trainer:
         device = self.accelerator.device
         route = self.route(batch["pair_ids"].to(device)) if self.route else contextlib.nullcontext()
         labels = batch["labels"].to(device)
+        keep = predicting_positions(labels != IGNORE)
         with route, torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
-                logits_to_keep=predicting_positions(labels != IGNORE),
+                logits_to_keep=keep,
             )
-        return target_loss(out.logits, labels)
+        return distill_loss(out.logits, self._teacher_logits(batch, keep), labels, self.config.distill)
+
+    @torch.no_grad()
+    def _teacher_logits(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor | None:
+        """The teacher's logits at the student's target-predicting positions (None without a teacher)."""
+        if self.teacher is None:
+            return None
+        device = next(self.teacher.parameters()).device
+        return self.teacher(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            logits_to_keep=keep.to(device),
+        ).logits.to(self.accelerator.device)
 
     def train_step(self, tracker: _PairLoss) -> float:
         self.optimizer.zero_grad(set_to_none=True)  # pairs absent from this step keep grad None
@@ -330,7 +365,9 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         tracker.sum_across_processes()
-        result = TrainResult(self.step, time.perf_counter() - start, tracker.means(), self.history)
+        result = TrainResult(
+            self.step, time.perf_counter() - start, tracker.means(), self.history, peak_rss_mb()
+        )
         if main:
             write_json_atomic(self.out_dir / "train_log.json", result.__dict__)
         return result
