@@ -14,6 +14,27 @@ from mlas_lora.training.config import TrainingConfig
 from mlas_lora.transfer.plan import InitPlan
 from mlas_lora.translation.generate import GenerationConfig
 
+TARGETS = ("reference", "teacher", "mixed")
+
+
+@dataclass
+class TeacherFilter:
+    """Which teacher translations are not used as training targets (`data.teacher_filter`): a dropped
+    one leaves its row's reference (the trainer reads the same rows), a dropped monolingual row goes."""
+
+    empty: bool = True
+    """Drop an empty translation."""
+    copy: bool = True
+    """Drop a copy of the source (the same text, whitespace and case aside)."""
+    length_ratio: list[float] = field(default_factory=lambda: [0.25, 4.0])
+    """Drop a translation whose length in characters over its source's is outside [low, high]."""
+
+    def problems(self) -> list[str]:
+        band = self.length_ratio
+        if len(band) != 2 or not 0 <= band[0] < band[1] or band[1] != band[1] or band[1] == float("inf"):
+            return [f"data.teacher_filter.length_ratio must be [low, high] with 0 <= low < high, got {band}"]
+        return []
+
 
 @dataclass
 class DataConfig:
@@ -54,6 +75,19 @@ class DataConfig:
     `directions`. Only `directions` are evaluated, so these may be others (the verdict's unseen
     directions) or a subset (Fig. 2: train on one direction, test on every one). A training's key
     names these alone, so it is shared with a run whose `directions` are these."""
+    targets: str = "reference"
+    """What trained systems learn to write (beyond the paper): 'reference' (the corpus's translations),
+    'teacher' (the teacher's greedy translations of the training sources the trainer reads, with the
+    evaluation prompt: sequence-level distillation, Kim and Rush 2016) or 'mixed' (the teacher's for a
+    seeded `teacher_share` of those rows, the references for the rest). A system may set it."""
+    teacher_share: float = 0.5
+    """targets 'mixed': the share of the rows read whose target is the teacher's."""
+    teacher_filter: TeacherFilter | None = None
+    """Teacher translations to leave out (empty, copies, length ratio off a band); null: use them all.
+    What it dropped is counted in train-<system>/targets.json and in the report."""
+    monolingual: dict[str, str] = field(default_factory=dict)
+    """{direction: file}: source-only text, one sentence a line, whose teacher translations are added
+    to that trained direction's training rows (e.g. new UI strings without translations)."""
 
     EVAL_FIELDS: ClassVar[tuple[str, ...]] = (
         "valid_per_direction",
@@ -65,14 +99,35 @@ class DataConfig:
         "test_split",
     )
     """The settings only evaluation reads: changing them re-runs no training stage."""
+    TARGET_FIELDS: ClassVar[tuple[str, ...]] = ("targets", "teacher_share", "teacher_filter", "monolingual")
+    """The settings of the training targets (beyond the paper): only trained systems read them (a
+    system may set them), and a training's key holds them only where they act."""
+
+    @property
+    def teacher_targets(self) -> bool:
+        """Whether the teacher translates anything the trainer reads (its targets or monolingual text)."""
+        return self.targets != "reference" or bool(self.monolingual)
 
     def train_settings(self) -> dict:
         """The settings a training stage reads: all but the evaluation-only ones (EVAL_FIELDS); a
         field added later enters only when set, so the keys of earlier runs stay valid."""
-        out = {k: v for k, v in asdict(self).items() if k not in self.EVAL_FIELDS}
+        out = {k: v for k, v in asdict(self).items() if k not in self.EVAL_FIELDS + self.TARGET_FIELDS}
         if out["train_directions"] is not None:  # trained on these whatever is evaluated: one key
             out["directions"] = out["train_directions"]
         del out["train_directions"]
+        return out | self.target_settings()
+
+    def target_settings(self) -> dict:
+        """The target settings where they act (none by default: the keys of earlier runs stay valid)."""
+        out: dict = {}
+        if self.targets != "reference":
+            out["targets"] = self.targets
+        if self.targets == "mixed":
+            out["teacher_share"] = self.teacher_share
+        if self.monolingual:
+            out["monolingual"] = dict(sorted(self.monolingual.items()))
+        if self.teacher_targets and self.teacher_filter is not None:
+            out["teacher_filter"] = asdict(self.teacher_filter)
         return out
 
     @property
@@ -109,6 +164,26 @@ class DataConfig:
                 Direction.parse(d)
             except MlasLoraError as err:
                 out.append(f"data.train_directions: {err}")
+        return out + self._target_problems()
+
+    def _target_problems(self) -> list[str]:
+        out = []
+        if self.targets not in TARGETS:
+            out.append(f"data.targets: {self.targets!r} (known: {', '.join(TARGETS)})")
+        if not 0 <= self.teacher_share <= 1:
+            out.append(f"data.teacher_share must be in [0, 1], got {self.teacher_share}")
+        for direction, path in self.monolingual.items():
+            try:
+                Direction.parse(direction)
+            except MlasLoraError as err:
+                out.append(f"data.monolingual: {err}")
+                continue
+            if direction not in self.trained_directions:
+                out.append(
+                    f"data.monolingual: {direction} is not a trained direction ({', '.join(self.trained_directions)})"
+                )
+            if not isinstance(path, str) or not path:
+                out.append(f"data.monolingual.{direction}: a file path, got {path!r}")
         return out
 
 
@@ -289,3 +364,15 @@ class ExperimentConfig:
     options: dict = field(default_factory=dict)
     """Settings of one method that no other reads (e.g. MELoRA's number of mini-LoRAs), given per
     system; the method checks them against its own dataclass (`methods.base.method_options`)."""
+
+    def key_tree(self) -> dict:
+        """The config as a tree less the distillation settings where they do not act: what a key of
+        the whole config hashes (`mlas-lora curve`), so it stays that of runs made before them."""
+        tree = asdict(self)
+        if not self.training.distill.enabled:
+            del tree["training"]["distill"]
+        acting = self.data.target_settings()
+        for name in DataConfig.TARGET_FIELDS:
+            if name not in acting:
+                del tree["data"][name]
+        return tree

@@ -123,7 +123,7 @@ def learning_curve(config: ExperimentConfig, systems: list[str], segments: int =
     stored = json.loads(path.read_text()) if path.is_file() else {}
     results = {}
     for system in systems:
-        key = config_hash({"system": system, "segments": segments, "config": config_hash(config)})
+        key = config_hash({"system": system, "segments": segments, "config": config_hash(config.key_tree())})
         done = stored.get(system, {})
         points = done.get("points", {}) if done.get("key") == key else {}
         training, trained = training_folder(resolved[system])

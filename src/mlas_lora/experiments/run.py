@@ -319,6 +319,8 @@ def _hypothesis_inputs(system: System) -> dict:
     }
     if config.data.train_directions is None:  # a field added later enters only when set
         del parts["data"]["train_directions"]
+    for name in config.data.TARGET_FIELDS:  # a trained system's are in its train key, where they act
+        del parts["data"][name]
     if not config.generation.prefix_cache:
         del parts["generation"]["prefix_cache"]
     precision = parts["generation"].pop("precision")  # changes no all-bf16 (untrained) model
