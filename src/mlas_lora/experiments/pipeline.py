@@ -1,6 +1,8 @@
 """Train, reload and decode one system of an experiment through its method's protocol:
 
     transfer-<key>/    the teacher stages (stages.py), run first when the method needs them
+    distill-<key>/     the teacher's translations of the rows read, when a system learns from them
+                       (distill.py; train-<system>/targets.json says what was used and dropped)
     train-<system>/    fine-tuning: checkpoints, train_log.json, resume (training/trainer.py)
     adapters-<system>/ the method's export (one PEFT adapter per pair for MLAS-LoRA)
 
@@ -31,7 +33,13 @@ from mlas_lora.experiments.stages import (
 )
 from mlas_lora.experiments.systems import System
 from mlas_lora.methods import Student
-from mlas_lora.stage_files import read_small_json, replace_dir, restore_dir, write_text_atomic
+from mlas_lora.stage_files import (
+    read_small_json,
+    replace_dir,
+    restore_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 from mlas_lora.translation.generate import trains_under_autocast
 
 
@@ -51,7 +59,9 @@ def train_key(system: System) -> str:
     inputs = {"transfer": transfer_key(system.config)} if system.method.needs_transfer(system.config) else {}
     if (prior := prior_system(system)) is not None:
         inputs["prior"] = train_key(prior)
-    return stage_key(**system.method.train_key(system.config, inputs))
+    from mlas_lora.experiments.distill import key_parts
+
+    return stage_key(**system.method.train_key(system.config, inputs), **key_parts(system.config))
 
 
 def train_dir(system: System, run_dir: Path) -> Path:
@@ -118,6 +128,7 @@ def training_folder(system: System) -> tuple[Path, str]:
 
 def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
     """Build and fine-tune one system (or reload its finished training); returns the trained student."""
+    from mlas_lora.experiments.distill import distill_teacher, training_examples
     from mlas_lora.training.trainer import Trainer
 
     method, config = system.method, system.config
@@ -132,10 +143,14 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
     start = time.perf_counter()
     student.model.train()
     training = getattr(method, "training_config", lambda c: c.training)(config)  # a method may adjust (lr)
+    # the split's rows, with the teacher's translations as targets where data.targets asks for them
+    examples, targets = training_examples(config, training, splits.train, run_dir)
+    if targets is not None and is_main_process():
+        write_json_atomic(folder / "targets.json", targets)
     trainer = Trainer(
         student.model,
         student.tokenizer,
-        [example for examples in splits.train.values() for example in examples],
+        examples,
         list(splits.train),
         training,
         folder,
@@ -146,6 +161,7 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
         update_norms=method.update_norms(student),
         after_step=getattr(method, "after_step", None)
         and (lambda step, total: method.after_step(student, step, total)),
+        teacher=distill_teacher(config) if training.distill.enabled else None,
     )
     trainer.fit(resume="auto")
     if is_main_process():

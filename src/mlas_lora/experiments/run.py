@@ -506,6 +506,10 @@ def write_report(
         sections.append("## Paired bootstrap significance\n\n" + significance_table(comparisons))
     diagnosed = next((f for s in systems if (f := teacher_folders(s, run_dir))), {})
     sections.append(method_diagnostics(diagnosed))
+    from mlas_lora.experiments.distill import targets_report
+
+    if teacher_targets := targets_report(systems):
+        sections.append(teacher_targets)
     stages = read_small_json(run_dir / "stages.json")
     stages = stages if isinstance(stages, dict) else {}  # missing or cut: the table is left out
     sections.append("## Wall time (this invocation)\n\n" + _timing_table(timings, stages))

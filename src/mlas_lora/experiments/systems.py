@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 from mlas_lora.config import config_from_dict, merge_trees, to_dict
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.experiments.config import ExperimentConfig
+from mlas_lora.experiments.config import DataConfig, ExperimentConfig
 from mlas_lora.methods import METHODS, Method
 from mlas_lora.methods.presets import PRESETS
 
-SECTIONS = ("lora", "training", "awareness", "transfer", "generation", "options")
-"""The config sections a system may change; data, models and evaluation are the experiment's."""
+SECTIONS = ("lora", "training", "awareness", "transfer", "generation", "options", "data")
+"""The config sections a system may change; models, evaluation and data are the experiment's, but for
+the training targets (`DataConfig.TARGET_FIELDS`: a system may learn from the teacher's translations)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ def system_spec(entry) -> tuple[str, dict]:
     if unknown:
         raise MlasLoraError(
             f"system {entry['name']!r}: unknown keys {unknown} (known: name, method, preset, {', '.join(SECTIONS)})"
+        )
+    if fixed := sorted(set(spec.get("data") or {}) - set(DataConfig.TARGET_FIELDS)):
+        raise MlasLoraError(
+            f"system {entry['name']!r}: data.{', data.'.join(fixed)} is the experiment's; a system may set "
+            f"data.{', data.'.join(DataConfig.TARGET_FIELDS)} only"
         )
     if spec.get("method") not in METHODS:
         raise MlasLoraError(
@@ -93,6 +99,10 @@ def resolve_systems(config: ExperimentConfig) -> list[System]:
             f"(systems: {', '.join(names)})"
         )
     problems += model_problems(config, systems)
+    if not problems:
+        from mlas_lora.experiments.distill import distill_problems
+
+        problems += distill_problems(systems)
     if problems:
         raise MlasLoraError("invalid systems:\n  - " + "\n  - ".join(problems))
     return systems

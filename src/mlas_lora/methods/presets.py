@@ -99,8 +99,26 @@ BASELINES: dict[str, dict] = {
     "melora-matched": {"method": "melora"},
 }
 
+DISTILL: dict[str, dict] = {
+    # Beyond the paper: the teacher's knowledge moved through its outputs, beside (or on top of)
+    # MLAS-LoRA's move through its weights. `-seqkd`: trained on the teacher's greedy translations of
+    # the sources read (sequence-level KD, Kim and Rush 2016); `-kd`: the references' cross-entropy
+    # and the teacher's next-token distributions, half and half (forward KL at temperature 1, the
+    # word-level KD of Kim and Rush); `-seqkd-kd`: both. Any method takes either setting.
+    "lora-seqkd": {"method": "lora", "data": {"targets": "teacher"}},
+    "mlas-lora-seqkd": {"method": "mlas-lora", "data": {"targets": "teacher"}},
+    "lora-kd": {"method": "lora", "training": {"distill": {"weight": 0.5}}},
+    "mlas-lora-kd": {"method": "mlas-lora", "training": {"distill": {"weight": 0.5}}},
+    "mlas-lora-seqkd-kd": {
+        "method": "mlas-lora",
+        "data": {"targets": "teacher"},
+        "training": {"distill": {"weight": 0.5}},
+    },
+}
+
 PRESETS.update(BASELINES)
 PRESETS.update(ABLATIONS)
+PRESETS.update(DISTILL)
 
 TABLE2 = ("mlas-lora", *ABLATIONS)
 """Table 2's rows: MLAS-LoRA and the ten ablations."""
