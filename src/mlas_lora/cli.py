@@ -397,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a named set of systems (table2: MLAS-LoRA + the ten ablations; lambda: Fig. 5) with tables and plots",
     )
     exp.add_argument(
-        "name", help="table1, table2, verdict, lambda, pairs, transfer, family, or any label with --systems"
+        "name",
+        help="table1, table2, verdict, lambda, pairs, transfer, family, distill, monolingual, or any label "
+        "with --systems",
     )
     exp.add_argument(
         "config", help="experiment YAML for data, models and settings, e.g. configs/embedded-4dir.yaml"

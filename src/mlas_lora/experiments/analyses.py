@@ -22,7 +22,8 @@ from mlas_lora.config import config_from_dict, merge_trees, to_dict
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.config import ExperimentConfig
 
-ANALYSES = ("pairs", "transfer", "family")
+ANALYSES = ("pairs", "transfer", "family", "monolingual")
+"""`monolingual` (beyond the paper) lives in distill_experiment.py."""
 PAIRS_SYSTEMS = ("lora", "M-i", "mlas-lora")
 
 

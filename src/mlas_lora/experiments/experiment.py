@@ -6,6 +6,9 @@ tables shaped like the paper's and plots.
     table2   MLAS-LoRA and the ten ablations of Table 2 (methods/presets.py), bootstrap vs MLAS-LoRA
     lambda   Fig. 5: MLAS-LoRA as lambda varies (0.05-0.6 in 8 steps, plus `auto`); one teacher pass
     pairs, transfer, family   Figs. 3, 2 and 4 (analyses.py: runs of their own)
+    distill  beyond the paper: sequence- and token-level distillation of the teacher into LoRA and
+             MLAS-LoRA, bootstrap vs LoRA and vs MLAS-LoRA, costs.md (distill_experiment.py)
+    monolingual  beyond the paper: the gain as teacher-translated monolingual text is added (an analysis)
     NAME     any label: the config's systems (e.g. a sweep file in configs/sweeps/), or `--systems a,b,c`
 
 Stages and hypotheses live in the config's run folder, shared with `mlas-lora run`, so a finished
@@ -101,6 +104,10 @@ def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) ->
         return list(TABLE2)
     if name == "verdict":
         return list(VERDICT)
+    if name == "distill":
+        from mlas_lora.experiments.distill_experiment import DISTILL_SYSTEMS
+
+        return list(DISTILL_SYSTEMS)
     if name == "lambda":
         points = [*lambdas, "auto"]
         return [{"name": f"lambda-{lam}", "preset": "mlas-lora", "awareness": {"lam": lam}} for lam in points]
@@ -158,6 +165,8 @@ def experiment_config(
     names = [system_spec(s)[0] for s in tree["systems"]]
     if name in ("table1", "table2", "verdict", "family"):  # family: Table 1's comparison on another student
         tree["evaluation"]["baseline_for_significance"] = "mlas-lora"
+    elif name == "distill" and "lora" in names:  # and against mlas-lora in NAME/vs-mlas-lora/
+        tree["evaluation"]["baseline_for_significance"] = "lora"
     elif name == "lambda" and systems is not None and "lambda-auto" in names:
         tree["evaluation"]["baseline_for_significance"] = "lambda-auto"  # MLAS-LoRA as shipped
     elif config.evaluation.significance_baseline(names) not in names:
@@ -196,6 +205,10 @@ def run_named_experiment(
     run_experiment(config, report_dir=folder)
     write_tables(config, resolved, folder)
     write_plots(name, config, resolved, folder)
+    if name == "distill":
+        from mlas_lora.experiments.distill_experiment import write_distill_tables
+
+        write_distill_tables(config, resolved, folder)
     return folder
 
 
@@ -214,6 +227,10 @@ def run_analysis(name: str, config, systems, budget, focus: str, student: str, o
         analyses.run_pairs(base, folder, focus, caption)
     elif name == "transfer":
         analyses.run_transfer(base, folder, caption)
+    elif name == "monolingual":
+        from mlas_lora.experiments.distill_experiment import MONOLINGUAL_SYSTEMS, run_monolingual
+
+        run_monolingual(base, folder, caption, systems or MONOLINGUAL_SYSTEMS)
     else:
         sub = analyses.run_family(base, folder, student, list(base.systems), caption)
         write_tables(sub, resolve_systems(sub), folder)

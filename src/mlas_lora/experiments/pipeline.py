@@ -140,13 +140,14 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
     if stage_done(folder, key):
         method.load(student, finished_checkpoint(folder))
         return student
-    start = time.perf_counter()
-    student.model.train()
     training = getattr(method, "training_config", lambda c: c.training)(config)  # a method may adjust (lr)
-    # the split's rows, with the teacher's translations as targets where data.targets asks for them
+    # the split's rows, with the teacher's translations as targets where data.targets asks for them (a
+    # stage of its own, timed apart from the training)
     examples, targets = training_examples(config, training, splits.train, run_dir)
     if targets is not None and is_main_process():
         write_json_atomic(folder / "targets.json", targets)
+    start = time.perf_counter()
+    student.model.train()
     trainer = Trainer(
         student.model,
         student.tokenizer,
