@@ -346,23 +346,21 @@ def _tokenizer(name: str, cache: dict):
     return cache[name]
 
 
-def targets_report(systems) -> str:
-    """A report section: per system that learnt from the teacher's translations, how many of the rows
-    it read had them, what the filter dropped and the teacher's seconds (train-<system>/targets.json)."""
-    from mlas_lora.experiments.pipeline import training_folder
+def targets_report(folders: dict[str, Path]) -> str:
+    """A report section: per system that learnt from the teacher's translations ({name: its training
+    folder}), how many of the rows it read had them, what the filter dropped and the teacher's seconds
+    (train-<system>/targets.json)."""
     from mlas_lora.stage_files import read_small_json
 
     lines = []
-    for system in systems:
-        if not system.method.trains or not system.config.data.teacher_targets:
-            continue
-        done = read_small_json(training_folder(system)[0] / "targets.json")
+    for name, folder in folders.items():
+        done = read_small_json(folder / "targets.json")
         if not isinstance(done, dict):
             continue
         drops = ", ".join(f"{k} {v}" for k, v in sorted(done["dropped"].items())) or "none"
         mono = ", ".join(f"{p} {m['kept']}/{m['lines']}" for p, m in done["monolingual"].items()) or "-"
         lines.append(
-            f"| {system.name} | {done['targets']} | {done['rows_read']} of {done['rows']} | "
+            f"| {name} | {done['targets']} | {done['rows_read']} of {done['rows']} | "
             f"{done['teacher_targets']} | {drops} | {mono} | {done['teacher_seconds']:.1f} |"
         )
     if not lines:

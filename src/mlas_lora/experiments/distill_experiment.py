@@ -44,24 +44,6 @@ DISTILLED = re.compile(r"-(seqkd-kd|seqkd|kd)(?=$|\.seed)")
 """The suffix of a distilled system's name; without it, the name of its undistilled counterpart."""
 
 
-def write_distill_tables(config: ExperimentConfig, systems, folder: Path) -> None:
-    """The experiment's tables again against `mlas-lora` (NAME/vs-mlas-lora/), then costs.md."""
-    from mlas_lora.experiments.experiment import write_tables
-
-    names = [s.name for s in systems]
-    if "mlas-lora" in names and config.evaluation.significance_baseline(names) != "mlas-lora":
-        other = folder / "vs-mlas-lora"
-        other.mkdir(parents=True, exist_ok=True)
-        results = other / "results"
-        if not results.exists():
-            results.symlink_to(Path("..") / "results", target_is_directory=True)
-        against = replace(
-            config, evaluation=replace(config.evaluation, baseline_for_significance="mlas-lora")
-        )
-        write_tables(against, systems, other)
-    write_text_atomic(folder / "costs.md", distill_costs(systems))
-
-
 def distill_costs(systems) -> str:
     """Markdown: per distilled system, its training seconds and its teacher's translation seconds,
     each over the training seconds of its undistilled counterpart (`lora-kd` over `lora`)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from mlas_lora.config import config_from_dict, merge_trees, to_dict
@@ -206,10 +207,25 @@ def run_named_experiment(
     write_tables(config, resolved, folder)
     write_plots(name, config, resolved, folder)
     if name == "distill":
-        from mlas_lora.experiments.distill_experiment import write_distill_tables
+        from mlas_lora.experiments.distill_experiment import distill_costs
 
-        write_distill_tables(config, resolved, folder)
+        write_tables_against(config, resolved, folder, "mlas-lora")
+        write_text_atomic(folder / "costs.md", distill_costs(resolved))
     return folder
+
+
+def write_tables_against(config: ExperimentConfig, systems, folder: Path, baseline: str) -> None:
+    """The experiment's tables again with significance against `baseline`, in NAME/vs-BASELINE/ (the
+    same results, linked); nothing when it is not a system or already the baseline."""
+    names = [s.name for s in systems]
+    if baseline not in names or config.evaluation.significance_baseline(names) == baseline:
+        return
+    other = folder / f"vs-{baseline}"
+    other.mkdir(parents=True, exist_ok=True)
+    if not (other / "results").exists():
+        (other / "results").symlink_to(Path("..") / "results", target_is_directory=True)
+    evaluation = replace(config.evaluation, baseline_for_significance=baseline)
+    write_tables(replace(config, evaluation=evaluation), systems, other)
 
 
 def run_analysis(name: str, config, systems, budget, focus: str, student: str, overrides=None) -> Path:

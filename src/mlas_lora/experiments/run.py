@@ -507,8 +507,10 @@ def write_report(
     diagnosed = next((f for s in systems if (f := teacher_folders(s, run_dir))), {})
     sections.append(method_diagnostics(diagnosed))
     from mlas_lora.experiments.distill import targets_report
+    from mlas_lora.experiments.pipeline import training_folder
 
-    if teacher_targets := targets_report(systems):
+    distilled = [s for s in systems if s.method.trains and s.config.data.teacher_targets]
+    if teacher_targets := targets_report({s.name: training_folder(s)[0] for s in distilled}):
         sections.append(teacher_targets)
     stages = read_small_json(run_dir / "stages.json")
     stages = stages if isinstance(stages, dict) else {}  # missing or cut: the table is left out
