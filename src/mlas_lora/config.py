@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -54,6 +55,9 @@ def merge_trees(base: dict, extra: dict) -> dict:
 
 
 def _check_type(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):  # `.nan <= 0` is False: no check sees it
+        problems.append(f"{where}: expected a finite number, got {value!r}")
+        return value
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         options = typing.get_args(hint)
@@ -134,8 +138,14 @@ def read_yaml_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         raise MlasLoraError(f"config `base:` loop: {loop}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise MlasLoraError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise MlasLoraError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:  # YAML's position and problem, not its snippet of the file's line
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise MlasLoraError(
+            f"{where}: not valid YAML ({getattr(err, 'problem', None) or 'syntax'})"
+        ) from None
     if not isinstance(data, dict):
         raise MlasLoraError(f"{path}: expected a mapping of settings (key: value), got {type(data).__name__}")
     base = data.pop("base", None)
