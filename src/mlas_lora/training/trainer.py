@@ -353,6 +353,12 @@ class Trainer:
         )
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
             loss = self.train_step(tracker)
+            if not math.isfinite(loss):  # every later step would be NaN too: stop before a checkpoint
+                raise MlasLoraError(
+                    f"training stopped at step {self.step}: the loss is {loss}, not a finite number; the "
+                    f"checkpoints in {self.out_dir / 'checkpoints'} are from before it. Lower training.lr, "
+                    "or check the initial adapters (e.g. lora.teacher_scale) and the training data"
+                )
             if self.after_step is not None:
                 self.after_step(self.step, self.steps)
             record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
