@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 from mlas_lora.errors import MlasLoraError
+from mlas_lora.run_lock import run_lock
 
 
 def _data_build(args) -> None:
@@ -98,11 +100,14 @@ def _run(args) -> None:
     from mlas_lora.experiments.run import run_experiment
 
     config = load_config(ExperimentConfig, args.config, args.overrides)
-    report = run_experiment(config, force=args.force)
+    with run_lock(config.output_dir):
+        report = run_experiment(config, force=args.force)
     print(report.read_text())
 
 
+@contextlib.contextmanager
 def _load_experiment(args):
+    """(config, train and dev splits, run folder) of a stage command, the run folder's lock held."""
     from mlas_lora.config import load_config
     from mlas_lora.distributed import is_main_process
     from mlas_lora.experiments.config import ExperimentConfig
@@ -112,10 +117,11 @@ def _load_experiment(args):
 
     config = load_config(ExperimentConfig, args.config, args.overrides)
     resolve_systems(config)  # every problem of the systems before any stage runs
-    splits = load_splits(config.data, ("train", "dev"))
-    if is_main_process():  # under `accelerate launch`, one process writes
-        write_manifest(config, Path(config.output_dir))  # only once the config and the data are good
-    return config, splits, Path(config.output_dir)
+    with run_lock(config.output_dir):
+        splits = load_splits(config.data, ("train", "dev"))
+        if is_main_process():  # under `accelerate launch`, one process writes
+            write_manifest(config, Path(config.output_dir))  # only once the config and the data are good
+        yield config, splits, Path(config.output_dir)
 
 
 def _score(args) -> None:
@@ -130,8 +136,8 @@ def _score(args) -> None:
                 "--max-memory spreads one process's teacher over the devices: run it without a launcher"
             )
         placement = {"max_memory": parse_max_memory(args.max_memory), "offload_folder": args.offload_folder}
-    config, splits, run_dir = _load_experiment(args)
-    scored, _ = awareness_stage(config, splits, run_dir, placement)
+    with _load_experiment(args) as (config, splits, run_dir):
+        scored, _ = awareness_stage(config, splits, run_dir, placement)
     scores = load_awareness(scored)
     print(f"{scored}: pairs {scores.pairs}, teacher layers kept (Eq. 1): {scores.selected_layers}")
 
@@ -154,15 +160,15 @@ def _classify(args) -> None:
     from mlas_lora.awareness.classify import classification_summary, load_classes
     from mlas_lora.experiments.stages import awareness_stage
 
-    config, splits, run_dir = _load_experiment(args)
-    print(classification_summary(load_classes(awareness_stage(config, splits, run_dir)[1])))
+    with _load_experiment(args) as (config, splits, run_dir):
+        print(classification_summary(load_classes(awareness_stage(config, splits, run_dir)[1])))
 
 
 def _transfer(args) -> None:
     from mlas_lora.experiments.stages import transfer_stage
 
-    config, splits, run_dir = _load_experiment(args)
-    factors, folder = transfer_stage(config, splits, run_dir)
+    with _load_experiment(args) as (config, splits, run_dir):
+        factors, folder = transfer_stage(config, splits, run_dir)
     energy = [m["energy_kept"] for m in factors.meta["submatrices"].values()]
     print(
         f"{folder}: {len(energy)} submatrices, SVD energy kept at rank r: "
@@ -171,11 +177,15 @@ def _transfer(args) -> None:
 
 
 def _train(args) -> None:
+    with _load_experiment(args) as (config, splits, run_dir):
+        _train_systems(args, config, splits, run_dir)
+
+
+def _train_systems(args, config, splits, run_dir: Path) -> None:
     from mlas_lora.distributed import is_main_process
     from mlas_lora.experiments.pipeline import export_stage, train_dir, train_stage
     from mlas_lora.experiments.systems import find_system, resolve_systems
 
-    config, splits, run_dir = _load_experiment(args)
     systems = resolve_systems(config)
     chosen = [find_system(systems, args.system)] if args.system else [s for s in systems if s.method.trains]
     for system in chosen:
@@ -234,7 +244,8 @@ def _curve(args) -> None:
         if args.systems
         else [s.name for s in resolve_systems(config) if s.method.trains]
     )
-    png = learning_curve(config, systems, args.segments)
+    with run_lock(config.output_dir):
+        png = learning_curve(config, systems, args.segments)
     results = json.loads((png.parent / "curve.json").read_text())
     for step, system, score in leader_by_step({s: results[s] for s in systems}):
         print(f"step {step}: {system} leads (valid chrF++ {score:.2f})")
@@ -242,14 +253,21 @@ def _curve(args) -> None:
 
 
 def _evaluate(args) -> None:
+    from mlas_lora.evaluation.comet import comet_available
     from mlas_lora.evaluation.files import evaluate_files, format_evaluation, write_evaluation
 
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
+    if metrics == []:
+        raise MlasLoraError(f"--metrics {args.metrics!r} names no metric (of bleu,chrf,meteor,comet)")
     wants_comet = args.comet_model is not None if metrics is None else "comet" in metrics
     if wants_comet and args.comet_model is None:
         raise MlasLoraError("metric comet needs a local COMET checkpoint: pass --comet-model PATH")
     if wants_comet and args.src is None:
         raise MlasLoraError("COMET reads the source sentences: pass --src FILE")
+    if wants_comet and not (usable := comet_available(args.comet_model))[0]:
+        raise MlasLoraError(f"COMET was asked for but cannot run: {usable[1]}")
+    if args.json:
+        _check_output_file(Path(args.json), "--json")
     if args.bootstrap < 1:
         raise MlasLoraError(f"--bootstrap must be a positive number of resamples, got {args.bootstrap}")
     result = evaluate_files(
@@ -259,6 +277,15 @@ def _evaluate(args) -> None:
     print(format_evaluation(result), end="")
     if args.json:
         print(f"numbers written to {write_evaluation(result, args.json)}")
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder, or one under a file."""
+    if path.is_dir() or path.name in ("", ".", ".."):
+        raise MlasLoraError(f"{option} {path}: is a folder; give a file name, e.g. {path / 'scores.json'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise MlasLoraError(f"{option} {path}: {parent} is a file, not a folder")
 
 
 def _experiment(args) -> None:
@@ -271,9 +298,10 @@ def _experiment(args) -> None:
     systems = args.systems.split(",") if args.systems else None
     lambdas = [float(x) for x in args.lambdas.split(",")] if args.lambdas else LAMBDAS
     seeds = args.seeds if args.seeds is not None else (3 if args.name == "verdict" else 1)
-    folder = run_named_experiment(
-        args.name, config, systems, args.budget, lambdas, args.focus, args.student, seeds, overrides
-    )
+    with run_lock(config.output_dir):
+        folder = run_named_experiment(
+            args.name, config, systems, args.budget, lambdas, args.focus, args.student, seeds, overrides
+        )
     for table in sorted(folder.glob("table.test.*.md")) or sorted(folder.glob("table.*.md")):
         print(f"## {table.stem}\n\n{table.read_text()}")
     if (folder / "choice.md").is_file():
@@ -432,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except MlasLoraError as err:
         print(f"mlas-lora: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only folder, a file in a folder's place
+        from mlas_lora.errors import os_error_message
+
+        print(f"mlas-lora: error: {os_error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mlas-lora: interrupted", file=sys.stderr)
