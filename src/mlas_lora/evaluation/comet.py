@@ -6,7 +6,8 @@ COMET is an optional extra (`pip install mlas-lora[comet]`) and is never downloa
 encoder (xlm-roberta-large for wmt22-comet-da) from its Hugging Face name, so its config and
 tokenizer must already be in the local Hugging Face cache when the machine is offline.
 Without a checkpoint, the package, or the source sentences COMET reads, the metric is reported as
-unavailable with the reason, and the other metrics go on.
+unavailable with the reason, and the other metrics go on; a checkpoint that is there but does not load
+is an error (`mlas-lora evaluate` refuses any COMET it was asked for and cannot run).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlas_lora.errors import MlasLoraError
 from mlas_lora.evaluation.result import MetricResult, unavailable
 
 
@@ -68,7 +70,13 @@ def comet_corpus(
     import torch
 
     ckpt = comet_checkpoint(model)
-    scorer = comet.load_from_checkpoint(str(ckpt))
+    try:
+        scorer = comet.load_from_checkpoint(str(ckpt))
+    except Exception as err:  # noqa: BLE001 - any refusal: the metric was asked for with this model
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise MlasLoraError(
+            f"{ckpt}: COMET cannot load this checkpoint ({type(err).__name__}: {first})"
+        ) from None
     data = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(sources, hypotheses, references, strict=True)]
     prediction = scorer.predict(data, batch_size=batch_size, gpus=1 if torch.cuda.is_available() else 0)
     return MetricResult("comet", 100.0 * float(prediction.system_score), comet_signature(ckpt), n)
