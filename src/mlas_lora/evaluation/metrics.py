@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
+from sacrebleu.utils import sum_of_lists
 
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.evaluation.comet import comet_corpus
@@ -55,12 +56,31 @@ def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(metrics))
 
 
+SCORE_CHUNK = 1_000
+"""Segments whose statistics sacreBLEU holds at once (`sacrebleu_score`)."""
+
+
 def sacrebleu_score(
-    metric: str, hypotheses: Sequence[str], references: Sequence[str], tgt_lang: str
+    metric: str, hypotheses: Sequence[str], references: Sequence[str], tgt_lang: str, chunk: int = SCORE_CHUNK
 ) -> MetricResult:
-    """BLEU or chrF++ on one reference per segment, with sacreBLEU's signature."""
+    """BLEU or chrF++ on one reference per segment, with sacreBLEU's signature.
+
+    sacreBLEU's `corpus_score` (and its own CLI) first builds every reference's n-gram counter and
+    keeps a list of every segment's statistics: 2.2 GB for 5 MB of chrF++ text, past 16 GB for 50 MB.
+    Both are sums over segments, so they are taken `chunk` segments at a time and added: the same
+    integers, hence the same score, in memory bounded by the chunk.
+    """
     scorer = sacrebleu_metric(metric, tgt_lang)
-    score = scorer.corpus_score(list(hypotheses), [list(references)])
+    hyps, refs = list(hypotheses), list(references)
+    if len(hyps) <= chunk:
+        score = scorer.corpus_score(hyps, [refs])
+    else:
+        scorer._check_corpus_score_args(hyps, [refs])
+        totals = [
+            sum_of_lists(scorer._extract_corpus_statistics(hyps[i : i + chunk], [refs[i : i + chunk]]))
+            for i in range(0, len(hyps), chunk)
+        ]
+        score = scorer._aggregate_and_compute(totals)
     return MetricResult(metric, float(score.score), scorer.get_signature().format(), len(hypotheses))
 
 
