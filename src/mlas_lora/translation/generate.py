@@ -91,6 +91,29 @@ class TranslationRequest:
         return f"{self.src_lang}-{self.tgt_lang}"
 
 
+MAX_SOURCE_TOKENS = 1024
+"""A source segment (or an in-context demonstration's side) longer than this many tokens is cut to
+them before decoding, so one runaway line cannot ask for gigabytes (a 100k-character line asked for
+11 GB on a 2-layer model). Four times training's `max_tokens` (256, prompt and target together); the
+embedded corpus's longest segment has 313. Not a config field: the generation settings enter the
+hypothesis keys, and no segment of a run made before is affected."""
+
+
+def bounded_request(tokenizer, request: TranslationRequest) -> TranslationRequest:
+    """`request` with its source and demonstrations cut to MAX_SOURCE_TOKENS tokens each (itself,
+    unchanged, when nothing is that long)."""
+
+    def cut(text: str) -> str:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= MAX_SOURCE_TOKENS else tokenizer.decode(ids[:MAX_SOURCE_TOKENS])
+
+    source = cut(request.source)
+    demos = tuple(replace(d, source=cut(d.source), reference=cut(d.reference)) for d in request.demos)
+    if source == request.source and demos == request.demos:
+        return request
+    return replace(request, source=source, demos=demos)
+
+
 def clean_output(text: str) -> str:
     """The translation is the first line of what the model wrote, stripped."""
     return text.strip().split("\n", 1)[0].strip()
@@ -387,6 +410,7 @@ def translate(
 def _translate(model, tokenizer, requests, config, batch_context, progress, desc, decoder: str) -> list[str]:
     if not requests:
         return []
+    requests = [bounded_request(tokenizer, r) for r in requests]
     style = PromptStyle(chat=config.chat)
     ids = [
         prompt_ids(
