@@ -20,6 +20,7 @@ Layout written by `save_routed(routed, dir)`:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -233,6 +234,7 @@ def load_routed(model, path, check_base: bool = True) -> RoutedLoRAModel:
     if check_base:
         _check_base(manifest, model, Path(path) / MANIFEST)
     if not isinstance(model, RoutedLoRAModel):
+        _check_size(config, model, Path(path))  # before anything is allocated
         fields = {k: v for k, v in config.to_dict().items() if k != "init"}
         model = attach_routed_lora(model, **fields)
     elif _shape(model.lora_config) != _shape(config):
@@ -244,6 +246,42 @@ def load_routed(model, path, check_base: bool = True) -> RoutedLoRAModel:
     _copy_into(model, _load_weights(Path(path) / WEIGHTS), Path(path) / WEIGHTS)
     model.lora_config = config
     return model
+
+
+def _check_size(config: RoutedLoRAConfig, model, path: Path) -> None:
+    """Refuse a manifest whose ranks do not fit the model (the rule `model_problems` applies to a config),
+    or whose LoRAs would hold more numbers than its weights file does: a crafted `r_gen: 100000000`
+    asked for 12.8 GB before any tensor was compared."""
+    from safetensors import safe_open
+
+    from mlas_lora.models.arch import decoder_layers, projection
+
+    config.validate()
+    where, blocks = path / MANIFEST, decoder_layers(model)
+    chosen = (
+        range(len(blocks)) if config.layers is None else [i for i in config.layers if 0 <= i < len(blocks)]
+    )
+    shapes = [projection(blocks[i], t).weight.shape for i in chosen for t in config.targets]
+    if not shapes:
+        return  # no layer in range: attach_routed_lora says which
+    rank, smallest = config.r_gen + config.r_spe, min(min(shape) for shape in shapes)
+    if rank > smallest:
+        raise MlasLoraError(
+            f"{where}: rank r_gen + r_spe = {rank} exceeds the model's smallest targeted projection "
+            f"dimension {smallest}; {DAMAGED}"
+        )
+    wanted = sum((config.r_gen + len(config.pairs) * config.r_spe) * (out + inp) for out, inp in shapes)
+    try:
+        with safe_open(str(path / WEIGHTS), "pt") as weights:
+            held = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    except (SafetensorError, OSError) as err:
+        raise MlasLoraError(
+            f"{path / WEIGHTS}: truncated or corrupt safetensors file ({err}); {DAMAGED}"
+        ) from None
+    if wanted > held:
+        raise MlasLoraError(
+            f"{where}: its config asks for {wanted} LoRA numbers but {WEIGHTS} holds {held}; {DAMAGED}"
+        )
 
 
 def load_routed_for_inference(
