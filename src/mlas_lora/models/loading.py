@@ -6,6 +6,7 @@ reading any weights, so an unsupported model fails fast with a clear message.
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -121,8 +122,14 @@ def damaged_safetensors(folder: Path) -> tuple[Path, str] | None:
 def weights_error(name: str, source: str, local: bool, err: Exception) -> MlasLoraError:
     """The error for weights that do not load: a damaged file is named, with how to get it again."""
     damaged = damaged_safetensors(Path(source)) if local else None
+    if damaged is None and isinstance(err, pickle.UnpicklingError):
+        return MlasLoraError(
+            f"{source}: its weights are a pickle (*.bin) that holds more than tensors; it is not loaded, "
+            "since a pickle can run code: save the model as safetensors where you trust the file"
+        )
     if damaged is None:
-        return MlasLoraError(f"cannot load the weights of {source!r}: {err}")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return MlasLoraError(f"cannot load the weights of {source!r}: {first}")
     path, reason = damaged
     fix = (
         f"run `mlas-lora models prepare {name} --force` to convert the model again"
@@ -166,7 +173,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, local_files_only=local, **placed
         )
-    except (OSError, ValueError, SafetensorError) as err:
+    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
         raise weights_error(str(name_or_path), source, local, err) from None
     if device is not None and not placed:
         model = model.to(device)
