@@ -14,6 +14,7 @@ and a source without a single example raises at its end.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -174,6 +175,36 @@ def _hf_example(row: dict, index: int, d: Direction, where: str) -> Example:
     if missing:
         raise MlasLoraError(f"{where}, row {index}: no text for {missing} (columns: {sorted(row)})")
     return Example(d.src, d.tgt, pair[d.src].strip(), pair[d.tgt].strip())
+
+
+TEMPLATE_FIELDS = ("src", "tgt", "xx", "split")
+"""The fields a corpus spec template may name (`data.corpus: hf:wmt18:{xx}-en:{split}`)."""
+
+
+def template_problem(template: str) -> str | None:
+    """Why `template` cannot be filled, or None: only TEMPLATE_FIELDS by name, without conversion or
+    format spec (no attribute or index lookups: `{src.__class__}` is refused, not evaluated)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        return f"{template!r}: {err} (a literal brace is written {{{{ or }}}})"
+    bad = [
+        "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        for _, field, spec, conversion in parsed
+        if field is not None and (field not in TEMPLATE_FIELDS or spec or conversion)
+    ]
+    if bad:
+        known = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
+        return f"{template!r}: unknown field(s) {', '.join(bad)} (known: {known})"
+    return None
+
+
+def fill_template(template: str, **values: str) -> str:
+    """`template` with its fields replaced by `values`, as `str.format` would for a valid template."""
+    if problem := template_problem(template):
+        raise MlasLoraError(f"corpus template {problem}")
+    parsed = string.Formatter().parse(template)
+    return "".join(text + (values[field] if field is not None else "") for text, field, _, _ in parsed)
 
 
 def read_examples(spec: str | Path, direction: str | Direction) -> Iterator[Example]:

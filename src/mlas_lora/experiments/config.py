@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -135,11 +136,16 @@ class DataConfig:
         return list(self.directions if self.train_directions is None else self.train_directions)
 
     def problems(self) -> list[str]:
+        from mlas_lora.data.readers import template_problem
         from mlas_lora.data.sampling import SAMPLING
 
         out = []
         if self.sample not in SAMPLING:
             out.append(f"data.sample: {self.sample!r} (known: {', '.join(SAMPLING)})")
+        for name in ("corpus", "test_corpus"):
+            value = getattr(self, name)
+            if value is not None and "{" in value and (problem := template_problem(value)):
+                out.append(f"data.{name}: template {problem}")
         for name in ("train_per_direction", "test_per_direction", "ood_per_direction"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -364,6 +370,15 @@ class ExperimentConfig:
     options: dict = field(default_factory=dict)
     """Settings of one method that no other reads (e.g. MELoRA's number of mini-LoRAs), given per
     system; the method checks them against its own dataclass (`methods.base.method_options`)."""
+
+    def __post_init__(self):
+        if isinstance(self.output_dir, str) and self.output_dir.startswith("~"):  # not a folder named ~
+            self.output_dir = os.path.expanduser(self.output_dir)
+
+    def problems(self) -> list[str]:
+        if not self.output_dir.strip():
+            return ["output_dir is empty (the run would write into the current folder): name a folder"]
+        return []
 
     def key_tree(self) -> dict:
         """The config as a tree less the distillation settings where they do not act: what a key of

@@ -72,8 +72,10 @@ def corpus_spec(direction: Direction, split: str, config: DataConfig) -> str | N
         return None
     if "{" not in corpus:
         return str(Path(corpus) / f"{name}.{direction}.tsv")
+    from mlas_lora.data.readers import fill_template
+
     xx = direction.tgt if direction.src == "en" else direction.src
-    return corpus.format(src=direction.src, tgt=direction.tgt, xx=xx, split=name)
+    return fill_template(corpus, src=direction.src, tgt=direction.tgt, xx=xx, split=name)
 
 
 def _english_side(example: Example) -> str:
