@@ -48,14 +48,11 @@ def rows_read(pair_indices: list[int], training: TrainingConfig) -> list[int]:
     from mlas_lora.training.trainer import total_steps
 
     features = [Feature([], [], p) for p in pair_indices]
-    c = training
-    n_micro = len(epoch_batches(features, c.micro_batch, c.seed, 0, c.mixed_pairs))
-    micro = total_steps(n_micro, c) * c.grad_accum
-    if micro >= n_micro:
+    first_epoch = epoch_batches(features, training.micro_batch, training.seed, 0, training.mixed_pairs)
+    micro = total_steps(len(first_epoch), training) * training.grad_accum
+    if micro >= len(first_epoch):
         return list(range(len(features)))
-    return sorted(
-        i for batch in epoch_batches(features, c.micro_batch, c.seed, 0, c.mixed_pairs)[:micro] for i in batch
-    )
+    return sorted(i for batch in first_epoch[:micro] for i in batch)
 
 
 def read_monolingual(path: str | Path, direction: str) -> list[Row]:
