@@ -30,6 +30,7 @@ from mlas_lora.data.sources import SourceFile, fetch_sources, find_sources, read
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.languages import PAPER_LANGUAGES, Direction, language_name
 from mlas_lora.paths import corpus_dir, downloads_dir
+from mlas_lora.stage_files import json_line
 
 SPLITS = ("train", "dev", "test", "ood")
 FORMAT_VERSION = 1  # bump when cleaning or split rules change, so existing corpora are rebuilt
@@ -171,9 +172,7 @@ def _write_atomically(out: Path, splits: dict, manifest: dict) -> None:
         for lang, by_split in splits.items():
             (tmp / lang).mkdir(parents=True)
             for split, pairs in by_split.items():
-                lines = (
-                    json.dumps({"translation": {PIVOT: en, lang: xx}}, ensure_ascii=False) for en, xx in pairs
-                )
+                lines = (json_line({"translation": {PIVOT: en, lang: xx}}) for en, xx in pairs)
                 (tmp / lang / f"{split}.jsonl").write_text(
                     "".join(line + "\n" for line in lines), encoding="utf-8"
                 )
