@@ -329,6 +329,11 @@ def test_verdict_trains_each_system_with_every_seed_and_reuses_them(tiny_config)
         r["strata"] for r in sig if r["system_a"] == "lora"
     } == {2}
     assert all(0 < r["p_value"] <= r["p_holm"] <= 1 for r in sig)
+    named = experiment_config("verdict", tiny_config, ["lora", "lora.seed1"], None)  # seeds by name
+    assert [s if isinstance(s, str) else (s["name"], s["training"]["seed"]) for s in named.systems] == [
+        "lora",
+        ("lora.seed1", 1),
+    ]
     assert (folder / "verdict.png").stat().st_size > 0 and "### bleu" in (folder / "tables.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in (run / "hyps").rglob("*.jsonl")}
     run_named_experiment("verdict", tiny_config, systems=systems, seeds=2)  # every seed's cells reused

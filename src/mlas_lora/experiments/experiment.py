@@ -161,6 +161,7 @@ def experiment_config(
     tree = budget_tree(to_dict(config), budget, overrides)
     if systems is not None:
         tree["systems"] = systems
+    tree["systems"] = seed_names(list(tree["systems"]), config)
     if seeds != 1:
         tree["systems"] = expand_seeds(list(tree["systems"]), seeds, config)
     names = [system_spec(s)[0] for s in tree["systems"]]
@@ -295,6 +296,24 @@ def expand_seeds(entries: list, seeds: int, config: ExperimentConfig) -> list:
             training = dict(spec.get("training", {}))
             training["seed"] = training.get("seed", config.training.seed) + k
             out.append({"name": f"{name}.seed{k}", **spec, "training": training})
+    return out
+
+
+def seed_names(entries: list, config: ExperimentConfig) -> list:
+    """`NAME.seedK` given by name (e.g. `--systems lora,lora.seed1`) is system NAME with training.seed
+    + K, as `--seeds` names it: a table of the seeds that are done, or one more seed of one system."""
+    from mlas_lora.experiments.systems import system_spec
+
+    out = []
+    for entry in entries:
+        match = SEED_SUFFIX.match(entry) if isinstance(entry, str) else None
+        if match is None:
+            out.append(entry)
+            continue
+        _, spec = system_spec(match["base"])
+        training = dict(spec.get("training", {}))
+        training["seed"] = training.get("seed", config.training.seed) + int(match["k"])
+        out.append({"name": entry, **spec, "training": training})
     return out
 
 
