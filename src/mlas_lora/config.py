@@ -173,4 +173,6 @@ def config_hash(obj) -> str:
 
 
 def save_yaml(obj, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True))
+    from mlas_lora.stage_files import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True))

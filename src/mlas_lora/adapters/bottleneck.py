@@ -37,6 +37,7 @@ from torch import nn
 from mlas_lora.adapters.projection import ProjectionWrapper
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTION_PATHS, decoder_layers, projection
+from mlas_lora.stage_files import write_text_atomic
 
 PLACEMENTS = ("o", "down")
 """The projections whose output gets an adapter: attention output and MLP output (Houlsby Fig. 2)."""
@@ -149,7 +150,7 @@ def save_bottleneck(model: nn.Module, folder: Path, base_model: str | None = Non
         "num_layers": len(decoder_layers(model)),
         "base_model": base_model,
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2))
     return folder
 
 

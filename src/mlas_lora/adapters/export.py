@@ -38,6 +38,7 @@ from mlas_lora.adapters.routed_lora import (
 )
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.loading import base_model_id
+from mlas_lora.stage_files import write_text_atomic
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """vLLM's allowed `max_lora_rank` values (vllm/config/lora.py, MaxLoRARanks)."""
@@ -166,7 +167,7 @@ def save_routed(routed: RoutedLoRAModel, path) -> Path:
         "residual": residual,
         "tensors": len(tensors),
     }
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return path
 
 

@@ -30,6 +30,7 @@ from mlas_lora.adapters.projection import ProjectionWrapper
 from mlas_lora.adapters.update_norms import lowrank_norm
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTION_PATHS, decoder_layers, projection
+from mlas_lora.stage_files import write_text_atomic
 
 WEIGHTS = "adapter.safetensors"
 MANIFEST = "adapter.json"
@@ -87,7 +88,7 @@ def save_adapter(model: nn.Module, path, manifest: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in adapter_state(model).items()}
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return path
 
 

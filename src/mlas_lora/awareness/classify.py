@@ -48,7 +48,7 @@ from mlas_lora.awareness.neuron_awareness import SIDES, phi_key
 from mlas_lora.awareness.scoring import AwarenessScores
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS
-from mlas_lora.stage_files import read_json, require_file
+from mlas_lora.stage_files import read_json, require_file, write_text_atomic
 
 CLASSES_TENSORS = "classes.safetensors"
 CLASSES_META = "classes.json"
@@ -276,7 +276,7 @@ def save_classes(classes: NeuronClasses, directory: str | Path) -> Path:
         "pairs": classes.pairs,
         "summary": classes.summary,
     }
-    (directory / CLASSES_META).write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(directory / CLASSES_META, json.dumps(meta, indent=2) + "\n")
     return directory
 
 

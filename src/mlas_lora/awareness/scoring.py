@@ -60,7 +60,7 @@ from mlas_lora.distributed import is_main_process, shard
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS, decoder_layers
 from mlas_lora.prompting import PromptStyle, build_prompt, training_ids, uses_chat
-from mlas_lora.stage_files import read_json, require_file
+from mlas_lora.stage_files import read_json, require_file, write_text_atomic
 from mlas_lora.training.data import fit_to_budget, width_multiple
 from mlas_lora.training.loss import TokenCrossEntropy, predicting_positions
 
@@ -465,7 +465,7 @@ def save_awareness(scores: AwarenessScores, directory: str | Path) -> Path:
         "dtype": scores.dtype,
         "reduction": scores.reduction,
     }
-    (directory / AWARENESS_META).write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(directory / AWARENESS_META, json.dumps(meta, indent=2) + "\n")
     return directory
 
 

@@ -42,7 +42,7 @@ from mlas_lora.models.arch import (
     describe,
     projection,
 )
-from mlas_lora.stage_files import read_json, require_file
+from mlas_lora.stage_files import read_json, require_file, write_text_atomic
 from mlas_lora.transfer.extract import (
     FILL_RULES,
     RANKED,
@@ -353,7 +353,7 @@ def save_factors(factors: Factors, out_dir: str | Path) -> Path:
             indices[f"{layer}.{proj}.{name}.cols"] = cols.contiguous()
     save_file(tensors, str(out_dir / "factors.safetensors"), metadata={"format": FORMAT})
     save_file(indices, str(out_dir / "indices.safetensors"), metadata={"format": FORMAT})
-    (out_dir / "transfer.json").write_text(json.dumps(factors.meta, indent=2) + "\n")
+    write_text_atomic(out_dir / "transfer.json", json.dumps(factors.meta, indent=2) + "\n")
     return out_dir
 
 
