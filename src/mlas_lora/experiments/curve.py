@@ -16,7 +16,6 @@ interrupted curve continues.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from mlas_lora.errors import MlasLoraError
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import Splits, load_splits
 from mlas_lora.experiments.systems import System, resolve_systems
-from mlas_lora.stage_files import write_json_atomic
+from mlas_lora.stage_files import read_small_json, write_json_atomic
 
 
 def checkpoints(folder: Path) -> dict[int, Path]:
@@ -91,10 +90,8 @@ def system_curve(system: System, splits: Splits, valid: dict, done: dict, folder
 
 
 def _update_norms(folder: Path) -> dict[int, float]:
-    log = folder / "train_log.json"
-    if not log.is_file():
-        return {}
-    history = json.loads(log.read_text()).get("history", [])
+    log = read_small_json(folder / "train_log.json")  # None: missing, or cut by a kill
+    history = log.get("history", []) if isinstance(log, dict) else []
     return {
         r["step"]: sum(r["update_norm"].values()) / len(r["update_norm"])
         for r in history
@@ -120,7 +117,8 @@ def learning_curve(config: ExperimentConfig, systems: list[str], segments: int =
     splits = load_splits(config.data, ("train", "dev", "valid"))
     valid = {d: ex[:segments] for d, ex in splits.valid.items() if ex}
     path = folder / "curve.json"
-    stored = json.loads(path.read_text()) if path.is_file() else {}
+    stored = read_small_json(path)
+    stored = stored if isinstance(stored, dict) else {}  # missing or cut: every point is computed again
     results = {}
     for system in systems:
         key = config_hash({"system": system, "segments": segments, "config": config_hash(config.key_tree())})

@@ -398,13 +398,13 @@ def method_diagnostics(folders: dict[str, Path]) -> str:
     how much each pair's init overlaps the general init."""
     if not folders:
         return ""
-    classes, transfer = folders["classes"] / "classes.json", folders["transfer"] / "transfer.json"
-    if not (classes.is_file() and transfer.is_file()):
+    meta = read_small_json(folders["classes"] / "classes.json")
+    moved = read_small_json(folders["transfer"] / "transfer.json")
+    if not (isinstance(meta, dict) and isinstance(moved, dict)):  # missing or unreadable: no section
         return ""
-    meta, moved = json.loads(classes.read_text()), json.loads(transfer.read_text())
     total, pairs = meta["summary"]["total"], meta["pairs"]
-    scored = folders["awareness"] / "awareness.json"
-    awareness = json.loads(scored.read_text()) if scored.is_file() else {}
+    awareness = read_small_json(folders["awareness"] / "awareness.json")
+    awareness = awareness if isinstance(awareness, dict) else {}
     lines = [
         "## What the teacher analysis found\n",
         f"Teacher layers kept (Eq. 1, reading `{awareness.get('relevance_reading', 'all')}`), in order onto "
