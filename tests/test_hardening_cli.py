@@ -67,6 +67,29 @@ def test_training_stops_at_a_non_finite_loss_before_any_checkpoint(tmp_path):
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+def test_a_checkpoint_that_cannot_be_written_is_one_error_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    import mlas_lora.training.trainer as trainer_module
+    from mlas_lora.data.records import Example
+    from mlas_lora.training.config import TrainingConfig
+
+    def full_disk(*args, **kwargs):  # what torch.save raises on a full disk: no file named
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj"]))
+    examples = [Example("en", "de", f"open file {i}", f"datei {i}") for i in range(8)]
+    config = TrainingConfig(lr=1e-3, micro_batch=4, grad_accum=1, max_steps=2, checkpoint_every=1)
+    save = lambda path: model.save_pretrained(str(path))  # noqa: E731
+    trainer = trainer_module.Trainer(
+        model, tiny_tokenizer(), examples, ["en-de"], config, tmp_path, None, save, print
+    )
+    monkeypatch.setattr(trainer_module.torch, "save", full_disk)
+    with pytest.raises(MlasLoraError, match="step-000001.tmp: the checkpoint of step 1 could not be written"):
+        trainer.fit(progress=False)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
 HOLDER = """
 import sys
 from mlas_lora.run_lock import run_lock

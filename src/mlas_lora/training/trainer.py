@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -299,8 +300,6 @@ class Trainer:
     def _write_checkpoint(self, final: Path) -> None:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "adapters").mkdir(parents=True)
-        self.save_adapters(tmp / "adapters")
         state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -308,7 +307,17 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "history": self.history,
         }
-        torch.save(state, tmp / STATE)
+        try:
+            (tmp / "adapters").mkdir(parents=True)
+            self.save_adapters(tmp / "adapters")
+            torch.save(state, tmp / STATE)  # a full disk: RuntimeError "unexpected pos", no file named
+        except (OSError, RuntimeError, SafetensorError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise MlasLoraError(
+                f"{tmp}: the checkpoint of step {self.step} could not be written ({type(err).__name__}: "
+                f"{first}); is the disk full? Earlier checkpoints are kept: free space and run again to resume"
+            ) from None
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         keep = self.config.keep_checkpoints
