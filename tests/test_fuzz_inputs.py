@@ -66,7 +66,8 @@ def test_read_tsv_of_any_shape(rows):
 @given(st.lists(st.one_of(st.binary(max_size=30).map(lambda b: b.decode("utf-8", "replace")),
                           st.dictionaries(TEXT, TEXT, max_size=2).map(json.dumps),
                           st.fixed_dictionaries({"translation": st.dictionaries(
-                              st.sampled_from(["en", "de", "fi"]), TEXT, max_size=3)}).map(
+                              st.sampled_from(["en", "de", "fi"]), TEXT | st.integers() | st.none(),
+                              max_size=3)}).map(
                               lambda r: json.dumps(r, ensure_ascii=False))), max_size=5))  # fmt: skip
 def test_read_jsonl_of_any_rows(lines):
     with folder() as root:

@@ -94,13 +94,18 @@ def read_jsonl(path: str | Path, direction: str | Direction) -> Iterator[Example
 def _jsonl_examples(path: Path, d: Direction) -> Iterator[Example]:
     for lineno, row in jsonl_rows(path):
         pair = row.get("translation") if isinstance(row, dict) else None
-        missing = [x for x in (d.src, d.tgt) if not isinstance(pair, dict) or not pair.get(x)]
+        missing = [x for x in (d.src, d.tgt) if not isinstance(pair, dict) or not _text(pair.get(x))]
         if missing:
             raise MlasLoraError(
                 f'{path}, line {lineno}: expected {{"translation": {{"{d.src}": ..., "{d.tgt}": ...}}}}, '
-                f"missing or empty language key(s) {missing}"
+                f"missing or empty language key(s) {missing} (each must be text, not only spaces)"
             )
         yield Example(d.src, d.tgt, pair[d.src].strip(), pair[d.tgt].strip())
+
+
+def _text(value) -> bool:
+    """Whether a row's field is a segment: a string with more than whitespace (as a TSV field must be)."""
+    return isinstance(value, str) and bool(value.strip())
 
 
 def aligned_paths(prefix_or_src_path: str | Path, direction: str | Direction) -> tuple[Path, Path]:
@@ -171,7 +176,7 @@ def _hf_example(row: dict, index: int, d: Direction, where: str) -> Example:
     pair = row.get("translation") or {
         x: row.get(f"sentence_{FLORES_CODES.get(x, x)}") for x in (d.src, d.tgt)
     }
-    missing = [x for x in (d.src, d.tgt) if not pair.get(x)]
+    missing = [x for x in (d.src, d.tgt) if not _text(pair.get(x))]
     if missing:
         raise MlasLoraError(f"{where}, row {index}: no text for {missing} (columns: {sorted(row)})")
     return Example(d.src, d.tgt, pair[d.src].strip(), pair[d.tgt].strip())
