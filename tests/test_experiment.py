@@ -334,6 +334,8 @@ def test_verdict_trains_each_system_with_every_seed_and_reuses_them(tiny_config)
         "lora",
         ("lora.seed1", 1),
     ]
+    both = experiment_config("verdict", tiny_config, ["lora", "lora.seed1"], None, seeds=2)  # not twice
+    assert [s if isinstance(s, str) else s["name"] for s in both.systems] == ["lora", "lora.seed1"]
     assert (folder / "verdict.png").stat().st_size > 0 and "### bleu" in (folder / "tables.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in (run / "hyps").rglob("*.jsonl")}
     run_named_experiment("verdict", tiny_config, systems=systems, seeds=2)  # every seed's cells reused

@@ -288,11 +288,12 @@ def expand_seeds(entries: list, seeds: int, config: ExperimentConfig) -> list:
     if seeds < 1:
         raise MlasLoraError(f"--seeds must be >= 1, got {seeds}")
     out = list(entries)
+    named = {system_spec(entry)[0] for entry in entries}
     for k in range(1, seeds):
         for entry in entries:
             name, spec = system_spec(entry)
-            if not METHODS[spec["method"]].trains:
-                continue
+            if not METHODS[spec["method"]].trains or f"{name}.seed{k}" in named or SEED_SUFFIX.match(name):
+                continue  # prompting, a seed given by name, or itself one seed of a system
             training = dict(spec.get("training", {}))
             training["seed"] = training.get("seed", config.training.seed) + k
             out.append({"name": f"{name}.seed{k}", **spec, "training": training})
