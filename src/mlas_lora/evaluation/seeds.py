@@ -20,7 +20,7 @@ stratum:
 
 from __future__ import annotations
 
-import math
+import statistics
 from collections.abc import Sequence
 
 import numpy as np
@@ -101,7 +101,4 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     """(mean, sample standard deviation); the sd is None for a single value."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return sum(values) / len(values), statistics.stdev(values) if len(values) > 1 else None

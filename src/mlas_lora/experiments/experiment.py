@@ -294,10 +294,15 @@ def expand_seeds(entries: list, seeds: int, config: ExperimentConfig) -> list:
             name, spec = system_spec(entry)
             if not METHODS[spec["method"]].trains or f"{name}.seed{k}" in named or SEED_SUFFIX.match(name):
                 continue  # prompting, a seed given by name, or itself one seed of a system
-            training = dict(spec.get("training", {}))
-            training["seed"] = training.get("seed", config.training.seed) + k
-            out.append({"name": f"{name}.seed{k}", **spec, "training": training})
+            out.append(seeded(f"{name}.seed{k}", spec, k, config))
     return out
+
+
+def seeded(name: str, spec: dict, k: int, config: ExperimentConfig) -> dict:
+    """The system entry `name`: `spec` with its training.seed (or the config's) + k."""
+    training = dict(spec.get("training", {}))
+    training["seed"] = training.get("seed", config.training.seed) + k
+    return {"name": name, **spec, "training": training}
 
 
 def seed_names(entries: list, config: ExperimentConfig) -> list:
@@ -311,10 +316,7 @@ def seed_names(entries: list, config: ExperimentConfig) -> list:
         if match is None:
             out.append(entry)
             continue
-        _, spec = system_spec(match["base"])
-        training = dict(spec.get("training", {}))
-        training["seed"] = training.get("seed", config.training.seed) + int(match["k"])
-        out.append({"name": entry, **spec, "training": training})
+        out.append(seeded(entry, system_spec(match["base"])[1], int(match["k"]), config))
     return out
 
 
@@ -328,13 +330,6 @@ def seed_groups(names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def _hyps(run_dir: Path, system: str, split: str, direction: str) -> tuple[list[str], list[str]]:
-    from mlas_lora.experiments.run import HypothesisStore
-
-    rows = HypothesisStore._rows(HypothesisStore(run_dir).path(system, split, direction))[1:]
-    return [r["hypothesis"] for r in rows], [r["reference"] for r in rows]
-
-
 def seed_significance(
     config: ExperimentConfig, groups: dict[str, list[str]], splits: list[str], directions: dict, trials: int
 ) -> list[dict]:
@@ -342,12 +337,21 @@ def seed_significance(
     approximate randomization stratified by seed (challenger seed K against baseline seed K, or
     against the baseline's one output), p-values Holm-corrected across the directions of one
     (row, split, metric)."""
+    from functools import cache
+
     from mlas_lora.evaluation.seeds import holm, stratified_ar
+    from mlas_lora.experiments.run import HypothesisStore
 
     baseline = config.evaluation.significance_baseline(list(groups))
     if baseline not in groups:
         return []
-    run_dir, rows = Path(config.output_dir), []
+    store, rows = HypothesisStore(Path(config.output_dir)), []
+
+    @cache  # the baseline's files serve every row and both metrics: each file is read once
+    def _hyps(system: str, split: str, direction: str) -> tuple[list[str], list[str]]:
+        saved = HypothesisStore._rows(store.path(system, split, direction))[1:]
+        return [r["hypothesis"] for r in saved], [r["reference"] for r in saved]
+
     for row, members in groups.items():
         if row == baseline:
             continue
@@ -357,9 +361,9 @@ def seed_significance(
                 for direction in directions[split]:
                     strata, refs = [], None
                     for k, member in enumerate(members):
-                        hyps_a, refs_a = _hyps(run_dir, member, split, direction)
+                        hyps_a, refs_a = _hyps(member, split, direction)
                         other = groups[baseline][k % len(groups[baseline])]
-                        hyps_b, refs_b = _hyps(run_dir, other, split, direction)
+                        hyps_b, refs_b = _hyps(other, split, direction)
                         if not hyps_a or refs_a != refs_b:
                             break
                         strata.append((hyps_a, hyps_b))

@@ -17,7 +17,7 @@ def format_params(n: int | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
 
 
-def significant_cells(comparisons: Sequence[Mapping], metric: str, split: str, alpha: float = 0.05) -> dict:
+def significant_cells(comparisons: Sequence[Mapping], metric: str, split: str) -> dict:
     """(system, direction) -> (Holm-adjusted p-value, delta) against the baseline, for this split and
     metric (rows of `experiment.seed_significance`)."""
     return {

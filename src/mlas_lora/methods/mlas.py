@@ -115,7 +115,7 @@ class MlasLora:
         if untrained and len(trained) == 1:  # trained on one direction (Fig. 2): its LoRAs serve every one
             (only,) = trained
             return contextlib.nullcontext(), lambda ids: student.model.routing([only] * len(ids))
-        if untrained and untrained == pairs and shape_has_general(student.model):
+        if untrained and untrained == pairs and student.model.lora_config.r_gen > 0:
             # directions it was not trained on (the verdict's unseen directions): the general LoRA alone
             only = trained[0]
             return general_only(student.model), lambda ids: student.model.routing([only] * len(ids))
@@ -139,10 +139,6 @@ class MlasLora:
 
     def trainable_parameters(self, student) -> int:
         return count_trainable(student.model)
-
-
-def shape_has_general(model) -> bool:
-    return model.lora_config.r_gen > 0
 
 
 @contextlib.contextmanager
