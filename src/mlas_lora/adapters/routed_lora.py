@@ -387,7 +387,7 @@ class RoutedLoRAModel(ModelWrapper):
 
         dtype None: every routed layer computes (W + B A) x with the pair's general + specific update
         folded into W in W's dtype (like PEFT's merge), at the base model's speed; in bfloat16 a small
-        update is partly rounded away, so this is *not* the trained function (see README). A wider
+        update is partly rounded away, so this is *not* the trained function (see docs/design-choices.md). A wider
         dtype (float32) keeps W + B A in a copy of that dtype and computes those layers in it: exact,
         but twice the weight bytes per step. On exit the original weights are put back bitwise.
         Not for training: the LoRAs get no gradient here.

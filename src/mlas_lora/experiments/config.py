@@ -303,7 +303,7 @@ class LoraSettings:
     """'add' (literal Eq. 9: W + teacher factors) or 'residual' (function-preserving at step 0).
     'add' became the default after the first measured runs, where it matched or slightly led residual
     (chrF++ 27.78 vs 27.77 in the demo, 29.85 vs 29.54 in embedded-4dir at 150 segments); the later runs
-    in the README put residual slightly ahead (28.03 vs 27.55; 29.48 vs 29.33 at 300 segments). All
+    (docs/results-archive.md) put residual slightly ahead (28.03 vs 27.55; 29.48 vs 29.33 at 300 segments). All
     within noise, so no mode is better on our data; the default was not changed."""
     teacher_scale: float = 1.0
     """The initial update of each LoRA is teacher_scale x the rank-r SVD of its teacher submatrix:

@@ -9,7 +9,7 @@ Greedy decoding (`decoder="auto"`) runs `continuous.ContinuousDecoder`: a finish
 or the token that completes the stop string "\n") leaves the batch and the next prompt takes its slot,
 and each pair's shared prompt prefix is computed once. Its hypotheses are those of decoding each row
 alone up to float rounding; batch composition changes bf16 rounding, so they are not the bits of
-`generate` at one batch size, which no batch size of `generate` keeps either (README, docs/speed.md).
+`generate` at one batch size, which no batch size of `generate` keeps either (docs/speed.md).
 `decoder="generate"` (every length bucket through `generate`) is the reference it is measured against,
 and `loop` / `shrink` the bucketed greedy loop that preceded it.
 """
