@@ -21,9 +21,10 @@ from pathlib import Path
 from mlas_lora.data.lines import count_lines, jsonl_rows, read_lines
 from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.languages import Direction
+from mlas_lora.languages import Direction, iso639_3
 
-# FLORES-200 column suffixes (`sentence_deu_Latn`) of the project's languages.
+# FLORES-200 column suffixes (`sentence_deu_Latn`) of the paper's languages; another language's is
+# found by its ISO 639-3 code (`flores_column`).
 FLORES_CODES = {
     "cs": "ces_Latn",
     "de": "deu_Latn",
@@ -173,13 +174,21 @@ def read_hf(name: str, config: str | None, split: str, direction: str | Directio
 
 
 def _hf_example(row: dict, index: int, d: Direction, where: str) -> Example:
-    pair = row.get("translation") or {
-        x: row.get(f"sentence_{FLORES_CODES.get(x, x)}") for x in (d.src, d.tgt)
-    }
+    pair = row.get("translation") or {x: row.get(flores_column(x, row)) for x in (d.src, d.tgt)}
     missing = [x for x in (d.src, d.tgt) if not _text(pair.get(x))]
     if missing:
         raise MlasLoraError(f"{where}, row {index}: no text for {missing} (columns: {sorted(row)})")
     return Example(d.src, d.tgt, pair[d.src].strip(), pair[d.tgt].strip())
+
+
+def flores_column(lang: str, columns) -> str:
+    """A language's FLORES-200 column: `sentence_<FLORES_CODES>`, else the one column of its ISO 639-3
+    code in any script (`fr` -> `sentence_fra_Latn`), else `sentence_<lang>`."""
+    if lang in FLORES_CODES:
+        return f"sentence_{FLORES_CODES[lang]}"
+    prefix = f"sentence_{iso639_3(lang)}_"
+    found = [c for c in columns if c.startswith(prefix)]
+    return found[0] if len(found) == 1 else f"sentence_{lang}"
 
 
 TEMPLATE_FIELDS = ("src", "tgt", "xx", "split")

@@ -20,7 +20,13 @@ from pathlib import Path
 
 from mlas_lora.data.readers import read_segments
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.evaluation.metrics import DEFAULT_METRICS, SIGNIFICANCE_METRICS, paired_bootstrap, score_corpus
+from mlas_lora.evaluation.metrics import (
+    DEFAULT_METRICS,
+    SIGNIFICANCE_METRICS,
+    bleu_note,
+    paired_bootstrap,
+    score_corpus,
+)
 from mlas_lora.evaluation.report import METRIC_NAMES
 from mlas_lora.languages import language_name
 from mlas_lora.stage_files import write_json_atomic
@@ -149,6 +155,8 @@ def format_evaluation(result: Mapping) -> str:
         rows.append(_metric_row(name, m, with_baseline))
         if m["available"]:
             signatures.append(f"{name} signature: {m['signature']}")
+            if metric == "bleu" and (note := bleu_note(result["tgt_lang"])):
+                notes.append(note)
         else:
             notes.append(f"{name} not computed: {m['reason']}")
     lines = [f"{result['n_segments']} segments, target language {result['tgt_lang']}", *_aligned(rows)]

