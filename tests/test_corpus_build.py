@@ -15,6 +15,7 @@ from mlas_lora.data.catalogs import Message, parse_mo, parse_po, write_mo
 from mlas_lora.data.cleaning import clean_pair, split_of, strip_mnemonics
 from mlas_lora.data.debian import deb_control, deb_files, read_ar, write_ar
 from mlas_lora.data.embedded import build_corpus, corpus_stats, embedded_available, load_embedded
+from mlas_lora.data.pins import LIBREOFFICE_L10N
 from mlas_lora.data.records import Example
 from mlas_lora.data.sources import locale_code
 from mlas_lora.errors import MlasLoraError
@@ -130,12 +131,12 @@ def inputs(tmp_path) -> Path:
     """A from_dir with two LibreOffice-like .deb files, a wheel with .po catalogs and a loose .po."""
     root = tmp_path / "in"
     root.mkdir()
-    make_deb(root / "libreoffice-l10n-de_1.0_all.deb", "libreoffice-l10n-de", "4:7.4.7-1", {
+    make_deb(root / "libreoffice-l10n-de_1.0_all.deb", "libreoffice-l10n-de", LIBREOFFICE_L10N, {
         LO_DIR.format("de", "sw.mo"): write_mo(DE_UI[:30]),
         LO_DIR.format("de", "sc.mo"): write_mo(DE_UI[30:]),
         "./usr/share/doc/readme.txt": b"not a catalog",
     })  # fmt: skip
-    make_deb(root / "libreoffice-l10n-zh-cn_1.0_all.deb", "libreoffice-l10n-zh-cn", "4:7.4.7-1", {
+    make_deb(root / "libreoffice-l10n-zh-cn_1.0_all.deb", "libreoffice-l10n-zh-cn", LIBREOFFICE_L10N, {
         LO_DIR.format("zh-CN", "sw.mo"): write_mo(ZH_UI),
     })  # fmt: skip
     with zipfile.ZipFile(root / "webapp-2.1-py3-none-any.whl", "w") as wheel:
@@ -294,14 +295,14 @@ def test_manifest_and_stats(inputs, tmp_path):
     out = tmp_path / "corpus"
     manifest = build_corpus(("de", "zh"), from_dir=inputs, out_dir=out, progress=False, **FRACS)
     by_package = {s["package"]: s for s in manifest["sources"]}
-    assert by_package["libreoffice-l10n-de"]["version"] == "4:7.4.7-1"
+    assert by_package["libreoffice-l10n-de"]["version"] == LIBREOFFICE_L10N == "4:7.4.7-1+deb12u14"
     assert by_package["webapp"]["version"] == "2.1" and by_package["de.po"]["domain"] == "ood"
     assert all(len(s["sha256"]) == 64 for s in manifest["sources"])
     assert set(manifest["english_overlap"].values()) == {0}
     stats = corpus_stats(out)
     counts = manifest["counts"]["de"]
     assert f"de    {counts['train']:>8}{counts['dev']:>8}{counts['test']:>8}{counts['ood']:>8}" in stats
-    assert "libreoffice-l10n-zh-cn 4:7.4.7-1" in stats and stats.endswith("-> ok")
+    assert f"libreoffice-l10n-zh-cn {LIBREOFFICE_L10N} (" in stats and stats.endswith("-> ok")
     (out / "de" / "test.jsonl").write_text(
         (out / "de" / "test.jsonl").read_text()
         + json.dumps({"translation": {"en": "Save", "de": "x"}})

@@ -16,7 +16,7 @@ def _data_build(args) -> None:
     from mlas_lora.data.embedded import build_corpus, corpus_stats
     from mlas_lora.evaluation.meteor import meteor_available, prepare_wordnet
 
-    build_corpus(from_dir=args.from_dir, force=args.force)
+    build_corpus(from_dir=args.from_dir, force=args.force, any_version=args.any_version)
     print(corpus_stats())
     if not meteor_available()[0]:
         try:  # METEOR's WordNet, from Debian's packages; without it METEOR is reported unavailable
@@ -329,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", "--from-dir", dest="from_dir", help="folder of already-downloaded .deb/.mo/.po/.whl files"
     )
     build.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
+    build.add_argument(
+        "--any-version",
+        action="store_true",
+        help="accept LibreOffice/Django/Wagtail versions other than the pinned ones (the corpus then differs)",
+    )
     build.set_defaults(func=_data_build)
     data.add_parser("stats", help="counts per language and split").set_defaults(func=_data_stats)
 

@@ -119,24 +119,38 @@ def apt_available() -> bool:
     return shutil.which("apt-get") is not None and shutil.which("apt-cache") is not None
 
 
-def apt_download(packages: list[str], dest: Path) -> list[Path]:
+def apt_download(packages: list[str], dest: Path, versions: dict[str, str] | None = None) -> list[Path]:
     """Download `.deb` files (no install) into `dest`, refreshing the package lists once if needed.
 
-    A file already in `dest` whose sha256 matches the archive's is reused, so a rebuild is offline.
+    `versions` pins packages to one version each (`apt-get download NAME=VERSION`); a pinned
+    package's `.deb` already in `dest` is reused without asking apt, so a pinned rebuild works
+    offline, and after the mirror has moved on. An unpinned one is reused when its sha256 matches
+    the archive's.
     """
-    if not apt_available():
+    versions = versions or {}
+    cached = {p: _cached_version(dest, p, versions[p]) for p in packages if p in versions}
+    wanted = [p for p in packages if cached.get(p) is None]
+    if wanted and not apt_available():
         raise MlasLoraError(
             "apt-get is not available (not a Debian-like system): download the .deb files elsewhere "
             "and pass from_dir=DIR (CLI: --from-dir DIR)"
         )
     dest.mkdir(parents=True, exist_ok=True)
-    info = _apt_show(packages)
-    paths = []
-    for package in packages:
-        fields = info[package]
-        cached = _cached_deb(dest, package, fields.get("SHA256", ""))
-        paths.append(cached or _apt_get_download(package, dest))
-    return paths
+    specs = {p: f"{p}={versions[p]}" if p in versions else p for p in wanted}
+    info = _apt_show(list(specs.values())) if wanted else {}
+    missing = [specs[p] for p in wanted if p not in info]
+    if missing:
+        raise MlasLoraError(f"apt offers no {', '.join(missing)} (apt-cache show finds none)")
+    for package in wanted:
+        reused = _cached_deb(dest, package, info[package].get("SHA256", ""))
+        cached[package] = reused or _apt_get_download(package, specs[package], dest)
+    return [cached[p] for p in packages]
+
+
+def _cached_version(dest: Path, package: str, version: str) -> Path | None:
+    """The `.deb` of `package` at `version` in `dest`, by the name `apt-get download` gives it."""
+    hits = sorted(dest.glob(f"{package}_{version.replace(':', '%3a')}_*.deb"))
+    return hits[0] if hits else None
 
 
 def _apt_show(packages: list[str]) -> dict[str, dict[str, str]]:
@@ -168,9 +182,9 @@ def _cached_deb(dest: Path, package: str, sha256: str) -> Path | None:
     return None
 
 
-def _apt_get_download(package: str, dest: Path) -> Path:
+def _apt_get_download(package: str, spec: str, dest: Path) -> Path:
     before = set(dest.glob(f"{package}_*.deb"))
-    _run(["apt-get", "download", package], check=True, cwd=dest)
+    _run(["apt-get", "download", spec], check=True, cwd=dest)
     new = sorted(set(dest.glob(f"{package}_*.deb")) - before) or sorted(dest.glob(f"{package}_*.deb"))
     if not new:
         raise MlasLoraError(f"apt-get download {package} wrote no .deb file into {dest}")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from mlas_lora.data.cleaning import clean_pair, english_words, pick_translations, split_of, unit_hash
 from mlas_lora.data.debian import apt_available
 from mlas_lora.data.lines import jsonl_rows
+from mlas_lora.data.pins import check_pins, pinned_version, pinned_versions
 from mlas_lora.data.records import Example
 from mlas_lora.data.sources import SourceFile, fetch_sources, find_sources, read_messages
 from mlas_lora.errors import MlasLoraError
@@ -47,13 +48,15 @@ def build_corpus(
     min_eval_words: int = 4,
     ood_min_words: int = 4,
     progress: bool = True,
+    any_version: bool = False,
 ) -> dict:
     """Build (or reuse) the corpus and return its manifest.
 
     `test_frac`/`dev_frac` are shares of the English strings with at least `min_eval_words`
     words (shorter strings always train). Without `from_dir`, packages are fetched with
     apt-get and pip into `downloads_dir()`. An unchanged build (same inputs and parameters)
-    is skipped unless `force`.
+    is skipped unless `force`. LibreOffice, Django and Wagtail packages must be at the versions
+    pinned in `pins.py` unless `any_version` (own `.mo`/`.po` files and other wheels are not pinned).
     """
     langs = _check_langs(langs)
     out = Path(out_dir) if out_dir else corpus_dir()
@@ -65,7 +68,8 @@ def build_corpus(
         ood_min_words=ood_min_words,
         format=FORMAT_VERSION,
     )
-    sources = _gather_sources(langs, from_dir, refresh=force)
+    sources = _gather_sources(langs, from_dir, refresh=force, any_version=any_version)
+    off_pin = check_pins([(s.package, s.version) for s in sources], any_version)
     fingerprint = _fingerprint(params, sources)
     old = read_corpus_manifest(out) if (out / "manifest.json").exists() else None
     if old and old.get("fingerprint") == fingerprint and not force:
@@ -78,7 +82,7 @@ def build_corpus(
             "libreoffice-l10n-<lang> .deb files (or <lang>.mo catalogs) of these languages and build again"
         )
     splits = _split_all(ui, ood, params)
-    manifest = _manifest(params, sources, fingerprint, splits)
+    manifest = _manifest(params, sources, fingerprint, splits, off_pin)
     _write_atomically(out, splits, manifest)
     return manifest
 
@@ -93,7 +97,7 @@ def _check_langs(langs) -> tuple[str, ...]:
     return tuple(langs)
 
 
-def _gather_sources(langs, from_dir, refresh: bool) -> list[SourceFile]:
+def _gather_sources(langs, from_dir, refresh: bool, any_version: bool) -> list[SourceFile]:
     if from_dir is not None:
         return find_sources(Path(from_dir))
     if not apt_available():
@@ -102,7 +106,7 @@ def _gather_sources(langs, from_dir, refresh: bool) -> list[SourceFile]:
             "fetched: download libreoffice-l10n-* .deb files and the django/wagtail wheels elsewhere and "
             "pass from_dir=DIR (CLI: mlas-lora data build --from-dir DIR)"
         )
-    return fetch_sources(langs, downloads_dir(), refresh=refresh)
+    return fetch_sources(langs, downloads_dir(), refresh=refresh, any_version=any_version)
 
 
 def _fingerprint(params: dict, sources: list[SourceFile]) -> str:
@@ -142,17 +146,27 @@ def _split_all(ui: dict, ood: dict, params: dict) -> dict[str, dict[str, list[tu
     return splits
 
 
-def _manifest(params, sources, fingerprint, splits) -> dict:
+def _manifest(params, sources, fingerprint, splits, off_pin: list[str]) -> dict:
+    """What was built from what: `sources` name each input's package, version and sha256; `pins` and
+    `off_pin` (the inputs built with `any_version` away from their pin) are provenance only, outside
+    the fingerprint, so a corpus built before they were recorded keeps its key."""
     return {
         "format": FORMAT_VERSION,
         "fingerprint": fingerprint,
         "params": params,
         "sources": [s.to_dict() for s in sources],
+        "pins": pinned_versions(),
+        "off_pin": off_pin,
         "counts": {x: {s: len(p) for s, p in by_split.items()} for x, by_split in splits.items()},
         "english_overlap": english_overlap(
             {s: {en for by_split in splits.values() for en, _ in by_split[s]} for s in SPLITS}
         ),
     }
+
+
+def _pin_note(source: dict) -> str:
+    want = pinned_version(source["package"])
+    return f" NOT the pinned {want}" if want is not None and source["version"] != want else ""
 
 
 def english_overlap(english: dict[str, set[str]]) -> dict[str, int]:
@@ -277,7 +291,7 @@ def corpus_stats(out_dir: str | Path | None = None) -> str:
     rows.append(f"directions: {2 * len(langs)} ({', '.join(f'en-{x}' for x in langs)} and reversed)")
     rows.append("sources:")
     rows += [
-        f"  {s['package']} {s['version']} ({s['path']}, sha256 {s['sha256'][:12]})"
+        f"  {s['package']} {s['version']} ({s['path']}, sha256 {s['sha256'][:12]}){_pin_note(s)}"
         for s in manifest["sources"]
     ]
     overlap = english_overlap(english)

