@@ -292,6 +292,7 @@ def _experiment(args) -> None:
     from mlas_lora.config import load_config, parse_overrides
     from mlas_lora.experiments.config import ExperimentConfig
     from mlas_lora.experiments.experiment import LAMBDAS, run_named_experiment
+    from mlas_lora.experiments.provenance import command_line
 
     config = load_config(ExperimentConfig, args.config, args.overrides)
     overrides = parse_overrides(args.overrides)  # applied again after the budget: they win over it
@@ -300,8 +301,9 @@ def _experiment(args) -> None:
     seeds = args.seeds if args.seeds is not None else (3 if args.name == "verdict" else 1)
     with run_lock(config.output_dir):
         folder = run_named_experiment(
-            args.name, config, systems, args.budget, lambdas, args.focus, args.student, seeds, overrides
-        )
+            args.name, config, systems, args.budget, lambdas, args.focus, args.student, seeds, overrides,
+            command=command_line(args.argv),
+        )  # fmt: skip
     for table in sorted(folder.glob("table.test.*.md")) or sorted(folder.glob("table.*.md")):
         print(f"## {table.stem}\n\n{table.read_text()}")
     if (folder / "choice.md").is_file():
@@ -461,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # provenance.json records it
     try:
         args.func(args)
     except MlasLoraError as err:

@@ -186,17 +186,24 @@ def run_named_experiment(
     student: str = "gemma3-270m",
     seeds: int = 1,
     overrides: dict | None = None,
+    command: str | None = None,
 ) -> Path:
-    """Run the experiment, then write its tables and plots; returns RUN/experiments/NAME/. `seeds`
-    trains every trained system that many times (training.seed + 0 .. seeds - 1). `overrides` (a tree
-    of the command line's key=value) are applied after the budget."""
+    """Run the experiment, then write its tables, plots and provenance.json; returns
+    RUN/experiments/NAME/. `seeds` trains every trained system that many times (training.seed + 0 ..
+    seeds - 1). `overrides` (a tree of the command line's key=value) are applied after the budget.
+    `command` (the command line, provenance.command_line) is recorded in provenance.json."""
+    from mlas_lora.experiments.provenance import experiment_provenance, now, write_provenance
     from mlas_lora.experiments.run import run_experiment
     from mlas_lora.experiments.systems import resolve_systems
 
     if "/" in name or name in ("", ".", ".."):
         raise MlasLoraError(f"experiment name {name!r}: a non-empty name without '/', not '.' or '..'")
+    started = now()
     if name in ANALYSES:
-        return run_analysis(name, config, systems, budget, focus, student, overrides)
+        folder = run_analysis(name, config, systems, budget, focus, student, overrides)
+        ran = with_budget(config, budget, overrides)
+        write_provenance(folder, experiment_provenance(ran, name, budget, 1, command, started))
+        return folder
     if name in ANALYSES and seeds != 1:
         raise MlasLoraError(f"--seeds applies to system tables, not to the {name} analysis")
     config = experiment_config(
@@ -212,6 +219,7 @@ def run_named_experiment(
 
         write_tables_against(config, resolved, folder, "mlas-lora")
         write_text_atomic(folder / "costs.md", distill_costs(resolved))
+    write_provenance(folder, experiment_provenance(config, name, budget, seeds, command, started))
     return folder
 
 
