@@ -479,7 +479,8 @@ def write_report(
     timings,
     report_dir: Path,
 ) -> Path:
-    """results/{split}.json, significance.json and a Markdown report with Table-1-style tables."""
+    """results/{split}.json, significance.json, a Markdown report with Table-1-style tables, and the
+    figures it names (figures/summary.png, figures/loss.png: plots.run_figures)."""
     from mlas_lora.evaluation.report import markdown_table, significance_table, write_results
 
     records: dict[str, list] = {}
@@ -506,6 +507,9 @@ def write_report(
         sections.append("## Paired bootstrap significance\n\n" + significance_table(comparisons))
     diagnosed = next((f for s in systems if (f := teacher_folders(s, run_dir))), {})
     sections.append(method_diagnostics(diagnosed))
+    from mlas_lora.experiments.plots import run_figures
+
+    sections.append(run_figures(report_dir, records, systems))
     from mlas_lora.experiments.distill import targets_report
     from mlas_lora.experiments.pipeline import training_folder
 
