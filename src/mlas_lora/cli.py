@@ -311,6 +311,15 @@ def _experiment(args) -> None:
     print(f"tables, plots and report in {folder}")
 
 
+def _report(args) -> None:
+    from mlas_lora.experiments.provenance import command_line
+    from mlas_lora.experiments.publish import publish
+
+    readme = Path(args.readme) if args.readme else None
+    written = publish([Path(f) for f in args.experiments], Path(args.out), readme, command_line(args.argv))
+    print("\n".join(str(path) for path in written))
+
+
 def _experiment_parser(sub, name: str, text: str, func):
     stage = sub.add_parser(name, help=text)
     stage.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
@@ -452,6 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
         "for verdict, else 1)",
     )
     exp.set_defaults(func=_experiment)
+
+    rep = sub.add_parser(
+        "report",
+        help="publish experiment folders: OUT/results.md, OUT/figures/*.png and the README's result block",
+    )
+    rep.add_argument(
+        "experiments", nargs="+", help="experiment folders RUN/experiments/NAME; the first is the headline"
+    )
+    rep.add_argument("--out", default="docs", help="folder of results.md and figures/ (default: docs)")
+    rep.add_argument(
+        "--readme",
+        help="replace this file's text between <!-- results:start --> and <!-- results:end --> by the "
+        "headline table and figure",
+    )
+    rep.set_defaults(func=_report)
 
     run = sub.add_parser("run", help="run every stage of an experiment config and print the report")
     run.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
