@@ -330,6 +330,9 @@ def _experiment_parser(sub, name: str, text: str, func):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlas-lora", description=__doc__)
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bars (results and errors are still printed)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="the embedded parallel corpus").add_subparsers(
@@ -488,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # provenance.json records it
+    from mlas_lora.progress import set_quiet
+
+    set_quiet(args.quiet)
     try:
         args.func(args)
     except MlasLoraError as err:

@@ -50,7 +50,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from mlas_lora.awareness.layer_relevance import READINGS, LayerRelevanceTap, select_layers
 from mlas_lora.awareness.neuron_awareness import NeuronAwarenessTap, phi_key
@@ -59,6 +58,7 @@ from mlas_lora.data.records import Example
 from mlas_lora.distributed import is_main_process, shard
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.models.arch import PROJECTIONS, decoder_layers
+from mlas_lora.progress import progress_bar
 from mlas_lora.prompting import PromptStyle, build_prompt, training_ids, uses_chat
 from mlas_lora.stage_files import read_json, require_file, write_text_atomic
 from mlas_lora.training.data import fit_to_budget, width_multiple
@@ -397,7 +397,7 @@ def score_teacher(
     shown = progress and is_main_process()
     try:
         with scoring_mode(model), saved_weights_on_host(model):
-            for pair_index, batch in tqdm(shard(batches), desc="awareness", unit="batch", disable=not shown):
+            for pair_index, batch in progress_bar(shard(batches), desc="awareness", unit="batch", show=shown):
                 _score_batch(model, batch.to(device), pair_index, relevance_tap, neuron_tap)
     finally:
         relevance_tap.remove()

@@ -20,8 +20,6 @@ import os
 import shutil
 from pathlib import Path
 
-from tqdm import tqdm
-
 from mlas_lora.data.cleaning import clean_pair, english_words, pick_translations, split_of, unit_hash
 from mlas_lora.data.debian import apt_available
 from mlas_lora.data.lines import jsonl_rows
@@ -31,6 +29,7 @@ from mlas_lora.data.sources import SourceFile, fetch_sources, find_sources, read
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.languages import PAPER_LANGUAGES, Direction, language_name
 from mlas_lora.paths import corpus_dir, downloads_dir
+from mlas_lora.progress import progress_bar
 from mlas_lora.stage_files import json_line
 
 SPLITS = ("train", "dev", "test", "ood")
@@ -117,7 +116,7 @@ def _fingerprint(params: dict, sources: list[SourceFile]) -> str:
 def _read_pairs(sources, langs, progress: bool) -> tuple[dict, dict]:
     """Cleaned (English, translation) pairs per language, for the UI and the OOD domain."""
     pairs: dict[str, dict[str, list]] = {"ui": {x: [] for x in langs}, "ood": {x: [] for x in langs}}
-    for source in tqdm(sources, desc="catalogs", unit="pkg", disable=not progress):
+    for source in progress_bar(sources, desc="catalogs", unit="pkg", show=progress):
         for lang, messages in read_messages(source, langs).items():
             underscore = source.domain == "ui"  # GTK `_` mnemonics appear in LibreOffice only
             cleaned = (clean_pair(m.source, m.translation, underscore) for m in messages)

@@ -164,7 +164,7 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
         and (lambda step, total: method.after_step(student, step, total)),
         teacher=distill_teacher(config) if training.distill.enabled else None,
     )
-    trainer.fit(resume="auto")
+    trainer.fit(resume="auto", desc=f"train {system.name}")
     if is_main_process():
         mark_done(folder, key, time.perf_counter() - start)
     return student

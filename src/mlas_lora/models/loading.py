@@ -158,7 +158,9 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     from mlas_lora.distributed import compute_device
+    from mlas_lora.progress import follow_transformers_bars
 
+    follow_transformers_bars()
     if device == "auto":
         device = compute_device()
 

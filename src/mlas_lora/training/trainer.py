@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from safetensors import SafetensorError
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from mlas_lora.data.records import Example
 from mlas_lora.distributed import all_reduce_sum_, barrier, is_main_process, rank_and_size
 from mlas_lora.errors import MlasLoraError
+from mlas_lora.progress import progress_bar
 from mlas_lora.stage_files import write_json_atomic
 from mlas_lora.training.config import TrainingConfig
 from mlas_lora.training.data import Feature, collate, epoch_batches, featurize, width_multiple
@@ -346,9 +346,14 @@ class Trainer:
         self.step, self.history = state["step"], state["history"]
 
     def fit(
-        self, resume: str | None = "auto", progress: bool = True, stop_after: int | None = None
+        self,
+        resume: str | None = "auto",
+        progress: bool = True,
+        stop_after: int | None = None,
+        desc: str = "train",
     ) -> TrainResult:
-        """Train to `self.steps` optimizer steps (or stop early after `stop_after`, for tests)."""
+        """Train to `self.steps` optimizer steps (or stop early after `stop_after`, for tests); `desc`
+        labels the progress bar (the pipeline's `train SYSTEM`: which of a run's trainings this is)."""
         main = is_main_process()
         if main:
             remove_partial_checkpoints(self.out_dir)
@@ -357,8 +362,8 @@ class Trainer:
             if path is not None:
                 self.load_checkpoint(path)
         tracker, start = _PairLoss(self.pairs), time.perf_counter()
-        bar = tqdm(
-            total=self.steps, initial=self.step, desc="train", disable=not (progress and main), unit="step"
+        bar = progress_bar(
+            desc=desc, total=self.steps, initial=self.step, unit="step", show=progress and main
         )
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
             loss = self.train_step(tracker)

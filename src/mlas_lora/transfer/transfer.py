@@ -30,7 +30,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mlas_lora.awareness.classify import normalize_phi, pair_divisors
 from mlas_lora.errors import MlasLoraError
@@ -42,6 +41,7 @@ from mlas_lora.models.arch import (
     describe,
     projection,
 )
+from mlas_lora.progress import progress_bar
 from mlas_lora.stage_files import read_json, require_file, write_text_atomic
 from mlas_lora.transfer.extract import (
     FILL_RULES,
@@ -304,7 +304,7 @@ def transfer_factors(
     layers = choose_layers(plan, inputs.selected_layers, weights.info.num_layers)
     out.meta.update(fill_rule=fill_rule, plan=vars(plan), layer_map={str(s): t for s, t in enumerate(layers)})
     layer_map = list(enumerate(layers))
-    for s_layer, t_layer in tqdm(layer_map, desc="transfer", unit="layer", disable=not progress):
+    for s_layer, t_layer in progress_bar(layer_map, desc="transfer", unit="layer", show=progress):
         for proj in targets:
             weight = weights.weight(t_layer, proj)
             if tuple(weight.shape) != weights.info.projection_shape(proj):

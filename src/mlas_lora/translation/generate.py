@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from tqdm.auto import tqdm
 
 from mlas_lora.data.records import Example
 from mlas_lora.errors import MlasLoraError
+from mlas_lora.progress import progress_bar
 from mlas_lora.prompting import PromptStyle, build_prompt, prompt_ids
 from mlas_lora.translation.rows import MIN_SHARED_PREFIX, RowScope, contiguous_head_input, shared_prefix
 
@@ -429,7 +429,7 @@ def _translate(model, tokenizer, requests, config, batch_context, progress, desc
         decoder, config = "loop", replace(config, prefix_cache=False)  # a prefix would move the window
     hypotheses: list[str] = [""] * len(requests)
     buckets = _length_buckets([len(i) for i in ids], config.batch_size)
-    bar = tqdm(total=len(requests), desc=desc, disable=not progress, unit="seg")
+    bar = progress_bar(desc=desc, total=len(requests), unit="seg", show=progress)
     for bucket in buckets:
         batch_requests = [requests[i] for i in bucket]
         max_new = _new_token_budget(tokenizer, batch_requests, config)
@@ -480,6 +480,6 @@ def _translate_continuous(
         batch_size=config.batch_size,
         prefix_cache=config.prefix_cache,
     )
-    with tqdm(total=len(requests), desc=desc, disable=not progress, unit="seg") as bar:
+    with progress_bar(desc=desc, total=len(requests), unit="seg", show=progress) as bar:
         generated = decoder.decode(rows, bar)
     return [clean_output(tokenizer.decode(generated[i], skip_special_tokens=True)) for i in range(len(rows))]
