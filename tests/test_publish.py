@@ -157,9 +157,23 @@ def test_a_readme_without_its_markers_is_a_clear_error_and_nothing_is_written(tm
     assert readme.read_text() == text and not (tmp_path / "docs").exists()
 
 
+def test_an_analysis_folder_is_published_with_its_table_and_figure(tmp_path):
+    verdict = synthetic_experiment(tmp_path / "run")
+    pairs = tmp_path / "run" / "experiments" / "pairs"
+    pairs.mkdir()
+    (pairs / "pairs.md").write_text("| pairs | en-de BLEU |\n| ---: | ---: |\n| 1 | 9.50 |\n")
+    noisy_png(pairs / "pairs.png", side=50)
+    publish([verdict, pairs], tmp_path / "docs")
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "## pairs: experiment `pairs` of run `run`" in text and "| 1 | 9.50 |" in text
+    assert "![pairs](figures/pairs.png)" in text and (tmp_path / "docs" / "figures" / "pairs.png").is_file()
+    with pytest.raises(MlasLoraError, match="an analysis has no headline table"):
+        publish([pairs, verdict], tmp_path / "docs", tmp_path / "README.md")
+
+
 def test_a_folder_without_results_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MlasLoraError, match="no results/\\*.json; give an experiment folder"):
+    with pytest.raises(MlasLoraError, match="no results/\\*.json nor empty.md; give an experiment folder"):
         publish([tmp_path / "empty"], tmp_path / "docs")
     with pytest.raises(MlasLoraError, match="no results block"):
         replace_results_block("text", "block")

@@ -55,12 +55,13 @@ def _split_rank(split: str) -> int:
 
 
 def read_experiment(folder: Path, label: str) -> Experiment:
-    """An experiment folder (RUN/experiments/NAME); a clear error where it holds no results."""
+    """An experiment folder (RUN/experiments/NAME): a table experiment's results/, or an analysis's
+    NAME.md (pairs, transfer); a clear error where it holds neither."""
     paths = sorted(Path(folder).glob("results/*.json"), key=lambda p: (_split_rank(p.stem), p.stem))
-    if not paths:
+    if not paths and not (Path(folder) / f"{Path(folder).name}.md").is_file():
         raise MlasLoraError(
-            f"{folder}: no results/*.json; give an experiment folder RUN/experiments/NAME written by "
-            "`mlas-lora experiment`"
+            f"{folder}: no results/*.json nor {Path(folder).name}.md; give an experiment folder "
+            "RUN/experiments/NAME written by `mlas-lora experiment`"
         )
     results = {p.stem: read_results(p) for p in paths}
     names = list(dict.fromkeys(r.system for records in results.values() for r in records))
@@ -117,7 +118,8 @@ def segments_words(records) -> str:
 def _date(exp: Experiment) -> str:
     if exp.provenance:
         return exp.provenance["finished"][:10]
-    newest = max(p.stat().st_mtime for p in exp.folder.glob("results/*.json"))
+    made = [*exp.folder.glob("results/*.json"), *exp.folder.glob(f"{exp.folder.name}.md")]
+    newest = max(p.stat().st_mtime for p in made)
     return "results files of " + time.strftime("%Y-%m-%d", time.localtime(newest))
 
 
@@ -156,9 +158,10 @@ def provenance_table(exp: Experiment) -> str:
         ("Commit", _commit(prov)),
         ("Date", f"{prov['started']} to {prov['finished']}" if prov else _date(exp)),
         ("Budget", _budget(prov)),
-        ("Seeds", seeds_words(exp.groups)),
-        ("Segments per direction", "; ".join(f"{s}: {segments_words(r)}" for s, r in exp.results.items())),
     ]  # fmt: skip
+    if exp.results:
+        segments = "; ".join(f"{s}: {segments_words(r)}" for s, r in exp.results.items())
+        rows += [("Seeds", seeds_words(exp.groups)), ("Segments per direction", segments)]
     if prov:
         data = prov["data"]
         sizes = ", ".join(f"{k.removesuffix('_per_direction')} {'all' if v is None else v}"
@@ -173,7 +176,9 @@ def provenance_table(exp: Experiment) -> str:
             ),
             ("Versions", ", ".join(f"{k} {v}" for k, v in prov["versions"].items() if v)),
         ]
-    rows += [("Config hash (results)", ", ".join(f"`{h}`" for h in hashes)), ("Folder", f"`{exp.folder}`")]
+    if hashes:
+        rows.append(("Config hash (results)", ", ".join(f"`{h}`" for h in hashes)))
+    rows.append(("Folder", f"`{exp.folder}`"))
     return "| | |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
@@ -302,13 +307,17 @@ def small_png(source: Path, target: Path, limit: int = FIGURE_BYTES) -> Path:
 
 
 def experiment_figures(exp: Experiment, figures: Path) -> tuple[Path | None, list[Path]]:
-    """(the headline figure, redrawn from the results at 100 dpi; the folder's other figures, copied
-    small) in `figures`, named after the experiment's label."""
+    """(the headline figure, redrawn from the results at 100 dpi, or an analysis's NAME.png; the
+    folder's other figures) in `figures`, copied small and named after the experiment's label."""
     from mlas_lora.experiments.plots import seeds_plot
 
     figures.mkdir(parents=True, exist_ok=True)
-    headline = seeds_plot(exp.folder, exp.groups, figures / f"{exp.label}.png", dpi=100)
-    others = [p for p in sorted(exp.folder.glob("*.png")) if p.name != f"{exp.folder.name}.png"]
+    own = exp.folder / f"{exp.folder.name}.png"  # the seeds' headline, or an analysis's figure
+    if exp.results:
+        headline = seeds_plot(exp.folder, exp.groups, figures / f"{exp.label}.png", dpi=100)
+    else:
+        headline = small_png(own, figures / f"{exp.label}.png") if own.is_file() else None
+    others = [p for p in sorted(exp.folder.glob("*.png")) if p != own]
     others += sorted(exp.folder.glob("figures/*.png"))
     return headline, [small_png(p, figures / f"{exp.label}.{p.stem}.png") for p in others]
 
@@ -331,13 +340,15 @@ def results_markdown(experiments: list[Experiment], figures: dict, out: Path, co
     ]
     for exp in experiments:
         headline, others = figures[exp.label]
-        parts += [
-            f"## {exp.label}: experiment `{exp.folder.name}` of run `{exp.run}`\n",
-            f"### Headline: average over directions\n\n{headline_table(exp)}",
-            f"![{exp.label}]({_link(headline, out)})\n" if headline else "",
-            f"### Provenance\n\n{provenance_table(exp)}",
-            *experiment_tables(exp),
-        ]
+        parts.append(f"## {exp.label}: experiment `{exp.folder.name}` of run `{exp.run}`\n")
+        if exp.results:
+            parts.append(f"### Headline: average over directions\n\n{headline_table(exp)}")
+        if headline:
+            parts.append(f"![{exp.label}]({_link(headline, out)})\n")
+        parts.append(f"### Provenance\n\n{provenance_table(exp)}")
+        if (analysis := exp.folder / f"{exp.folder.name}.md").is_file():  # pairs, transfer, family
+            parts.append(f"### {analysis.name}\n\n{analysis.read_text(encoding='utf-8')}")
+        parts += experiment_tables(exp)
         if others:
             shown = [f"![{p.stem.removeprefix(exp.label + '.')}]({_link(p, out)})\n\n" for p in others]
             parts.append("### Other figures\n\n" + "".join(shown))
@@ -382,6 +393,10 @@ def publish(
     experiments = [read_experiment(Path(f), label) for f, label in zip(folders, labels(folders), strict=True)]
     readme_text = None
     if readme is not None:
+        if not experiments[0].results:
+            raise MlasLoraError(
+                f"{folders[0]}: an analysis has no headline table; give a table experiment first (--readme)"
+            )
         readme_text = Path(readme).read_bytes().decode("utf-8")
         replace_results_block(readme_text, "", str(readme))  # the markers, before anything is written
     out = Path(out)
