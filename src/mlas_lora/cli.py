@@ -55,19 +55,8 @@ def _read_sources(path: str | None) -> list[str]:
     return [line for line in read_segments(path, "input") if line.strip()]
 
 
-def _adapter_folder(path: Path) -> Path:
-    """A routed adapter folder: given directly, or the newest checkpoint of a training folder."""
-    from mlas_lora.training.trainer import newest_checkpoint
-
-    if (path / "routed_lora.json").is_file():
-        return path
-    newest = newest_checkpoint(path)
-    if newest is None or not (newest / "adapters" / "routed_lora.json").is_file():
-        raise MlasLoraError(f"{path}: not a routed adapter folder nor a training folder with checkpoints")
-    return newest / "adapters"
-
-
 def _translate(args) -> None:
+    from mlas_lora.adapters.inference import find_adapters, load_adapters
     from mlas_lora.languages import Direction
     from mlas_lora.models.loading import load_model
     from mlas_lora.translation.generate import GenerationConfig, TranslationRequest, translate
@@ -76,13 +65,11 @@ def _translate(args) -> None:
     sources = [args.text] if args.text else _read_sources(args.input)
     if not sources:
         raise MlasLoraError("nothing to translate: the input is empty")
+    found = find_adapters(args.adapters, str(direction)) if args.adapters else None  # before any weights
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     context = None
-    if args.adapters:
-        from mlas_lora.adapters.export import load_routed_for_inference
-
-        folder = _adapter_folder(Path(args.adapters))
-        model, context = load_routed_for_inference(model, folder, check_base=not args.any_base)
+    if found is not None:
+        model, context = load_adapters(model, *found, check_base=not args.any_base)
     requests = [TranslationRequest(direction.src, direction.tgt, s) for s in sources]
     config = GenerationConfig(
         batch_size=args.batch_size,
@@ -364,7 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--pair", required=True, help="direction, e.g. en-de")
     tr.add_argument("--input", help="file with one segment per line (default: stdin)")
     tr.add_argument("--text", help="a single segment to translate")
-    tr.add_argument("--adapters", help="a trained MLAS-LoRA run's adapter folder")
+    tr.add_argument(
+        "--adapters",
+        help="a run's adapters: its export adapters-SYSTEM/ (the --pair folder of one per pair) or "
+        "adapters-SYSTEM/PAIR, its training folder train-SYSTEM/ (newest checkpoint), a routed MLAS-LoRA "
+        "folder, or any PEFT adapter folder",
+    )
     tr.add_argument(
         "--any-base",
         action="store_true",
