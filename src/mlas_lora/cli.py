@@ -103,7 +103,8 @@ def _load_experiment(args):
     from mlas_lora.experiments.systems import resolve_systems
 
     config = load_config(ExperimentConfig, args.config, args.overrides)
-    resolve_systems(config)  # every problem of the systems before any stage runs
+    teacher = ("teacher",) if args.command in ("score", "classify", "transfer") else ()
+    resolve_systems(config, open_models=("models", *teacher))  # every problem, and each model opened, first
     with run_lock(config.output_dir):
         splits = load_splits(config.data, ("train", "dev"))
         if is_main_process():  # under `accelerate launch`, one process writes

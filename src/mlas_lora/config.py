@@ -19,7 +19,7 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-from mlas_lora.errors import MlasLoraError
+from mlas_lora.errors import MlasLoraError, config_error
 
 T = TypeVar("T")
 
@@ -119,7 +119,7 @@ def config_from_dict(cls: type[T], data: dict) -> T:
     problems: list[str] = []
     obj = _build(cls, data, "", problems)
     if problems:
-        raise MlasLoraError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise config_error(problems)
     return obj
 
 

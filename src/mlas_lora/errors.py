@@ -11,6 +11,13 @@ class MlasLoraError(Exception):
     """A user-facing error: the message says what was wrong and what was expected."""
 
 
+def config_error(problems: list[str]) -> MlasLoraError:
+    """One error for every problem of a config: one line for one problem, else one line each."""
+    if len(problems) == 1:
+        return MlasLoraError(f"invalid config: {problems[0]}")
+    return MlasLoraError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
 OS_ERRORS = {
     errno.ENOSPC: "no space left on the device: free some and run the command again (finished stages are kept)",
     errno.EDQUOT: "disk quota exceeded: free some space and run the command again",

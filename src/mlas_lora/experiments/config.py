@@ -215,6 +215,8 @@ MERGE_MODES = ("none", "weights")
 class EvaluationConfig:
     metrics: list[str] = field(default_factory=lambda: ["bleu", "chrf", "meteor"])
     comet_model: str | None = None
+    """A local COMET checkpoint (.ckpt, or a folder with checkpoints/model.ckpt): needed by `comet` in
+    metrics, and checked before a run's first stage (with unbabel-comet installed)."""
     bootstrap_samples: int = 1000
     baseline_for_significance: str | None = "auto"
     """The system every trained system is bootstrapped against (a system of the config); `auto`: `lora`
@@ -239,6 +241,12 @@ class EvaluationConfig:
             for m in self.metrics
             if m not in known
         ]
+        if "comet" in self.metrics and not self.comet_model:
+            out.append(
+                "evaluation.metrics asks for comet but evaluation.comet_model is not set: give a local "
+                "COMET checkpoint (e.g. Unbabel/wmt22-comet-da, the folder with checkpoints/model.ckpt) "
+                "or leave comet out of the metrics"
+            )
         if self.merge not in MERGE_MODES:
             out.append(f"evaluation.merge: {self.merge!r} (known: {', '.join(MERGE_MODES)})")
         if self.bootstrap_samples < 1:

@@ -107,7 +107,7 @@ def learning_curve(config: ExperimentConfig, systems: list[str], segments: int =
         raise MlasLoraError(f"segments must be >= 1, got {segments}")
     if not config.data.valid_per_direction:
         raise MlasLoraError("the learning curve needs a validation split: set data.valid_per_direction")
-    resolved = {s.name: s for s in resolve_systems(config)}
+    resolved = {s.name: s for s in resolve_systems(config, open_models=("models",))}
     unknown = [s for s in systems if s not in resolved or not resolved[s].method.trains]
     if unknown:
         raise MlasLoraError(f"not trained systems of this config: {unknown} (systems: {list(resolved)})")

@@ -338,7 +338,7 @@ def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Pa
     Stages and hypotheses live in the run folder (`output_dir`); the results, significance and report
     go to `report_dir` (default: the run folder), so named experiments share one run's stages.
     """
-    systems = resolve_systems(config)
+    systems = resolve_systems(config, open_models=("models", "comet"))
     run_dir = Path(config.output_dir)
     splits = load_splits(config.data)
     write_manifest(config, run_dir)  # only now: a run that fails on its config or data leaves no folder

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlas_lora.config import config_from_dict, merge_trees, to_dict
-from mlas_lora.errors import MlasLoraError
+from mlas_lora.errors import MlasLoraError, config_error
 from mlas_lora.experiments.config import DataConfig, ExperimentConfig
 from mlas_lora.methods import METHODS, Method
 from mlas_lora.methods.presets import PRESETS
@@ -79,8 +79,19 @@ def resolve_system(entry, config: ExperimentConfig) -> System:
     return System(name, method, effective, spec)
 
 
-def resolve_systems(config: ExperimentConfig) -> list[System]:
-    """Every system of the config; one error listing every problem (and duplicate names)."""
+OPENED = ("models", "teacher", "comet")
+"""What a command opens before its first stage (`resolve_systems`' open_models): `models`, the models
+its systems translate with or learn from; `teacher`, the teacher and the student for the teacher
+stages whatever the systems; `comet`, evaluation.comet_model where the metrics ask for COMET."""
+
+
+def resolve_systems(config: ExperimentConfig, open_models: tuple[str, ...] = ()) -> list[System]:
+    """Every system of the config; one error listing every problem (and duplicate names).
+
+    `open_models` (of OPENED) names what the command will load: each is opened now, config only, and
+    one that does not open, or whose architecture is not supported, is a problem naming its key, so a
+    mistyped teacher path stops a run before its first stage instead of after the student's training.
+    Without it (checking a config alone) a model that cannot be read here is left out of the checks."""
     systems, problems = [], []
     for entry in config.systems:
         try:
@@ -98,13 +109,13 @@ def resolve_systems(config: ExperimentConfig) -> list[System]:
             f"evaluation.baseline_for_significance: {baseline!r} is not a system of this config "
             f"(systems: {', '.join(names)})"
         )
-    problems += model_problems(config, systems)
+    problems += model_problems(config, systems, open_models)
     if not problems:
         from mlas_lora.experiments.distill import distill_problems
 
         problems += distill_problems(systems)
     if problems:
-        raise MlasLoraError("invalid systems:\n  - " + "\n  - ".join(problems))
+        raise config_error(problems)
     return systems
 
 
@@ -115,26 +126,56 @@ def find_system(systems: list[System], name: str) -> System:
     raise MlasLoraError(f"no system {name!r} in this config (systems: {', '.join(s.name for s in systems)})")
 
 
-def _arch(name: str):
-    """The architecture of a model from its config alone, or None where it cannot be read here
-    (an embedded model not prepared yet, a hub id offline): its stage then says what to do."""
-    from mlas_lora.models.arch import describe
-    from mlas_lora.models.loading import load_model_config, resolve_source
+def system_models(system: System) -> set[str]:
+    """The `models.*` keys a system loads: the model a prompting system translates with; the student
+    of a trained one, and the teacher where its init, distillation or targets come from it, and those
+    of the system it trains on top of (its prerequisite)."""
+    config = system.config
+    if not system.method.trains:
+        name = system.method.model(config)
+        return {role for role in ("student", "teacher") if getattr(config.models, role) == name}
+    roles = {"student"}
+    if system.method.needs_transfer(config) or config.training.distill.enabled or config.data.teacher_targets:
+        roles.add("teacher")
+    if (prior := system.method.prerequisite(config)) is not None:
+        roles |= system_models(resolve_system(prior, config))
+    return roles
 
+
+def _open(config: ExperimentConfig, role: str, opened: dict, problems: list[str] | None) -> None:
+    """Read `models.<role>`'s architecture into `opened`; a failure is a problem where `problems` is
+    given, else left to the stage that loads the model (an embedded model not prepared yet)."""
+    from mlas_lora.models.loading import model_arch
+
+    name = getattr(config.models, role)
     try:
-        return describe(load_model_config(*resolve_source(name)))
-    except Exception:  # noqa: BLE001 - any failure here is reported by the stage that loads the model
-        return None
+        opened[role] = model_arch(name)
+    except Exception as err:  # noqa: BLE001 - every reason a model does not open is the user's to fix
+        if problems is not None:
+            reason = str(err) if isinstance(err, MlasLoraError) else f"{name!r}: {type(err).__name__}: {err}"
+            problems.append(f"models.{role}: {reason}")
 
 
-def model_problems(config: ExperimentConfig, systems: list[System]) -> list[str]:
-    """What the two model configs (read without weights) rule out, before any stage runs."""
+def model_problems(
+    config: ExperimentConfig, systems: list[System], open_models: tuple[str, ...] = ()
+) -> list[str]:
+    """What the model configs (read without weights) rule out before any stage runs; `open_models` as
+    in `resolve_systems`."""
     from mlas_lora.models.arch import PROJECTIONS
 
-    student = _arch(config.models.student)
+    if unknown := sorted(set(open_models) - set(OPENED)):
+        raise ValueError(f"open_models: unknown {unknown} (known: {OPENED})")
+    required = set().union(*map(system_models, systems)) if "models" in open_models else set()
+    required |= {"student", "teacher"} if "teacher" in open_models else set()
+    transfer = any(s.method.trains and s.method.needs_transfer(s.config) for s in systems)
+    opened, out = {}, []
+    for role in ("student", "teacher"):
+        if role in required or role == "student" or transfer:
+            _open(config, role, opened, out if role in required else None)
+    out += comet_problems(config) if "comet" in open_models else []
+    student, teacher = opened.get("student"), opened.get("teacher")
     if student is None:
-        return []
-    out = []
+        return out
     smallest = min(min(student.projection_shape(p)) for p in PROJECTIONS)
     for system in systems:
         lora = system.config.lora
@@ -143,10 +184,7 @@ def model_problems(config: ExperimentConfig, systems: list[System]) -> list[str]
                 f"system {system.name!r}: rank r_gen + r_spe = {lora.r_gen + lora.r_spe} exceeds the "
                 f"student's smallest projection dimension {smallest}"
             )
-    if not any(s.method.trains and s.method.needs_transfer(s.config) for s in systems):
-        return out
-    teacher = _arch(config.models.teacher)
-    if teacher is None:
+    if not transfer or teacher is None:
         return out
     if teacher.num_layers < student.num_layers:
         out.append(
@@ -163,3 +201,14 @@ def model_problems(config: ExperimentConfig, systems: list[System]) -> list[str]
             "Eq. (4)-(5) cut student-shaped submatrices out of the teacher"
         )
     return out
+
+
+def comet_problems(config: ExperimentConfig) -> list[str]:
+    """Why the COMET the metrics ask for cannot run (no checkpoint there, no unbabel-comet), or none."""
+    from mlas_lora.evaluation.comet import comet_available
+
+    evaluation = config.evaluation
+    if "comet" not in evaluation.metrics or evaluation.comet_model is None:  # None: a config problem
+        return []
+    ok, reason = comet_available(evaluation.comet_model)
+    return [] if ok else [f"evaluation.comet_model: {reason}"]

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.models.arch import describe
+from mlas_lora.models.arch import ArchInfo, describe
 from mlas_lora.models.registry import REGISTRY, prepared_dir, require_prepared
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,6 +90,17 @@ def load_model_config(source: str, local: bool):
         where = "local checkpoint" if local else "Hugging Face hub id (is the network reachable?)"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MlasLoraError(f"cannot load the config of {source!r} as a {where}: {first}") from None
+
+
+def model_arch(name_or_path: str | Path) -> ArchInfo:
+    """The architecture of a model read from its config alone, no weights: what every command checks
+    before its first stage. Raises, naming the model, where the config does not open (a wrong path,
+    an embedded model not prepared, a hub id not reachable) or the architecture is not supported."""
+    config = load_model_config(*resolve_source(name_or_path))
+    try:
+        return describe(config)
+    except MlasLoraError as err:
+        raise MlasLoraError(f"{str(name_or_path)!r}: {err}") from None
 
 
 def load_tokenizer(source: str, local: bool = True):
