@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mlas_lora.errors import MlasLoraError
+from mlas_lora.experiments.budgets import BUDGETS
 from mlas_lora.run_lock import run_lock
 
 
@@ -23,6 +24,15 @@ def _data_build(args) -> None:
             print(f"WordNet for METEOR: {prepare_wordnet(args.from_dir)}")
         except MlasLoraError as err:
             print(f"WordNet for METEOR not prepared ({err}); METEOR will be reported unavailable")
+
+
+def _data_wordnet(args) -> None:
+    from mlas_lora.evaluation import meteor
+
+    if meteor.meteor_available()[0] and not args.force:
+        print(f"WordNet for METEOR: already prepared in {meteor.wordnet_dir()} (--force prepares it again)")
+        return
+    print(f"WordNet for METEOR: {meteor.prepare_wordnet(args.from_dir)}")
 
 
 def _data_stats(args) -> None:
@@ -86,10 +96,26 @@ def _run(args) -> None:
     from mlas_lora.experiments.config import ExperimentConfig
     from mlas_lora.experiments.run import run_experiment
 
-    config = load_config(ExperimentConfig, args.config, args.overrides)
+    config = _only_systems(load_config(ExperimentConfig, args.config, args.overrides), args.systems)
     with run_lock(config.output_dir):
         report = run_experiment(config, force=args.force)
     print(report.read_text())
+
+
+def _only_systems(config, names: str | None):
+    """The config with only the named systems of its own, in the order named (`run --systems a,b`);
+    the significance baseline follows as in `experiment --systems`."""
+    if not names:
+        return config
+    from mlas_lora.experiments.experiment import experiment_config
+    from mlas_lora.experiments.systems import find_system, resolve_systems
+
+    systems = resolve_systems(config)
+    entries = {system.name: entry for system, entry in zip(systems, config.systems, strict=True)}
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    for name in wanted:
+        find_system(systems, name)  # an unknown name: one error listing the config's systems
+    return experiment_config("run", config, [entries[name] for name in wanted], None)
 
 
 @contextlib.contextmanager
@@ -241,12 +267,17 @@ def _curve(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from mlas_lora.evaluation.comet import comet_available
+    from mlas_lora.evaluation.comet import comet_available, comet_checkpoint
     from mlas_lora.evaluation.files import evaluate_files, format_evaluation, write_evaluation
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
     if metrics == []:
         raise MlasLoraError(f"--metrics {args.metrics!r} names no metric (of bleu,chrf,meteor,comet)")
+    if args.comet_model is not None and comet_checkpoint(args.comet_model) is None:  # even if unused
+        raise MlasLoraError(
+            f"--comet-model {args.comet_model}: no COMET checkpoint there "
+            "(expected a .ckpt file or a folder with checkpoints/model.ckpt)"
+        )
     wants_comet = args.comet_model is not None if metrics is None else "comet" in metrics
     if wants_comet and args.comet_model is None:
         raise MlasLoraError("metric comet needs a local COMET checkpoint: pass --comet-model PATH")
@@ -279,13 +310,14 @@ def _check_output_file(path: Path, option: str) -> None:
 def _experiment(args) -> None:
     from mlas_lora.config import load_config, parse_overrides
     from mlas_lora.experiments.config import ExperimentConfig
-    from mlas_lora.experiments.experiment import LAMBDAS, run_named_experiment
+    from mlas_lora.experiments.experiment import LAMBDAS, check_experiment_name, run_named_experiment
     from mlas_lora.experiments.provenance import command_line
 
     config = load_config(ExperimentConfig, args.config, args.overrides)
     overrides = parse_overrides(args.overrides)  # applied again after the budget: they win over it
     systems = args.systems.split(",") if args.systems else None
-    lambdas = [float(x) for x in args.lambdas.split(",")] if args.lambdas else LAMBDAS
+    check_experiment_name(args.name, systems, args.config)
+    lambdas = _numbers(args.lambdas, "--lambdas") if args.lambdas else LAMBDAS
     seeds = args.seeds if args.seeds is not None else (3 if args.name == "verdict" else 1)
     with run_lock(config.output_dir):
         folder = run_named_experiment(
@@ -308,6 +340,19 @@ def _report(args) -> None:
     print("\n".join(str(path) for path in written))
 
 
+def _numbers(text: str, option: str) -> list[float]:
+    """`0.1,0.3` -> [0.1, 0.3]; anything else is the user's error, named."""
+    numbers = []
+    for part in text.split(","):
+        try:
+            numbers.append(float(part))
+        except ValueError:
+            raise MlasLoraError(
+                f"{option}: expected numbers like 0.1,0.3, got {part!r} in {text!r}"
+            ) from None
+    return numbers
+
+
 def _experiment_parser(sub, name: str, text: str, func):
     stage = sub.add_parser(name, help=text)
     stage.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
@@ -316,8 +361,42 @@ def _experiment_parser(sub, name: str, text: str, func):
     return stage
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, unless the help states it already or it is a switch."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with defaults in its help; the subcommands' parsers are of this class too."""
+
+    def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlas-lora")
+    except PackageNotFoundError:
+        return "(not installed: run from a source tree)"
+
+
+BUDGET_HELP = (
+    "scale every system alike (experiments/budgets.py): cpu, an afternoon on 2 cores; cpu-small, the "
+    "analyses' (a third of cpu's steps); verdict, cpu's training on every test segment and 300 "
+    "out-of-domain ones; paper, Sec. 4.1 (default: the config's own settings)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlas-lora", description=__doc__)
+    parser = _Parser(prog="mlas-lora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "--quiet", "-q", action="store_true", help="no progress bars (results and errors are still printed)"
     )
@@ -338,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.set_defaults(func=_data_build)
     data.add_parser("stats", help="counts per language and split").set_defaults(func=_data_stats)
+    wordnet = data.add_parser("wordnet", help="fetch WordNet 3.0 for METEOR from Debian's packages")
+    wordnet.add_argument(
+        "--from",
+        "--from-dir",
+        dest="from_dir",
+        help="folder of the wordnet-base and wordnet-sense-index .deb files, or an unpacked WordNet database",
+    )
+    wordnet.add_argument("--force", action="store_true", help="prepare it again even if it is there")
+    wordnet.set_defaults(func=_data_wordnet)
 
     models = sub.add_parser("models", help="the embedded models").add_subparsers(dest="action", required=True)
     models.add_parser("list", help="the registry and what is prepared").set_defaults(func=_models_list)
@@ -364,9 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load --adapters even if they were trained on another base model",
     )
     tr.add_argument("--dtype", default="auto")
-    tr.add_argument(
-        "--batch-size", type=int, default=64, help="rows decoded together (continuous batching; default 64)"
-    )
+    tr.add_argument("--batch-size", type=int, default=64, help="rows decoded together (continuous batching)")
     tr.add_argument("--beams", type=int, default=1)
     tr.add_argument(
         "--precision",
@@ -415,7 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     curve.add_argument("--systems", help="comma-separated trained systems (default: all of the config)")
     curve.add_argument("--segments", type=int, default=25, help="validation segments per direction")
-    curve.add_argument("--budget", help="the budget the systems were trained under (`experiment --budget`)")
+    curve.add_argument(
+        "--budget",
+        choices=tuple(BUDGETS),
+        help="the budget the systems were trained under (`experiment --budget`)",
+    )
 
     ev = sub.add_parser("evaluate", help="score your own translation files (BLEU, chrF++, METEOR, COMET)")
     ev.add_argument("--hyp", required=True, help="system translations, one segment per line (UTF-8)")
@@ -438,15 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument(
         "name",
-        help="table1, table2, verdict, lambda, pairs, transfer, family, distill, monolingual, or any label "
-        "with --systems",
+        help="table1, table2, verdict, lambda, pairs, transfer, family, distill, monolingual; any other "
+        "label with --systems, or a sweep file's own name (experiment lr configs/sweeps/lr.yaml)",
     )
     exp.add_argument(
         "config", help="experiment YAML for data, models and settings, e.g. configs/embedded-4dir.yaml"
     )
     exp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.test_per_direction=100")
     exp.add_argument("--systems", help="comma-separated presets or methods (replaces the named set)")
-    exp.add_argument("--budget", help="scale every system alike: cpu (an afternoon on 2 cores) or paper")
+    exp.add_argument("--budget", choices=tuple(BUDGETS), help=BUDGET_HELP)
     exp.add_argument("--lambdas", help="lambda experiment: comma-separated values (default 0.05..0.6 in 8)")
     exp.add_argument("--focus", default="en-de", help="pairs experiment: the direction whose BLEU is plotted")
     exp.add_argument("--student", default="gemma3-270m", help="family experiment: the other student")
@@ -477,12 +567,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.epochs=1")
     run.add_argument("--force", action="store_true", help="redo stages even if their inputs are unchanged")
+    run.add_argument("--systems", help="comma-separated systems of the config to run (default: all of them)")
     run.set_defaults(func=_run)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, its `key=value` overrides taken anywhere on it: argparse leaves those after a
+    flag (`train CONFIG --system S output_dir=X`) unparsed; they join the overrides in order. Any
+    other leftover (an unknown flag, a bare word) is refused as argparse would."""
+    parser = build_parser()
+    args, leftover = parser.parse_known_args(argv)
+    stray = [a for a in leftover if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if leftover:
+        args.overrides = [*args.overrides, *leftover]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # provenance.json records it
     from mlas_lora.progress import set_quiet
 

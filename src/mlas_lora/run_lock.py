@@ -23,6 +23,9 @@ from pathlib import Path
 from mlas_lora.errors import MlasLoraError
 
 LOCK = ".lock"
+RECORDS = ("config.yaml", "manifest.json")
+"""What a command writes into the run folder before its first stage (experiments.run.write_manifest):
+a fresh folder that holds no more when the command fails is removed, as if never made."""
 
 _held: dict[Path, int] = {}
 """Run folders this process holds (resolved path -> depth): a command that runs another in the same
@@ -41,8 +44,8 @@ def holder(run_dir: Path) -> str:
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike, command: str | None = None) -> Iterator[Path]:
     """Hold `run_dir`'s lock for the block; raise at once if another process holds it. A folder
-    created for the lock alone is removed again if the block leaves nothing else in it (a command that
-    fails on its data leaves no folder)."""
+    created for the lock alone is removed again if the block leaves nothing else in it, or only RECORDS
+    when the block fails (a command that fails on its data or its models leaves no folder)."""
     run_dir = Path(run_dir)
     if int(os.environ.get("RANK", "0")) != 0:  # a launcher's other processes: rank 0 holds it
         yield run_dir
@@ -68,15 +71,26 @@ def run_lock(run_dir: str | os.PathLike, command: str | None = None) -> Iterator
             ) from None
         _write_holder(fd, command)
         _held[key] = 1
+        failed = True
         try:
             yield run_dir
+            failed = False
         finally:
             del _held[key]
-            if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
-                (run_dir / LOCK).unlink()
-                run_dir.rmdir()
+            if created:
+                _remove_if_unused(run_dir, failed)
     finally:
         os.close(fd)  # releases the flock
+
+
+def _remove_if_unused(run_dir: Path, failed: bool) -> None:
+    """Remove a folder this command created when it holds only the lock, or, the command having
+    failed, the lock and RECORDS: nothing of the run's own work."""
+    kept = {LOCK, *RECORDS} if failed else {LOCK}
+    if {p.name for p in run_dir.iterdir()} <= kept:
+        for name in kept:
+            (run_dir / name).unlink(missing_ok=True)
+        run_dir.rmdir()
 
 
 def _write_holder(fd: int, command: str | None) -> None:

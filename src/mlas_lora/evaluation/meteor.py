@@ -79,7 +79,7 @@ def meteor_available() -> tuple[bool, str | None]:
         return True, None
     return False, (
         f"WordNet 3.0 not found in {root} (missing {', '.join(missing[:3])}"
-        f"{', ...' if len(missing) > 3 else ''}); run mlas_lora.evaluation.meteor.prepare_wordnet()"
+        f"{', ...' if len(missing) > 3 else ''}); run `mlas-lora data wordnet`"
     )
 
 

@@ -9,7 +9,8 @@ tables shaped like the paper's and plots.
     distill  beyond the paper: sequence- and token-level distillation of the teacher into LoRA and
              MLAS-LoRA, bootstrap vs LoRA and vs MLAS-LoRA, costs.md (distill_experiment.py)
     monolingual  beyond the paper: the gain as teacher-translated monolingual text is added (an analysis)
-    NAME     any label: the config's systems (e.g. a sweep file in configs/sweeps/), or `--systems a,b,c`
+    NAME     any label with `--systems a,b,c`; or the config file's own name, for its systems
+             (`experiment lr configs/sweeps/lr.yaml`; check_experiment_name refuses other names)
 
 Stages and hypotheses live in the config's run folder, shared with `mlas-lora run`, so a finished
 (system, split, direction) cell is never recomputed and a killed experiment continues; tables and
@@ -19,6 +20,8 @@ plots go to RUN/experiments/NAME/. A budget (BUDGETS) scales every system alike.
 from __future__ import annotations
 
 import csv
+import difflib
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -65,6 +68,9 @@ the best tuned Table 1 baselines join with `--systems`."""
 LAMBDAS = (0.05, 0.129, 0.207, 0.286, 0.364, 0.443, 0.521, 0.6)
 """Fig. 5's range in 8 even steps (rounded to 3 decimals), then `auto`."""
 
+NAMED = ("table1", "table2", "verdict", "lambda", "distill", *ANALYSES)
+"""The experiments with systems of their own; any other name needs `--systems` or a sweep file."""
+
 
 def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) -> list | None:
     """The systems of a named experiment, the given ones, or None: the config's own (a sweep file)."""
@@ -84,6 +90,22 @@ def experiment_systems(name: str, systems: list[str] | None, lambdas=LAMBDAS) ->
         points = [*lambdas, "auto"]
         return [{"name": f"lambda-{lam}", "preset": "mlas-lora", "awareness": {"lam": lam}} for lam in points]
     return None  # the config's own systems
+
+
+def check_experiment_name(name: str, systems: list | None, config_file: str | os.PathLike) -> None:
+    """Refuse a name that is none of NAMED unless it labels `--systems` or is the config file's own
+    name (`experiment lr configs/sweeps/lr.yaml` runs the sweep file's systems), so that a typo such
+    as `tabel1` is not run silently as the config's own systems."""
+    if "/" in name or name in ("", ".", ".."):
+        raise MlasLoraError(f"experiment name {name!r}: a non-empty name without '/', not '.' or '..'")
+    if name in NAMED or systems or name == Path(config_file).stem:
+        return
+    close = difflib.get_close_matches(name, NAMED, n=1)
+    raise MlasLoraError(
+        f"unknown experiment {name!r}{f'; did you mean {close[0]!r}?' if close else ''} (known: "
+        f"{', '.join(NAMED)}; any other name needs --systems a,b,c, or is a sweep file's own name: "
+        f"experiment lr configs/sweeps/lr.yaml)"
+    )
 
 
 def budget_tree(tree: dict, budget: str | None, overrides: dict | None = None) -> dict:
