@@ -451,9 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load --adapters even if they were trained on another base model",
     )
-    tr.add_argument("--dtype", default="auto")
+    tr.add_argument("--dtype", default="auto", help="the model's dtype: auto, float32, bfloat16 or float16")
     tr.add_argument("--batch-size", type=int, default=64, help="rows decoded together (continuous batching)")
-    tr.add_argument("--beams", type=int, default=1)
+    tr.add_argument("--beams", type=int, default=1, help="beam search width (1: greedy)")
     tr.add_argument(
         "--precision",
         choices=("training", "weights"),
