@@ -171,6 +171,17 @@ def test_an_analysis_folder_is_published_with_its_table_and_figure(tmp_path):
         publish([pairs, verdict], tmp_path / "docs", tmp_path / "README.md")
 
 
+def test_a_figure_two_experiments_share_is_copied_once(tmp_path):
+    first, second = (synthetic_experiment(tmp_path / "run", name) for name in ("verdict", "unseen"))
+    for folder in (first, second):
+        noisy_png(folder / "neurons.png", side=40)
+    written = publish([first, second], tmp_path / "docs")
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert text.count("![neurons](figures/verdict.neurons.png)") == 2
+    assert not (tmp_path / "docs" / "figures" / "unseen.neurons.png").exists()
+    assert len(written) == len(set(written)) == 4  # results.md, two headlines, one copy
+
+
 def test_a_folder_without_results_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MlasLoraError, match="no results/\\*.json nor empty.md; give an experiment folder"):

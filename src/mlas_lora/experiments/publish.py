@@ -306,9 +306,11 @@ def small_png(source: Path, target: Path, limit: int = FIGURE_BYTES) -> Path:
     return target
 
 
-def experiment_figures(exp: Experiment, figures: Path) -> tuple[Path | None, list[Path]]:
+def experiment_figures(exp: Experiment, figures: Path, seen: dict) -> tuple[Path | None, list[Path]]:
     """(the headline figure, redrawn from the results at 100 dpi, or an analysis's NAME.png; the
-    folder's other figures) in `figures`, copied small and named after the experiment's label."""
+    folder's other figures) in `figures`, copied small and named after the experiment's label. A
+    figure another experiment of this report has already copied (`seen`: bytes -> copy; two
+    experiments of one run share its layer relevance) is that copy."""
     from mlas_lora.experiments.plots import seeds_plot
 
     figures.mkdir(parents=True, exist_ok=True)
@@ -318,8 +320,13 @@ def experiment_figures(exp: Experiment, figures: Path) -> tuple[Path | None, lis
     else:
         headline = small_png(own, figures / f"{exp.label}.png") if own.is_file() else None
     others = [p for p in sorted(exp.folder.glob("*.png")) if p != own]
-    others += sorted(exp.folder.glob("figures/*.png"))
-    return headline, [small_png(p, figures / f"{exp.label}.{p.stem}.png") for p in others]
+    copies = []
+    for path in [*others, *sorted(exp.folder.glob("figures/*.png"))]:
+        data = path.read_bytes()
+        if data not in seen:
+            seen[data] = small_png(path, figures / f"{exp.label}.{path.stem}.png")
+        copies.append(seen[data])
+    return headline, copies
 
 
 # --- the documents ------------------------------------------------------------------------------
@@ -350,8 +357,8 @@ def results_markdown(experiments: list[Experiment], figures: dict, out: Path, co
             parts.append(f"### {analysis.name}\n\n{analysis.read_text(encoding='utf-8')}")
         parts += experiment_tables(exp)
         if others:
-            shown = [f"![{p.stem.removeprefix(exp.label + '.')}]({_link(p, out)})\n\n" for p in others]
-            parts.append("### Other figures\n\n" + "".join(shown))
+            shown = [f"![{p.stem.rsplit('.', 1)[-1]}]({_link(p, out)})\n\n" for p in others]
+            parts.append("### Other figures\n\n" + "".join(shown).rstrip("\n") + "\n")
     return "\n".join(part for part in parts if part).rstrip("\n") + "\n"
 
 
@@ -400,9 +407,11 @@ def publish(
         readme_text = Path(readme).read_bytes().decode("utf-8")
         replace_results_block(readme_text, "", str(readme))  # the markers, before anything is written
     out = Path(out)
-    figures = {exp.label: experiment_figures(exp, out / "figures") for exp in experiments}
+    seen: dict[bytes, Path] = {}
+    figures = {exp.label: experiment_figures(exp, out / "figures", seen) for exp in experiments}
     results = write_text_atomic(out / "results.md", results_markdown(experiments, figures, out, command))
-    written = [results, *(p for h, others in figures.values() for p in (h, *others) if p is not None)]
+    drawn = (p for headline, others in figures.values() for p in (headline, *others) if p is not None)
+    written = [results, *dict.fromkeys(drawn)]
     if readme is not None:
         first = experiments[0]
         block = readme_block(first, figures[first.label][0], results, Path(readme))
