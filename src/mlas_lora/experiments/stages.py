@@ -7,7 +7,9 @@
 A folder is named by the hash of everything its stage read and holds `stage.json` with that hash, so
 variants of a sweep keep their folders side by side and share what they have in common (the teacher
 is scored once for every lambda; a classification serves every init that reads it). A folder of an
-older run without the hash in its name (`awareness/`) is adopted when its key matches.
+older run without the hash in its name (`awareness/`) is adopted when its key matches. `stage.json`
+also holds `data`, the hash of the seed sentences read: a corpus edited in place keeps the key, and
+a stage made from other rows is made again (`stage_ready`, data_hash.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from mlas_lora.config import config_hash, to_dict
 from mlas_lora.distributed import barrier, is_main_process, main_process_first
 from mlas_lora.experiments.config import DataConfig, ExperimentConfig
 from mlas_lora.experiments.data import Splits
+from mlas_lora.experiments.data_hash import same_data, say_changed, seed_data
 from mlas_lora.models.arch import describe
 from mlas_lora.stage_files import fresh_dir, read_small_json, write_json_atomic
 
@@ -69,8 +72,24 @@ def stage_done(folder: Path, key: str) -> bool:
     return finished_key(folder) == key
 
 
-def mark_done(folder: Path, key: str, seconds: float) -> None:
-    write_json_atomic(folder / "stage.json", {"key": key, "seconds": round(seconds, 1)})
+def stage_ready(folder: Path, key: str, data: str) -> bool:
+    """`stage_done`, and made from the rows `data` hashes (`data_hash`): a stage of this key made from
+    other rows (the corpus edited in place) loses its marker, with one line saying so, and is made
+    again; a marker without the hash (an older version's) is adopted."""
+    if not stage_done(folder, key):
+        return False
+    if same_data(folder / "stage.json", data):
+        return True
+    if is_main_process():
+        (folder / "stage.json").unlink(missing_ok=True)
+    say_changed(folder, "made again")
+    return False
+
+
+def mark_done(folder: Path, key: str, seconds: float, data: str | None = None) -> None:
+    """Mark `folder` finished under `key`, with `data`, the hash of the corpus rows it read (if any)."""
+    marker = {"key": key, "seconds": round(seconds, 1)}
+    write_json_atomic(folder / "stage.json", marker if data is None else {**marker, "data": data})
     record_stage_time(folder.parent, folder.name, seconds)
 
 
@@ -135,8 +154,8 @@ def awareness_stage(
 
     key, classes_key = awareness_keys(config)
     scored, classes = stage_folder(run_dir, "awareness", key), stage_folder(run_dir, "classes", classes_key)
-    scores = None
-    if not stage_done(scored, key):
+    scores, seeds = None, seed_data(splits)
+    if not stage_ready(scored, key, seeds):
         start = time.perf_counter()
         student_layers = describe(load_model_config(*resolve_source(config.models.student))).num_layers
         teacher, tokenizer = load_model(config.models.teacher, dtype=config.models.dtype, **(placement or {}))
@@ -154,25 +173,27 @@ def awareness_stage(
         if is_main_process():
             fresh_dir(scored)
             save_awareness(scores, scored)
-            mark_done(scored, key, time.perf_counter() - start)
+            mark_done(scored, key, time.perf_counter() - start, seeds)
         barrier()
     with main_process_first():
-        _classify_stage(config, scored, classes, classes_key, scores)
+        _classify_stage(config, scored, classes, classes_key, scores, seeds)
     return scored, classes
 
 
-def _classify_stage(config: ExperimentConfig, scored: Path, classes: Path, classes_key: str, scores) -> None:
+def _classify_stage(
+    config: ExperimentConfig, scored: Path, classes: Path, classes_key: str, scores, seeds: str
+) -> None:
     from mlas_lora.awareness.classify import classify_neurons, save_classes
     from mlas_lora.awareness.scoring import load_awareness
 
-    if not stage_done(classes, classes_key):
+    if not stage_ready(classes, classes_key, seeds):
         start = time.perf_counter()
         fresh_dir(classes)
         if scores is None:  # scoring was skipped: read its files
             scores = load_awareness(scored)
         lam = classes_lambda(config)
         save_classes(classify_neurons(scores, lam=lam, normalize=config.awareness.normalize), classes)
-        mark_done(classes, classes_key, time.perf_counter() - start)
+        mark_done(classes, classes_key, time.perf_counter() - start, seeds)
 
 
 def transfer_ranks(config: ExperimentConfig) -> tuple[int, int]:
@@ -207,10 +228,10 @@ def transfer_stage(config: ExperimentConfig, splits: Splits, run_dir: Path):
     from mlas_lora.transfer.transfer import load_factors, run_transfer
 
     scored, classes = awareness_stage(config, splits, run_dir)
-    key = transfer_key(config)
+    key, seeds = transfer_key(config), seed_data(splits)
     folder = stage_folder(run_dir, "transfer", key)
     with main_process_first():  # the others find it done
-        if not stage_done(folder, key):
+        if not stage_ready(folder, key, seeds):
             start = time.perf_counter()
             fresh_dir(folder)
             r_gen, r_spe = transfer_ranks(config)
@@ -227,5 +248,5 @@ def transfer_stage(config: ExperimentConfig, splits: Splits, run_dir: Path):
                 fill_rule=config.lora.fill_rule,
                 plan=config.transfer,
             )
-            mark_done(folder, key, time.perf_counter() - start)
+            mark_done(folder, key, time.perf_counter() - start, seeds)
     return load_factors(folder), folder
