@@ -9,7 +9,8 @@
 `train-<system>/stage.json` holds the hash of what the method's training read (`train_key`); a
 finished folder of another system with the same hash is reused instead of training again (Table 2's
 -R-i is the `lora` system: `train-R-i` becomes a link to `train-lora`), and a folder of another hash
-is never resumed.
+is never resumed. Beside the key it holds `data`, the hash of the corpus rows read (`training_data`):
+a training of the key made from other rows (a corpus edited in place) is set aside, not reused.
 """
 
 from __future__ import annotations
@@ -22,13 +23,25 @@ from pathlib import Path
 from mlas_lora.data.records import Example
 from mlas_lora.distributed import barrier, is_main_process
 from mlas_lora.experiments.data import Splits, split_back
+from mlas_lora.experiments.data_hash import (
+    combine_digests,
+    recorded_data,
+    rows_digest,
+    same_data,
+    say_changed,
+    seed_data,
+    stale_name,
+)
 from mlas_lora.experiments.stages import (
+    awareness_keys,
     finished_key,
     mark_done,
     record_stage_time,
     set_aside_name,
     stage_done,
+    stage_folder,
     stage_key,
+    stage_ready,
     transfer_key,
 )
 from mlas_lora.experiments.systems import System
@@ -62,6 +75,17 @@ def train_key(system: System) -> str:
     from mlas_lora.experiments.distill import key_parts
 
     return stage_key(**system.method.train_key(system.config, inputs), **key_parts(system.config))
+
+
+def training_data(system: System, splits: Splits) -> str:
+    """The hash of the corpus rows a system's training read (data_hash.py), walked as `train_key`
+    walks its inputs: the training split, the seed sentences behind its teacher factors, its prior's."""
+    parts = {"train": rows_digest(splits.train)}
+    if system.method.needs_transfer(system.config):
+        parts["seeds"] = seed_data(splits)
+    if (prior := prior_system(system)) is not None:
+        parts["prior"] = training_data(prior, splits)
+    return combine_digests(parts)
 
 
 def train_dir(system: System, run_dir: Path) -> Path:
@@ -108,10 +132,13 @@ def _remove(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
-def same_training(run_dir: Path, key: str) -> Path | None:
-    """A finished training folder of this run with the same key (another system's), if any."""
+def same_training(run_dir: Path, key: str, data: str | None = None) -> Path | None:
+    """A finished training folder of this run with the same key (another system's), if any; given
+    `data`, one made from those rows (or one from before the rows' hash was kept)."""
     for folder in sorted(run_dir.glob("train-*")):
-        if not folder.is_symlink() and stage_done(folder, key):
+        if folder.is_symlink() or not stage_done(folder, key):
+            continue
+        if data is None or recorded_data(folder / "stage.json") in (None, data):
             return folder
     return None
 
@@ -132,10 +159,11 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
     from mlas_lora.training.trainer import Trainer
 
     method, config = system.method, system.config
-    folder, key = train_dir(system, run_dir), train_key(system)
+    folder, key, data = train_dir(system, run_dir), train_key(system), training_data(system, splits)
     student = initial_student(system, splits, run_dir)
     if is_main_process():  # under `accelerate launch` one process prepares, the others wait
-        _prepare_train_dir(system, student, run_dir, folder, key)
+        set_aside_stale_training(folder, key, data)
+        _prepare_train_dir(system, student, run_dir, folder, (key, data))
     barrier()
     if stage_done(folder, key):
         method.load(student, finished_checkpoint(folder))
@@ -166,7 +194,7 @@ def train_stage(system: System, splits: Splits, run_dir: Path) -> Student:
     )
     trainer.fit(resume="auto", desc=f"train {system.name}")
     if is_main_process():
-        mark_done(folder, key, time.perf_counter() - start)
+        mark_done(folder, key, time.perf_counter() - start, data)
     return student
 
 
@@ -190,12 +218,14 @@ def _park(folder: Path, key: str) -> None:
     folder.rename(parked)
 
 
-def _unpark(folder: Path, key: str) -> None:
-    """Move back an unfinished training of `key` that `_park` set aside, to resume it."""
+def _unpark(folder: Path, key: str, data: str) -> None:
+    """Move back an unfinished training of `key` that `_park` set aside, to resume it (if it was
+    started on the same rows, `data`)."""
     parked = folder.with_name(set_aside_name(folder.name, key))
     free = not folder.exists() and not folder.is_symlink()
     if free and parked.is_dir() and not parked.is_symlink() and started_key(parked) == key:
-        parked.rename(folder)
+        if all(recorded_data(parked / name) in (None, data) for name in (STARTED, "stage.json")):
+            parked.rename(folder)
 
 
 STARTED = "key.json"
@@ -216,11 +246,15 @@ def started_key(folder: Path) -> str | None:
     return key if isinstance(key, str) else UNREADABLE
 
 
-def _prepare_train_dir(system: System, student: Student, run_dir: Path, folder: Path, key: str) -> None:
-    """Make `folder` ready to train into, or link it to a finished training of the same key."""
+def _prepare_train_dir(
+    system: System, student: Student, run_dir: Path, folder: Path, stage: tuple[str, str]
+) -> None:
+    """Make `folder` ready to train into, or link it to a finished training of the same key and rows
+    (`stage`: the key and the rows' hash)."""
+    key, data = stage
     if not stage_done(folder, key):
         _park(folder, key)
-        if (same := same_training(run_dir, key)) is not None:
+        if (same := same_training(run_dir, key, data)) is not None:
             _remove(folder)
             folder.symlink_to(same.name)  # train-R-i -> train-lora: one training, both names
     if stage_done(folder, key):
@@ -228,10 +262,54 @@ def _prepare_train_dir(system: System, student: Student, run_dir: Path, folder: 
         return
     if folder.is_symlink() or started_key(folder) not in (None, key):
         _remove(folder)  # a link, or another config's start without a checkpoint (`_park` kept the rest)
-    _unpark(folder, key)
+    _unpark(folder, key, data)
     folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / STARTED, json.dumps({"key": key}))
+    write_text_atomic(folder / STARTED, json.dumps({"key": key, "data": data}))
     _record_parameters(system, student, folder)
+
+
+def set_aside_stale_training(folder: Path, key: str, data: str) -> None:
+    """Adopt the training of `key` in `folder` (finished or started; data_hash.same_data) or, made
+    from other rows than `data`, move it to `train-NAME@KEY8.data-DATA8` (a link to one is removed),
+    with one line saying so: it is then neither reused nor resumed, and `same_training` finds it if
+    those rows come back."""
+    from mlas_lora.training.trainer import complete_checkpoints
+
+    finished = finished_key(folder) == key
+    if not finished and (
+        folder.is_symlink() or started_key(folder) != key or not complete_checkpoints(folder)
+    ):
+        return  # not this key's, or a start without a checkpoint: nothing is reused
+    marker = folder / ("stage.json" if finished else STARTED)
+    if same_data(marker, data):
+        return
+    if folder.is_symlink():
+        folder.unlink()
+        return say_changed(folder, "not reused, the link removed")
+    aside = folder.with_name(stale_name(folder.name, key, recorded_data(marker)))
+    if stage_done(aside, key) and not finished:
+        _remove(folder)  # an unfinished copy of a training set aside finished: nothing to keep
+    else:
+        _remove(aside)
+        folder.rename(aside)
+    say_changed(folder, f"set aside as {aside.name}, trained again")
+
+
+def check_stages(system: System, splits: Splits, run_dir: Path) -> None:
+    """Adopt, or find stale, every stage a trained system's hypotheses came from, before they are read
+    (data_hash.py): its teacher stages, its prior's, its training. Loads and computes nothing."""
+    if not system.method.trains:
+        return
+    config = system.config
+    if system.method.needs_transfer(config):
+        seeds = seed_data(splits)
+        scored, classes = awareness_keys(config)
+        for kind, key in (("awareness", scored), ("classes", classes), ("transfer", transfer_key(config))):
+            stage_ready(stage_folder(run_dir, kind, key), key, seeds)
+    if (prior := prior_system(system)) is not None:
+        check_stages(prior, splits, run_dir)
+    if is_main_process():
+        set_aside_stale_training(train_dir(system, run_dir), train_key(system), training_data(system, splits))
 
 
 def export_stage(system: System, student: Student, run_dir: Path, merge: bool = False) -> Path:

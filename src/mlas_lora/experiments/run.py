@@ -17,6 +17,7 @@ from mlas_lora.config import config_hash, save_yaml, to_dict
 from mlas_lora.data.records import Example
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import Splits, load_splits, split_back
+from mlas_lora.experiments.data_hash import combine_digests, rows_digest
 from mlas_lora.experiments.stages import set_aside_name
 from mlas_lora.experiments.systems import System, resolve_systems
 from mlas_lora.stage_files import json_line, json_lines, read_small_json, write_json_atomic, write_text_atomic
@@ -60,29 +61,37 @@ class HypothesisStore:
         return self.root / system / f"{split}.{direction}.jsonl"
 
     def load(
-        self, system: str, split: str, direction: str, key: str, content: str | None = None, examples=None
+        self,
+        system: str,
+        split: str,
+        direction: str,
+        key: str,
+        content: str | None = None,
+        examples=None,
+        data: str | None = None,
     ) -> list[str] | None:
         """The system's cached hypotheses made under `key` (given `examples`, only if made from these
-        very sources and references: a corpus edited in place keeps its keys); failing those, with
-        `content` and `examples`, another system's made under the same content key on the same
-        segments (a lambda below 1/P, R-i and lora: one function under two names), copied to this
-        system's file."""
+        very sources and references, and given `data`, from the rows its training or prompt read
+        (data_hash.py): a corpus edited in place keeps its keys); failing those, with `content` and
+        `examples`, another system's made under the same content key on the same segments (a lambda
+        below 1/P, R-i and lora: one function under two names), copied to this system's file."""
         own = self.path(system, split, direction)
         rows = self._rows(own)
-        if rows and rows[0].get("key") == key and (examples is None or _same_segments(rows, examples)):
-            if content is not None and "content" not in rows[0]:
-                rows[0]["content"] = content  # a file from before content keys: its key proves the inputs
+        if rows and rows[0].get("key") == key and _same_inputs(rows, examples, data):
+            # a file from before content keys or rows' hashes: its key proves the inputs
+            adopted = {k: v for k, v in (("content", content), ("data", data)) if v is not None}
+            if any(rows[0].get(k) is None for k in adopted):
+                rows[0].update(adopted)
                 self._write(own, rows)
             return [row["hypothesis"] for row in rows[1:]]
         if content is None or examples is None:
             return None
         for path in sorted(self.root.glob(f"*/{split}.{direction}.jsonl")):
             rows = self._rows(path)
-            if rows and rows[0].get("content") == content and _same_segments(rows, examples):
+            if rows and rows[0].get("content") == content and _same_inputs(rows, examples, data):
                 hyps = [r["hypothesis"] for r in rows[1:]]
-                self.save(
-                    system, split, direction, key, examples, hyps, 0.0, content, copied=path.parent.name
-                )
+                copied = path.parent.name
+                self.save(system, split, direction, key, examples, hyps, 0.0, content, copied, data)
                 return hyps
         return None
 
@@ -123,6 +132,7 @@ class HypothesisStore:
         seconds: float,
         content: str | None = None,
         copied: str | None = None,
+        data: str | None = None,
     ) -> None:
         path = self.path(system, split, direction)
         self._set_aside(system, split, direction, key)
@@ -132,12 +142,21 @@ class HypothesisStore:
             header["content"] = content
         if copied is not None:
             header["copied_from"] = copied
+        if data is not None:
+            header["data"] = data
         rows = [header]
         rows += [
             {"source": e.source, "reference": e.reference, "hypothesis": h}
             for e, h in zip(examples, hyps, strict=True)
         ]
         self._write(path, rows)
+
+
+def _same_inputs(rows: list[dict], examples, data: str | None) -> bool:
+    """Whether a hypothesis file was made from `examples` (when given) and the rows hashing to `data`
+    (when given; a header without the hash, an older version's, counts as made from them)."""
+    segments = examples is None or _same_segments(rows, examples)
+    return segments and (data is None or rows[0].get("data") in (None, data))
 
 
 def _same_segments(rows: list[dict], examples) -> bool:
@@ -181,10 +200,12 @@ def translate_all(
     store: HypothesisStore,
     key: str,
     content: str | None = None,
+    data: str | None = None,
 ):
     """Hypotheses for every evaluated split and direction, reusing cached ones (the system's own, or
-    another system's of the same content key); returns them, the seconds spent translating, and
-    whether every cell was cached. `make_translator` runs once, at the first cell to translate (a
+    another system's of the same content key; made from the rows `data` hashes, when given); returns
+    them, the seconds spent translating, and whether every cell was cached. `make_translator` runs
+    once, at the first cell to translate (a
     system whose cells are all cached trains and loads nothing). A split's uncached directions are
     translated together; each cell's file records its share of the time, by segments."""
     outputs: dict[tuple[str, str], list[str]] = {}
@@ -195,7 +216,7 @@ def translate_all(
         for direction, examples in splits.get(split).items():
             if not examples:
                 continue
-            hyps = store.load(system, split, direction, key, content, examples)
+            hyps = store.load(system, split, direction, key, content, examples, data)
             if hyps is None:
                 todo[direction] = examples
             else:
@@ -210,7 +231,7 @@ def translate_all(
         total = sum(len(examples) for examples in todo.values())
         for direction, examples in todo.items():
             share = spent * len(examples) / total
-            store.save(system, split, direction, key, examples, done[direction], share, content)
+            store.save(system, split, direction, key, examples, done[direction], share, content, data=data)
             outputs[(split, direction)] = done[direction]
     outputs = {cell: outputs[cell] for cell in _cells(splits) if cell in outputs}
     return outputs, seconds, translator is None
@@ -292,6 +313,18 @@ def system_translator(system: System, splits: Splits, run_dir: Path, cache: dict
     return trained_translator(system, splits, run_dir)
 
 
+def hypothesis_data(system: System, splits: Splits) -> str | None:
+    """The hash of the corpus rows a system's hypotheses depend on besides the segments translated
+    (data_hash.py): its training's, or those of the splits its prompt reads (a prompting method's
+    `reads`: in-context's shots); None when there are none."""
+    from mlas_lora.experiments.pipeline import training_data
+
+    if system.method.trains:
+        return training_data(system, splits)
+    reads = getattr(system.method, "reads", ())
+    return combine_digests({split: rows_digest(splits.get(split)) for split in reads}) if reads else None
+
+
 def system_key(system: System) -> str:
     """What a system's hypotheses depend on; a change re-runs that system only."""
     return hypothesis_keys(system)[0]
@@ -338,6 +371,8 @@ def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Pa
     Stages and hypotheses live in the run folder (`output_dir`); the results, significance and report
     go to `report_dir` (default: the run folder), so named experiments share one run's stages.
     """
+    from mlas_lora.experiments.pipeline import check_stages
+
     systems = resolve_systems(config, open_models=("models", "comet"))
     run_dir = Path(config.output_dir)
     splits = load_splits(config.data)
@@ -351,6 +386,7 @@ def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Pa
     for system in systems:
         key, content = hypothesis_keys(system)
         start = time.perf_counter()
+        check_stages(system, splits, run_dir)  # stages behind cached hypotheses: made from these rows?
         # the translator (and its model) lives inside translate_all only: freed before the next system
         all_outputs[system.name], seconds, cached = translate_all(
             system.name,
@@ -359,6 +395,7 @@ def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Pa
             store,
             key,
             content,
+            hypothesis_data(system, splits),
         )
         timings[system.name] = {
             "translate_s": round(seconds, 1),

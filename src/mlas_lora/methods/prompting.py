@@ -28,6 +28,7 @@ class InContext:
 
     name = "in-context"
     trains = False
+    reads = ("train",)  # the splits its prompt reads besides the segment: a rewritten one translates again
 
     def problems(self, config) -> list[str]:
         return (
