@@ -9,8 +9,8 @@ only: hyper-parameters are chosen there, never on test. Written into `RUN/curve/
     curve.csv    system, step, bleu, chrf, update_norm (mean ||Delta W|| / ||W|| logged at that step)
     curve.png    chrF++ and the relative update size against the step, one line per system
 
-A (system, step) point already in curve.json with the same settings is not recomputed, so an
-interrupted curve continues.
+A (system, step) point already in curve.json with the same settings, validation segments and
+training rows (`data`, data_hash.py) is not recomputed, so an interrupted curve continues.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def _translate_valid(model, tokenizer, context, valid: dict, config: ExperimentC
 
 def system_curve(system: System, splits: Splits, valid: dict, done: dict, folder: Path, key: str) -> dict:
     """{step: scores} of one system: step 0 (its initial student) and every saved checkpoint of its
-    training `folder`, which must hold a training of `key` (`training_folder`)."""
-    from mlas_lora.experiments.pipeline import initial_student, started_key
+    training `folder`, which must hold a training of `key` (`training_folder`) on the current rows."""
+    from mlas_lora.experiments.data_hash import recorded_data
+    from mlas_lora.experiments.pipeline import STARTED, initial_student, started_key, training_data
     from mlas_lora.experiments.stages import finished_key
 
     config = system.config
@@ -71,6 +72,12 @@ def system_curve(system: System, splits: Splits, valid: dict, done: dict, folder
         raise MlasLoraError(
             f"{folder} holds a training of another config (key {str(trained)[:8]}, this config's is "
             f"{key[:8]}): give curve the config, overrides and --budget it was trained with"
+        )
+    made_from = recorded_data(folder / "stage.json") or recorded_data(folder / STARTED)
+    if made_from not in (None, training_data(system, splits)):
+        raise MlasLoraError(
+            f"{folder} was trained on other corpus rows (a file edited in place since): train "
+            f"{system.name} again first (`mlas-lora run` or `mlas-lora train` sets the old one aside)"
         )
     student = initial_student(system, splits, run_dir)
     student.model.eval()
@@ -101,7 +108,8 @@ def _update_norms(folder: Path) -> dict[int, float]:
 
 def learning_curve(config: ExperimentConfig, systems: list[str], segments: int = 25) -> Path:
     """Validation BLEU / chrF++ of each system at each checkpoint; returns the PNG's path."""
-    from mlas_lora.experiments.pipeline import training_folder
+    from mlas_lora.experiments.data_hash import combine_digests, rows_digest
+    from mlas_lora.experiments.pipeline import training_data, training_folder
 
     if segments < 1:
         raise MlasLoraError(f"segments must be >= 1, got {segments}")
@@ -122,11 +130,16 @@ def learning_curve(config: ExperimentConfig, systems: list[str], segments: int =
     results = {}
     for system in systems:
         key = config_hash({"system": system, "segments": segments, "config": config_hash(config.key_tree())})
+        data = combine_digests(
+            {"valid": rows_digest(valid), "train": training_data(resolved[system], splits)}
+        )
         done = stored.get(system, {})
-        points = done.get("points", {}) if done.get("key") == key else {}
+        same = done.get("key") == key and done.get("data") in (None, data)  # none: an older version's
+        points = done.get("points", {}) if same else {}
         training, trained = training_folder(resolved[system])
         results[system] = {
             "key": key,
+            "data": data,
             "points": system_curve(resolved[system], splits, valid, points, training, trained),
             "folder": training.name,
         }
