@@ -171,12 +171,13 @@ def test_a_missing_comet_checkpoint_is_an_error(tmp_path, capsys):
     text.write_text("the cat sat\n")
     scoring = ["evaluate", "--hyp", str(text), "--ref", str(text), "--lang", "en"]
     missing = str(tmp_path / "nonexistent")
-    for extra in (["--metrics", "bleu"], ["--src", str(text)], []):
+    for extra in (["--metrics", "bleu"], ["--src", str(text)]):  # COMET left out, or asked for
         one_line_error(
             capsys,
             [*scoring, "--comet-model", missing, *extra],
             f"--comet-model {missing}: no COMET checkpoint",
         )
+    one_line_error(capsys, [*scoring, "--comet-model", missing], "--src")  # what COMET needs first
 
 
 def test_a_run_failing_on_its_student_leaves_no_folder(tiny_config, tmp_path, capsys):

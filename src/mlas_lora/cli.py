@@ -273,16 +273,16 @@ def _evaluate(args) -> None:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
     if metrics == []:
         raise MlasLoraError(f"--metrics {args.metrics!r} names no metric (of bleu,chrf,meteor,comet)")
-    if args.comet_model is not None and comet_checkpoint(args.comet_model) is None:  # even if unused
-        raise MlasLoraError(
-            f"--comet-model {args.comet_model}: no COMET checkpoint there "
-            "(expected a .ckpt file or a folder with checkpoints/model.ckpt)"
-        )
     wants_comet = args.comet_model is not None if metrics is None else "comet" in metrics
     if wants_comet and args.comet_model is None:
         raise MlasLoraError("metric comet needs a local COMET checkpoint: pass --comet-model PATH")
     if wants_comet and args.src is None:
         raise MlasLoraError("COMET reads the source sentences: pass --src FILE")
+    if args.comet_model is not None and comet_checkpoint(args.comet_model) is None:  # even if unused
+        raise MlasLoraError(
+            f"--comet-model {args.comet_model}: no COMET checkpoint there "
+            "(expected a .ckpt file or a folder with checkpoints/model.ckpt)"
+        )
     if wants_comet and not (usable := comet_available(args.comet_model))[0]:
         raise MlasLoraError(f"COMET was asked for but cannot run: {usable[1]}")
     if args.json:
