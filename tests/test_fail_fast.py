@@ -64,7 +64,10 @@ def test_a_mistyped_teacher_stops_the_command_before_any_stage(command, models, 
     path = _config(models, tmp_path, "zero-shot, mlas-lora", teacher=missing)
     assert main([command, str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"mlas-lora: error: invalid config: models.teacher: model path '{missing}'")
+    assert err.startswith(
+        f"mlas-lora: error: invalid config: models.teacher: model path '{missing}' is not a checkpoint "
+        "directory: not found"
+    )
     assert err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
 

@@ -59,8 +59,9 @@ def resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
         return str(path), True
     # A hub id is "name" or "org/name"; anything else that does not exist is a missing local path.
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        missing = "" if path.exists() else ": not found"
         raise MlasLoraError(
-            f"model path {text!r} is not a checkpoint directory "
+            f"model path {text!r} is not a checkpoint directory{missing} "
             f"(expected a folder with config.json, or one of: {', '.join(REGISTRY)}, or a hub id)"
         )
     return text, False
