@@ -58,11 +58,11 @@ def no_stage(monkeypatch):
     monkeypatch.setattr(loading, "load_model", refuse)
 
 
-@pytest.mark.parametrize("command", ["run", "train", "score"])
+@pytest.mark.parametrize("command", ["run", "train", "score", "experiment table1", "experiment pairs"])
 def test_a_mistyped_teacher_stops_the_command_before_any_stage(command, models, tmp_path, capsys, no_stage):
     missing = tmp_path / "no-such-teacher"
     path = _config(models, tmp_path, "zero-shot, mlas-lora", teacher=missing)
-    assert main([command, str(path)]) == 2
+    assert main([*command.split(), str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(
         f"mlas-lora: error: invalid config: models.teacher: model path '{missing}' is not a checkpoint "

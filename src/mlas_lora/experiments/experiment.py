@@ -238,6 +238,8 @@ def run_analysis(name: str, config, systems, budget, focus: str, student: str, o
     base = experiment_config(
         name, config, list((systems or TABLE1) if name == "family" else ["mlas-lora"]), budget, 1, overrides
     )
+    ran = replace(base, models=replace(base.models, student=student)) if name == "family" else base
+    resolve_systems(ran, open_models=("models", "comet"))  # each model opened before a folder is made
     folder = Path(config.output_dir) / "experiments" / name
     folder.mkdir(parents=True, exist_ok=True)
     caption = budget_caption(budget)
