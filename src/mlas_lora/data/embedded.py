@@ -88,7 +88,7 @@ def build_corpus(
 
 def _check_langs(langs) -> tuple[str, ...]:
     for lang in langs:
-        language_name(lang)  # unknown codes raise with the supported list
+        language_name(lang)  # an unknown code raises, named
     if PIVOT in langs or not langs:
         raise MlasLoraError(
             f"langs must be non-English language codes paired with {PIVOT!r}, got {list(langs)}"
