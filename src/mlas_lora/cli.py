@@ -512,7 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ref", required=True, help="references, line i being the reference of --hyp line i")
     ev.add_argument("--baseline", help="another system's translations: paired bootstrap of --hyp against it")
     ev.add_argument("--src", help="source sentences, one per line (COMET reads them)")
-    ev.add_argument("--lang", required=True, help="target language code, e.g. de, cs, zh (zh: BLEU tok:zh)")
+    ev.add_argument(
+        "--lang",
+        required=True,
+        help="target language, an ISO 639 code, e.g. de, fr, zh (it picks the BLEU tokenizer)",
+    )
     ev.add_argument(
         "--metrics",
         help="comma-separated, of bleu,chrf,meteor,comet (default: bleu,chrf,meteor, +comet with --comet-model)",
