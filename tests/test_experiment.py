@@ -374,3 +374,14 @@ def test_command_line_overrides_win_over_the_budget(tiny_config):
         "verdict", tiny_config, ["lora"], "verdict", overrides={"data": {"test_per_direction": 300}}
     )
     assert config.data.test_per_direction == 300 and config.training.max_steps == 48
+
+
+def test_seeds_on_an_analysis_are_refused_before_it_runs(tiny_config, monkeypatch):
+    import mlas_lora.experiments.experiment as experiment
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the analysis ran")
+
+    monkeypatch.setattr(experiment, "run_analysis", must_not_run)
+    with pytest.raises(MlasLoraError, match="--seeds applies to system tables, not to the pairs"):
+        run_named_experiment("pairs", tiny_config, seeds=2)

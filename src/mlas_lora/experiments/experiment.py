@@ -191,14 +191,14 @@ def run_named_experiment(
 
     if "/" in name or name in ("", ".", ".."):
         raise MlasLoraError(f"experiment name {name!r}: a non-empty name without '/', not '.' or '..'")
+    if name in ANALYSES and seeds != 1:
+        raise MlasLoraError(f"--seeds applies to system tables, not to the {name} analysis")
     started = now()
     if name in ANALYSES:
         folder = run_analysis(name, config, systems, budget, focus, student, overrides)
         ran = with_budget(config, budget, overrides)
         write_provenance(folder, experiment_provenance(ran, name, budget, 1, command, started))
         return folder
-    if name in ANALYSES and seeds != 1:
-        raise MlasLoraError(f"--seeds applies to system tables, not to the {name} analysis")
     config = experiment_config(
         name, config, experiment_systems(name, systems, lambdas), budget, seeds, overrides
     )
