@@ -3,28 +3,13 @@
 import pytest
 
 from mlas_lora.cli import main
-from mlas_lora.testing.tiny import save_tiny
-from test_pipeline import _write_corpus
+from test_pipeline import write_tiny_experiment
 
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    _write_corpus(root / "corpus", ["en-de", "de-en"])
-    teacher = save_tiny(root / "teacher", role="teacher", seed=1)
-    student = save_tiny(root / "student", role="student", seed=2)
-    path = root / "tiny.yaml"
-    path.write_text(f"""
-name: cli
-output_dir: {root / "run"}
-systems: [mlas-lora]
-data: {{corpus: {root / "corpus"}, directions: [en-de, de-en], seed_per_direction: 4}}
-models: {{teacher: {teacher}, student: {student}, dtype: float32}}
-generation: {{batch_size: 4, max_new_tokens: 3}}
-awareness: {{batch_size: 2}}
-lora: {{r_gen: 4, r_spe: 4}}
-training: {{max_steps: 1, micro_batch: 4, grad_accum: 1}}
-""")
+    path, student = write_tiny_experiment(root, "cli", "[mlas-lora]")
     return path, root, student
 
 

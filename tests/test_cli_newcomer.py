@@ -12,9 +12,8 @@ import pytest
 
 from mlas_lora.cli import main
 from mlas_lora.errors import MlasLoraError
-from mlas_lora.testing.tiny import save_tiny
 from test_hardening_cli import one_line_error
-from test_pipeline import _write_corpus
+from test_pipeline import write_tiny_experiment
 
 ROOT = Path(__file__).parents[1]
 
@@ -23,22 +22,12 @@ ROOT = Path(__file__).parents[1]
 def tiny_config(tmp_path_factory):
     """A two-direction config of zero-shot, LoRA and MLAS-LoRA on a tiny corpus and tiny models."""
     root = tmp_path_factory.mktemp("newcomer")
-    _write_corpus(root / "corpus", ["en-de", "de-en"])
-    teacher = save_tiny(root / "teacher", role="teacher", seed=1)
-    student = save_tiny(root / "student", role="student", seed=2)
-    path = root / "tiny.yaml"
-    path.write_text(f"""
-name: newcomer
-output_dir: {root / "run"}
-systems: [zero-shot, lora, mlas-lora]
-data: {{corpus: {root / "corpus"}, directions: [en-de, de-en], seed_per_direction: 4}}
-models: {{teacher: {teacher}, student: {student}, dtype: float32}}
-generation: {{batch_size: 4, max_new_tokens: 3}}
-evaluation: {{metrics: [bleu, chrf], bootstrap_samples: 10}}
-awareness: {{batch_size: 2}}
-lora: {{r_gen: 4, r_spe: 4}}
-training: {{max_steps: 1, micro_batch: 4, grad_accum: 1}}
-""")
+    path, _ = write_tiny_experiment(
+        root,
+        "newcomer",
+        "[zero-shot, lora, mlas-lora]",
+        evaluation="{metrics: [bleu, chrf], bootstrap_samples: 10}",
+    )
     return path
 
 

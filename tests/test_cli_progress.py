@@ -16,7 +16,7 @@ import pytest
 from mlas_lora import progress
 from mlas_lora.cli import main
 from mlas_lora.testing.tiny import save_tiny
-from test_pipeline import _write_corpus
+from test_pipeline import write_tiny_experiment
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +24,12 @@ def run(tmp_path_factory):
     """A routed (mlas-lora) and a PEFT baseline (lora.seed1) system trained and exported by `export`,
     with what the bars wrote to stderr (a StringIO: not a terminal, as in a log)."""
     root = tmp_path_factory.mktemp("progress")
-    _write_corpus(root / "corpus", ["en-de", "de-en"])
-    teacher = save_tiny(root / "teacher", role="teacher", seed=1)
-    student = save_tiny(root / "student", role="student", seed=2)
-    config = root / "tiny.yaml"
-    config.write_text(f"""
-name: progress
-output_dir: {root / "run"}
-systems: [mlas-lora, {{name: lora.seed1, method: lora, training: {{seed: 1}}}}]
-data: {{corpus: {root / "corpus"}, directions: [en-de, de-en], seed_per_direction: 4}}
-models: {{teacher: {teacher}, student: {student}, dtype: float32}}
-generation: {{batch_size: 4, max_new_tokens: 3}}
-awareness: {{batch_size: 2}}
-lora: {{r_gen: 4, r_spe: 4}}
-training: {{max_steps: 2, micro_batch: 4, grad_accum: 1, lr: 0.05}}
-""")
+    config, student = write_tiny_experiment(
+        root,
+        "progress",
+        "[mlas-lora, {name: lora.seed1, method: lora, training: {seed: 1}}]",
+        training="{max_steps: 2, micro_batch: 4, grad_accum: 1, lr: 0.05}",
+    )
     log = io.StringIO()
     with contextlib.redirect_stderr(log), contextlib.redirect_stdout(io.StringIO()):
         assert main(["export", str(config)]) == 0

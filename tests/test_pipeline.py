@@ -23,6 +23,34 @@ def _write_corpus(folder, directions, n_train=12, n_dev=6, n_test=3):
             (folder / f"{split}.{direction}.tsv").write_text("\n".join(rows) + "\n")
 
 
+TINY_SECTIONS = {
+    "generation": "{batch_size: 4, max_new_tokens: 3}",
+    "awareness": "{batch_size: 2}",
+    "lora": "{r_gen: 4, r_spe: 4}",
+    "training": "{max_steps: 1, micro_batch: 4, grad_accum: 1}",
+}
+
+
+def write_tiny_experiment(root, name: str, systems: str, **sections: str):
+    """`root/tiny.yaml`: `systems` (YAML flow text) on an en-de/de-en tiny corpus with a tiny teacher
+    and student, small decoding, scoring and training (TINY_SECTIONS; `sections` replace or add
+    top-level sections, e.g. `evaluation="{metrics: [bleu]}"`). Returns (config path, student folder)."""
+    _write_corpus(root / "corpus", ["en-de", "de-en"])
+    teacher = save_tiny(root / "teacher", role="teacher", seed=1)
+    student = save_tiny(root / "student", role="student", seed=2)
+    lines = [
+        f"name: {name}",
+        f"output_dir: {root / 'run'}",
+        f"systems: {systems}",
+        f"data: {{corpus: {root / 'corpus'}, directions: [en-de, de-en], seed_per_direction: 4}}",
+        f"models: {{teacher: {teacher}, student: {student}, dtype: float32}}",
+        *(f"{key}: {value}" for key, value in {**TINY_SECTIONS, **sections}.items()),
+    ]
+    path = root / "tiny.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path, student
+
+
 def stage_dir(run, kind: str):
     """The one folder of a teacher stage (`kind-<key>`) in a run with a single variant of it."""
     (folder,) = run.glob(f"{kind}-*")
