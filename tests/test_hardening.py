@@ -132,3 +132,18 @@ def test_cut_small_files_of_a_training_mean_not_done_and_nothing_is_lost(tmp_pat
     train_stage(first, splits, run)  # its key again: moved back and resumed, not trained again
     assert json.loads((run / "train-lora" / "stage.json").read_text())["key"] == key
     assert checkpoint.stat().st_mtime_ns == stamp and not parked.exists()
+
+
+def test_a_longer_test_set_translates_the_test_split_alone(tmp_path):
+    """A split's hypothesis key leaves out the other splits' sizes: a change of test size translates the
+    test set again and keeps the valid and out-of-domain cells (the first version's one key for all
+    splits translated every split again, about 5 min per system on the verdict's sets)."""
+    config = zero_shot(tmp_path)
+    config = replace(config, data=replace(config.data, test_per_direction=2, valid_per_direction=2))
+    run_experiment(config)
+    store = HypothesisStore(tmp_path / "run")
+    valid, test = store.path("zero-shot", "valid", "en-de"), store.path("zero-shot", "test", "en-de")
+    stamps = valid.stat().st_mtime_ns, test.stat().st_mtime_ns
+    run_experiment(replace(config, data=replace(config.data, test_per_direction=3)))
+    assert valid.stat().st_mtime_ns == stamps[0]  # kept, under the same key
+    assert test.stat().st_mtime_ns != stamps[1] and len(hyp_rows(tmp_path, "en-de")) == 1 + 3

@@ -198,12 +198,12 @@ def translate_all(
     make_translator: Callable[[], Translator],
     splits: Splits,
     store: HypothesisStore,
-    key: str,
-    content: str | None = None,
+    keys: dict[str, tuple[str, str | None]],
     data: str | None = None,
 ):
     """Hypotheses for every evaluated split and direction, reusing cached ones (the system's own, or
-    another system's of the same content key; made from the rows `data` hashes, when given); returns
+    another system's of the same content key: `keys[split]` is (key, content key); made from the rows
+    `data` hashes, when given); returns
     them, the seconds spent translating, and whether every cell was cached. `make_translator` runs
     once, at the first cell to translate (a
     system whose cells are all cached trains and loads nothing). A split's uncached directions are
@@ -212,6 +212,7 @@ def translate_all(
     seconds = 0.0
     translator = None
     for split in EVAL_SPLITS:
+        key, content = keys[split]
         todo: dict[str, list[Example]] = {}
         for direction, examples in splits.get(split).items():
             if not examples:
@@ -325,15 +326,24 @@ def hypothesis_data(system: System, splits: Splits) -> str | None:
     return combine_digests({split: rows_digest(splits.get(split)) for split in reads}) if reads else None
 
 
-def system_key(system: System) -> str:
-    """What a system's hypotheses depend on; a change re-runs that system only."""
-    return hypothesis_keys(system)[0]
+SPLIT_SIZES = {"valid": "valid_per_direction", "test": "test_per_direction", "ood": "ood_per_direction"}
+"""Each evaluated split's size field: a split's hypothesis key leaves out the other splits' sizes."""
 
 
-def hypothesis_keys(system: System) -> tuple[str, str]:
-    """(`system_key`, content key): the content key is the system key without the system's name,
-    equal for two names of one function (their hypotheses are shared, HypothesisStore.load)."""
+def system_key(system: System, split: str = "test") -> str:
+    """What a system's hypotheses on `split` depend on; a change re-runs that system only."""
+    return hypothesis_keys(system, split)[0]
+
+
+def hypothesis_keys(system: System, split: str = "test") -> tuple[str, str]:
+    """(`system_key`, content key) of the system's hypotheses on `split`: the content key is the
+    system key without the system's name, equal for two names of one function (their hypotheses are
+    shared, HypothesisStore.load). The other evaluated splits' sizes are left out (each split is
+    translated on its own), so a longer test set translates the test set alone."""
     parts = _hypothesis_inputs(system)
+    for other, field in SPLIT_SIZES.items():
+        if other != split:
+            del parts["data"][field]
     key = config_hash(parts)
     del parts["system"]
     return key, config_hash(parts)
@@ -384,7 +394,7 @@ def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Pa
         shutil.rmtree(store.root, ignore_errors=True)
     all_outputs, timings, cache = {}, {}, {}
     for system in systems:
-        key, content = hypothesis_keys(system)
+        keys = {split: hypothesis_keys(system, split) for split in EVAL_SPLITS}
         start = time.perf_counter()
         check_stages(system, splits, run_dir)  # stages behind cached hypotheses: made from these rows?
         # the translator (and its model) lives inside translate_all only: freed before the next system
@@ -393,8 +403,7 @@ def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Pa
             lambda system=system: system_translator(system, splits, run_dir, cache),
             splits,
             store,
-            key,
-            content,
+            keys,
             hypothesis_data(system, splits),
         )
         timings[system.name] = {
