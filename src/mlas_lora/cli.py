@@ -41,6 +41,17 @@ def _data_stats(args) -> None:
     print(corpus_stats())
 
 
+def _cells_export(args) -> None:
+    from mlas_lora.experiments.cells import export_cells
+
+    done = export_cells(Path(args.run_dir), Path(args.out))
+    skipped = f"; {done.unreadable} unreadable file(s) skipped" if done.unreadable else ""
+    print(
+        f"{args.out}: {done.written} cell(s) written, {done.unchanged} unchanged, "
+        f"{done.size:,} bytes in all (from {Path(args.run_dir) / 'hyps'}){skipped}"
+    )
+
+
 def _models_list(args) -> None:
     from mlas_lora.models.registry import format_model_table
 
@@ -566,6 +577,18 @@ def build_parser() -> argparse.ArgumentParser:
         "headline table and figure",
     )
     rep.set_defaults(func=_report)
+
+    cells = sub.add_parser(
+        "cells", help="a run's finished hypotheses without corpus text, to carry to another machine"
+    ).add_subparsers(dest="action", required=True)
+    export = cells.add_parser(
+        "export",
+        help="write RUN/hyps as OUT/SYSTEM/SPLIT.DIRECTION.json.gz: keys, hypotheses and a digest of "
+        "the segments, no source or reference text; a config's `cells: OUT` takes them back",
+    )
+    export.add_argument("run_dir", metavar="RUN", help="run folder, e.g. runs/embedded-4dir")
+    export.add_argument("--out", required=True, help="archive folder, e.g. results/cells/embedded-4dir")
+    export.set_defaults(func=_cells_export)
 
     run = sub.add_parser("run", help="run every stage of an experiment config and print the report")
     run.add_argument("config", help="YAML file, e.g. configs/demo.yaml")

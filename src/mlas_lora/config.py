@@ -166,9 +166,18 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+def hashed_dict(obj) -> dict:
+    """A config dataclass as a dict less its top-level fields marked `metadata={"hashed": False}`:
+    settings that say where to find something already made, never what it is (`cells`), so that no
+    key or config hash changes with them."""
+    skipped = {f.name for f in dataclasses.fields(obj) if f.metadata.get("hashed") is False}
+    return {k: v for k, v in to_dict(obj).items() if k not in skipped}
+
+
 def config_hash(obj) -> str:
-    """A short stable hash of a config (or any JSON-able value), for skipping unchanged stages."""
-    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    """A short stable hash of a config (`hashed_dict`) or any JSON-able value, for skipping unchanged
+    stages."""
+    data = hashed_dict(obj) if dataclasses.is_dataclass(obj) else obj
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -67,13 +67,22 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader (or a
     resumed run) sees the old file or the new one, never half of one; a failed write leaves no
     temporary file behind."""
+    return _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """`data` written atomically, as `write_text_atomic` writes text."""
+    return _write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _write_atomic(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     if path.is_dir() or path.name in ("", ".", ".."):
         raise IsADirectoryError(errno.EISDIR, "a folder, expected a file name", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from mlas_lora.adapters.structure import STRUCTURES
 from mlas_lora.awareness.classify import lambda_problem
+from mlas_lora.config import hashed_dict
 from mlas_lora.errors import MlasLoraError
 from mlas_lora.languages import Direction
 from mlas_lora.models.arch import PROJECTIONS
@@ -361,6 +362,11 @@ class LoraSettings:
 class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "runs/experiment"
+    cells: str | None = field(default=None, metadata={"hashed": False})
+    """A folder of finished hypothesis cells written by `mlas-lora cells export` (experiments/cells.py),
+    relative to the current folder as output_dir is: a cell the run folder lacks is taken from there,
+    if made under the same key from the same segments, instead of being translated (and its system
+    trained) again. Where the cells lie changes no result: no key or config hash holds it."""
     seed: int = 0
     systems: list[str | dict] = field(default_factory=lambda: ["zero-shot", "in-context"])
     """Each a preset or method name (`lora`, `mlas-lora-residual`, `Mr-spe`; methods/presets.py) or a
@@ -380,18 +386,23 @@ class ExperimentConfig:
     system; the method checks them against its own dataclass (`methods.base.method_options`)."""
 
     def __post_init__(self):
-        if isinstance(self.output_dir, str) and self.output_dir.startswith("~"):  # not a folder named ~
-            self.output_dir = os.path.expanduser(self.output_dir)
+        for name in ("output_dir", "cells"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):  # not a folder named ~
+                setattr(self, name, os.path.expanduser(value))
 
     def problems(self) -> list[str]:
+        out = []
         if not self.output_dir.strip():
-            return ["output_dir is empty (the run would write into the current folder): name a folder"]
-        return []
+            out.append("output_dir is empty (the run would write into the current folder): name a folder")
+        if self.cells is not None and not self.cells.strip():
+            out.append("cells is empty: name the folder of exported cells, or leave it out")
+        return out
 
     def key_tree(self) -> dict:
         """The config as a tree less the distillation settings where they do not act: what a key of
         the whole config hashes (`mlas-lora curve`), so it stays that of runs made before them."""
-        tree = asdict(self)
+        tree = hashed_dict(self)
         if not self.training.distill.enabled:
             del tree["training"]["distill"]
         acting = self.data.target_settings()

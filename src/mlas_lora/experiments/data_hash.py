@@ -45,6 +45,17 @@ def rows_digest(rows: dict[str, list[Example]]) -> str:
     return digest.hexdigest()
 
 
+def segments_digest(pairs) -> str:
+    """sha256 over (source, reference) pairs in order, length-prefixed as `rows_digest`: what an
+    archived hypothesis cell was made from (cells.py), kept without the text."""
+    pairs = list(pairs)
+    digest = hashlib.sha256()
+    _update(digest, str(len(pairs)))
+    for source, reference in pairs:
+        _update(digest, source, reference)
+    return digest.hexdigest()
+
+
 def _update(digest, *fields: str) -> None:
     for field in fields:
         raw = field.encode("utf-8", "surrogatepass")

@@ -6,7 +6,6 @@ of everything that produced them, so a re-run skips what is done and an interrup
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -15,12 +14,13 @@ from pathlib import Path
 
 from mlas_lora.config import config_hash, save_yaml, to_dict
 from mlas_lora.data.records import Example
+from mlas_lora.experiments.cells import find_by_content, find_cell, hypothesis_rows
 from mlas_lora.experiments.config import ExperimentConfig
 from mlas_lora.experiments.data import Splits, load_splits, split_back
 from mlas_lora.experiments.data_hash import combine_digests, rows_digest
 from mlas_lora.experiments.stages import set_aside_name
 from mlas_lora.experiments.systems import System, resolve_systems
-from mlas_lora.stage_files import json_line, json_lines, read_small_json, write_json_atomic, write_text_atomic
+from mlas_lora.stage_files import json_line, read_small_json, write_json_atomic, write_text_atomic
 from mlas_lora.translation.generate import GREEDY_DECODER, translate
 
 EVAL_SPLITS = ("valid", "test", "ood")
@@ -52,10 +52,12 @@ def write_manifest(config: ExperimentConfig, run_dir: Path) -> None:
 
 
 class HypothesisStore:
-    """Hypotheses of one system on one split and direction, cached as JSONL with the key that made them."""
+    """Hypotheses of one system on one split and direction, cached as JSONL with the key that made them;
+    given `archive` (a config's `cells`), cells the run folder lacks are taken from there (cells.py)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, archive: Path | None = None):
         self.root = run_dir / "hyps"
+        self.archive = archive
 
     def path(self, system: str, split: str, direction: str) -> Path:
         return self.root / system / f"{split}.{direction}.jsonl"
@@ -74,7 +76,9 @@ class HypothesisStore:
         very sources and references, and given `data`, from the rows its training or prompt read
         (data_hash.py): a corpus edited in place keeps its keys); failing those, with `content` and
         `examples`, another system's made under the same content key on the same segments (a lambda
-        below 1/P, R-i and lora: one function under two names), copied to this system's file."""
+        below 1/P, R-i and lora: one function under two names), copied to this system's file. Each is
+        looked for in the run folder, then in the archive (given `examples`: its cells hold only their
+        digest), whose cell is written into the run folder whole."""
         own = self.path(system, split, direction)
         rows = self._rows(own)
         if rows and rows[0].get("key") == key and _same_inputs(rows, examples, data):
@@ -84,7 +88,11 @@ class HypothesisStore:
                 rows[0].update(adopted)
                 self._write(own, rows)
             return [row["hypothesis"] for row in rows[1:]]
-        if content is None or examples is None:
+        if examples is None:
+            return None
+        if (hyps := self._archived(system, split, direction, key, examples, content, data)) is not None:
+            return hyps
+        if content is None:
             return None
         for path in sorted(self.root.glob(f"*/{split}.{direction}.jsonl")):
             rows = self._rows(path)
@@ -93,7 +101,25 @@ class HypothesisStore:
                 copied = path.parent.name
                 self.save(system, split, direction, key, examples, hyps, 0.0, content, copied, data)
                 return hyps
+        if self.archive is None:
+            return None
+        if found := find_by_content(self.archive, split, direction, content, examples, data):
+            copied, cell = found
+            self.save(system, split, direction, key, examples, cell["hypotheses"], 0.0, content, copied, data)
+            return cell["hypotheses"]
         return None
+
+    def _archived(self, system, split, direction, key, examples, content, data) -> list[str] | None:
+        """The system's archived cell of `key` made from `examples` (cells.py), written into the run
+        folder with its own header (the seconds it took, where it was copied from) and returned."""
+        cell = self.archive and find_cell(self.archive, system, split, direction, key, examples, data)
+        if not cell:
+            return None
+        header, hyps = cell["header"], cell["hypotheses"]
+        content, data = (header.get(k) or v for k, v in (("content", content), ("data", data)))
+        seconds, copied = header.get("seconds", 0.0), header.get("copied_from")
+        self.save(system, split, direction, key, examples, hyps, seconds, content, copied, data)
+        return hyps
 
     def _set_aside(self, system: str, split: str, direction: str, key: str) -> None:
         """Move the system's file made under another key to `hyps/<system>@<key[:8]>/`, where `load`'s
@@ -109,13 +135,7 @@ class HypothesisStore:
 
     @staticmethod
     def _rows(path: Path) -> list[dict]:
-        """The header and rows of a hypothesis file; [] when there is none or it is unreadable (cut by
-        a kill or a full disk): its cells are then translated again."""
-        try:
-            rows = json_lines(path.read_text(encoding="utf-8")) if path.is_file() else []
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return []
-        return rows if all(isinstance(row, dict) for row in rows) else []
+        return hypothesis_rows(path)
 
     @staticmethod
     def _write(path: Path, rows: list[dict]) -> None:
@@ -387,7 +407,8 @@ def run_experiment(config: ExperimentConfig, force: bool = False, report_dir: Pa
     run_dir = Path(config.output_dir)
     splits = load_splits(config.data)
     write_manifest(config, run_dir)  # only now: a run that fails on its config or data leaves no folder
-    store = HypothesisStore(run_dir)
+    # --force translates again: the archive's cells are not taken either
+    store = HypothesisStore(run_dir, Path(config.cells) if config.cells and not force else None)
     if force:
         import shutil
 
