@@ -5,6 +5,7 @@ property. A new method or preset is covered by adding one line to CASES."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -207,10 +208,14 @@ def test_random_layers_are_seeded_and_never_the_relevant_set():
     assert choose_layers(InitPlan(layers="random"), [0, 1], 2) == [0, 1]  # no other choice exists
 
 
-def test_stage_keys_of_earlier_runs_stay_valid():
+def test_stage_keys_of_earlier_runs_stay_valid(monkeypatch):
     """Golden keys of the default config: a new setting must enter a key only where it is set (or
-    not at all when it changes no result), else every finished training and translation is redone."""
+    not at all when it changes no result), else every finished training and translation is redone.
+    They were made on CPUs with native bfloat16, where `models.dtype: auto` is bfloat16."""
     from mlas_lora.experiments.run import system_key
+
+    monkeypatch.setattr("mlas_lora.models.loading.cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
     config = ExperimentConfig()
     # translation keys of trained systems changed once on purpose (2026-11-27): `generation.precision`
@@ -227,6 +232,28 @@ def test_stage_keys_of_earlier_runs_stay_valid():
         system = resolve_system(name, config)
         assert (train_key(system), system_key(system)) == (trained, translated), name
     assert system_key(resolve_system("zero-shot", config)) == "fe2e51055112f53e"
+
+
+def test_keys_name_the_dtype_auto_resolves_to(monkeypatch):
+    """`models.dtype: auto` is bfloat16 on a CPU with native bfloat16 and float32 elsewhere: two
+    functions, so every key tells them apart (a cell carried between machines must not pass for the
+    other); explicit dtypes are keyed as written."""
+    from mlas_lora.experiments.run import system_key
+    from mlas_lora.experiments.stages import awareness_keys
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    config = ExperimentConfig()
+    keys = {}
+    for fast in (True, False):
+        monkeypatch.setattr("mlas_lora.models.loading.cpu_has_fast_bf16", lambda fast=fast: fast)
+        keys[fast] = [
+            *(train_key(resolve_system(n, config)) for n in ("lora", "mlas-lora")),
+            *(system_key(resolve_system(n, config)) for n in ("zero-shot", "lora", "mlas-lora")),
+            awareness_keys(config)[0],
+        ]
+    assert all(a != b for a, b in zip(keys[True], keys[False], strict=True))
+    fixed = replace(config, models=replace(config.models, dtype="float32"))
+    assert train_key(resolve_system("lora", fixed)) not in (keys[True][0], keys[False][0])
 
 
 @pytest.fixture(scope="module")

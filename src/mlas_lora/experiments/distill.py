@@ -90,13 +90,14 @@ def teacher_generation(config: ExperimentConfig):
 
 def translation_settings(config: ExperimentConfig) -> dict:
     """What a teacher translation depends on besides its source: teacher, dtype, prompt, decoding."""
+    from mlas_lora.models.loading import key_dtype
     from mlas_lora.translation.generate import GREEDY_DECODER
 
     generation = asdict(teacher_generation(config))
     generation.pop("precision")  # changes no untrained model
     return {
         "teacher": config.models.teacher,
-        "dtype": config.models.dtype,
+        "dtype": key_dtype(config.models.dtype),
         "generation": {**generation, "decoder": GREEDY_DECODER},
     }
 

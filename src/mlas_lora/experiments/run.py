@@ -370,12 +370,14 @@ def hypothesis_keys(system: System, split: str = "test") -> tuple[str, str]:
 
 
 def _hypothesis_inputs(system: System) -> dict:
+    from mlas_lora.models.loading import key_dtype
+
     config = system.config
     parts = {
         "system": system.name,
         "method": system.method.name,
         "student": system.method.model(config) if not system.method.trains else config.models.student,
-        "dtype": config.models.dtype,
+        "dtype": key_dtype(config.models.dtype),
         "generation": to_dict(config.generation),
         "data": {**config.data.train_settings(), **to_dict(config.data)},
         "seed": config.seed,

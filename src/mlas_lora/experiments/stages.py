@@ -121,11 +121,12 @@ def model_source(name: str):
 def awareness_keys(config: ExperimentConfig) -> tuple[str, str]:
     """(scoring key, classes key): lambda and the normalisation enter only the second, lambda as the
     classification uses it (every lambda below 1/P classifies alike: one folder, one training)."""
+    from mlas_lora.models.loading import key_dtype
 
     key = stage_key(
         teacher=config.models.teacher,
         student=config.models.student,
-        dtype=config.models.dtype,
+        dtype=key_dtype(config.models.dtype),
         data=seed_data_settings(config.data),
         awareness={k: v for k, v in to_dict(config.awareness).items() if k not in CLASSIFY_ONLY},
     )

@@ -143,10 +143,12 @@ def options_problems(cls, config) -> list[str]:
 def student_key(name: str, config, dtype: str | None = None, training=None, **parts) -> dict:
     """The part of a training key every method shares: which student in which dtype, on which data,
     with which training settings (`training` when the method adjusts them); `parts` add its own."""
+    from mlas_lora.models.loading import key_dtype
+
     return {
         "method": name,
         "student": config.models.student,
-        "dtype": dtype or config.models.dtype,
+        "dtype": key_dtype(dtype or config.models.dtype),
         "data": config.data.train_settings(),
         **parts,
         "training": (training or config.training).key_settings(),

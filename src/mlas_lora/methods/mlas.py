@@ -43,7 +43,9 @@ class MlasLora:
         return config.lora.init == "teacher"
 
     def train_key(self, config, inputs: dict) -> dict:
-        models = to_dict(config.models)
+        from mlas_lora.models.loading import key_dtype
+
+        models = {**to_dict(config.models), "dtype": key_dtype(config.models.dtype)}
         if not self.needs_transfer(config):
             models.pop("teacher")
         return {

@@ -49,6 +49,20 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
     return DTYPES[dtype]
 
 
+def key_dtype(dtype: str) -> str:
+    """`models.dtype` as stage, training and hypothesis keys record it: 'auto' names what it resolves
+    to on this machine where that is not bfloat16 ('auto:float32' on a CPU without native bfloat16),
+    since a float32 run computes another function than a bfloat16 one and a cell carried between
+    machines (`cells:`) must not pass for the other; where it resolves to bfloat16 it stays 'auto', so
+    the keys of the runs made before on bfloat16 CPUs stay valid."""
+    if dtype != "auto":
+        return dtype
+    from mlas_lora.distributed import compute_device
+
+    resolved = str(resolve_dtype("auto", compute_device())).removeprefix("torch.")
+    return "auto" if resolved == "bfloat16" else f"auto:{resolved}"
+
+
 def resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
     """(what to pass to from_pretrained, whether it is local) for a registry name, directory or hub id."""
     text = str(name_or_path)
