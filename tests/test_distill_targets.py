@@ -284,3 +284,21 @@ def test_the_distilled_systems_run_end_to_end(tiny):
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "distill-" in str(p)}
     run_experiment(config)
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_the_distilled_teacher_runs_in_bfloat16_only_where_that_is_fast(monkeypatch):
+    """On a CPU without native bfloat16 (emulated: several times slower) the logits' teacher is float32,
+    and the training key says which."""
+    from mlas_lora.experiments.config import ExperimentConfig
+    from mlas_lora.experiments.distill import distill_teacher_dtype, key_parts
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    config = ExperimentConfig()
+    config = replace(
+        config, training=replace(config.training, distill=replace(config.training.distill, weight=0.5))
+    )
+    parts = {}
+    for fast in (True, False):
+        monkeypatch.setattr("mlas_lora.models.loading.cpu_has_fast_bf16", lambda fast=fast: fast)
+        parts[fast] = (distill_teacher_dtype(), key_parts(config)["distill_teacher"]["dtype"])
+    assert parts == {True: ("bfloat16", "bfloat16"), False: ("float32", "float32")}

@@ -111,7 +111,7 @@ def key_parts(config: ExperimentConfig) -> dict:
         mono = {d: file_digest(p) for d, p in sorted(config.data.monolingual.items()) if Path(p).is_file()}
         parts["teacher_targets"] = {**translation_settings(config), **({"monolingual": mono} if mono else {})}
     if config.training.distill.enabled:
-        parts["distill_teacher"] = {"teacher": config.models.teacher, "dtype": "bfloat16"}
+        parts["distill_teacher"] = {"teacher": config.models.teacher, "dtype": distill_teacher_dtype()}
     return parts
 
 
@@ -273,11 +273,20 @@ def _stage_seconds(folder: Path) -> float:
     return json.loads(marker.read_text()).get("seconds", 0.0) if marker.is_file() else 0.0
 
 
+def distill_teacher_dtype() -> str:
+    """The dtype of the teacher whose logits are distilled: bfloat16 where it runs fast (a GPU, a CPU
+    with native bfloat16), else float32 (emulated bfloat16 on such a CPU is several times slower)."""
+    from mlas_lora.models.loading import key_dtype
+
+    return "bfloat16" if key_dtype("auto") == "auto" else "float32"
+
+
 def distill_teacher(config: ExperimentConfig):
-    """The teacher whose logits `training.distill` distils: loaded once per training, in bfloat16."""
+    """The teacher whose logits `training.distill` distils: loaded once per training, in
+    `distill_teacher_dtype()`."""
     from mlas_lora.models.loading import load_model
 
-    return load_model(config.models.teacher, dtype="bfloat16")[0]
+    return load_model(config.models.teacher, dtype=distill_teacher_dtype())[0]
 
 
 def distill_problems(systems) -> list[str]:
